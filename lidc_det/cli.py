@@ -1,0 +1,193 @@
+"""The ``lidc-det`` command line. Every subcommand is a thin layer over a library function.
+
+Each subcommand lives in one ``_add_<name>`` function that registers its
+arguments and a handler; handlers import their library module lazily so that
+``lidc-det --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from lidc_det import __version__
+from lidc_det.errors import LidcDetError
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+
+# --------------------------------------------------------------------- series
+def _add_series(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "series",
+        help="list the DICOM series found under a folder",
+        description="Walk FOLDER and list every DICOM series (UID, modality, slices, folder).",
+    )
+    p.add_argument("folder", type=Path)
+
+    def run(a: argparse.Namespace) -> int:
+        from lidc_det.io.dicom import find_series
+
+        found = find_series(a.folder)
+        if not found:
+            print(f"no DICOM series under {a.folder}", file=sys.stderr)
+            return 1
+        for s in found:
+            print(f"{s.series_uid}\t{s.modality}\t{len(s.files)} files\t{s.folder}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+# ---------------------------------------------------------------------- info
+def _add_info(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "info",
+        help="read one CT series and print its geometry and HU range",
+        description="Read the CT series in DICOM_DIR (choose with --series-uid when there are several).",
+    )
+    p.add_argument("dicom_dir", type=Path)
+    p.add_argument("--series-uid", default=None)
+
+    def run(a: argparse.Namespace) -> int:
+        from lidc_det.io.dicom import read_series
+
+        vol = read_series(a.dicom_dir, series_uid=a.series_uid)
+        g = vol.geometry
+        print(f"series_uid   {vol.series_uid}")
+        print(f"patient_id   {vol.patient_id}")
+        print(f"shape_zyx    {g.shape_zyx}")
+        print(f"spacing_zyx  {tuple(round(s, 4) for s in g.spacing_zyx)} mm")
+        print(f"origin_xyz   {tuple(round(o, 2) for o in g.origin_xyz)} mm (LPS)")
+        print(f"HU range     {float(vol.hu.min()):.0f} .. {float(vol.hu.max()):.0f}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+# -------------------------------------------------------------------- prepare
+def _add_prepare(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prepare",
+        help="turn LIDC-IDRI DICOM + annotations into a resampled, split data set",
+        description=(
+            "For each scan under DICOM_ROOT (TCIA layout): read the series, resample to --spacing, "
+            "write the HU volume, nodule table, per-nodule masks and dataset.json with patient-level "
+            "folds. Resumable: finished scans are skipped; errors are reported per scan at the end."
+        ),
+    )
+    p.add_argument("--dicom-root", type=Path, required=True, help="folder holding LIDC-IDRI-*/...")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--scans", nargs="*", default=None, help="patient ids or SeriesInstanceUIDs (default: all found)")
+    p.add_argument("--spacing", nargs=3, type=float, default=(1.0, 1.0, 1.0), metavar=("Z", "Y", "X"), help="mm (default 1 1 1)")
+    p.add_argument("--min-readers", type=int, default=3)
+    p.add_argument("--workers", type=int, default=1, help="parallel scans (processes)")
+    p.add_argument("--folds", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+
+    def run(a: argparse.Namespace) -> int:
+        from lidc_det.data.prepare import PrepareConfig, prepare_dataset
+
+        cfg = PrepareConfig(
+            dicom_root=a.dicom_root,
+            out_dir=a.out,
+            scans=tuple(a.scans) if a.scans else None,
+            spacing_zyx=tuple(a.spacing),
+            min_readers=a.min_readers,
+            workers=a.workers,
+            n_folds=a.folds,
+            seed=a.seed,
+        )
+        report = prepare_dataset(cfg)
+        print(report.summary())
+        return 0 if not report.failed else 1
+
+    p.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------- nifti
+def _add_export_nifti(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export-nifti",
+        help="write a prepared scan as NIfTI image + label map (ITK-SNAP / 3D Slicer)",
+    )
+    p.add_argument("dataset", type=Path, help="folder written by `lidc-det prepare`")
+    p.add_argument("scan", help="SeriesInstanceUID or patient id of the scan")
+    p.add_argument("--out", type=Path, required=True)
+
+    def run(a: argparse.Namespace) -> int:
+        from lidc_det.data.prepared import PreparedDataset
+        from lidc_det.io.nifti import export_case_nifti
+
+        ds = PreparedDataset(a.dataset)
+        image, label = export_case_nifti(ds.load_case(ds.resolve_scan(a.scan)), a.out)
+        print(f"image  {image}\nlabels {label}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+# -------------------------------------------------------------------- demo
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the pipeline end to end on built-in data and write a report",
+        description="Runs the parts of the pipeline that exist today and writes a report folder.",
+    )
+    p.add_argument("--out", type=Path, default=Path("lidc-det-demo"))
+    p.add_argument("--dicom-root", type=Path, default=None, help="real LIDC-IDRI root instead of the built-in data")
+    p.add_argument("--seed", type=int, default=0)
+
+    def run(a: argparse.Namespace) -> int:
+        from lidc_det.demo import run_demo
+
+        report = run_demo(out_dir=a.out, dicom_root=a.dicom_root, seed=a.seed)
+        print(f"\nreport written to {report}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
+    _add_demo,
+    _add_series,
+    _add_info,
+    _add_prepare,
+    _add_export_nifti,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lidc-det",
+        description="Lung-nodule detection, segmentation and malignancy on chest CT (LIDC-IDRI).",
+    )
+    parser.add_argument("--version", action="version", version=f"lidc-det {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in SUBCOMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except LidcDetError as err:
+        if args.debug:
+            raise
+        print(f"lidc-det {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -192,10 +192,3 @@ class VolumeGeometry:
         if arr.shape != self.shape_zyx:
             raise GeometryError(f"array shape {arr.shape} does not match geometry {self.shape_zyx}")
         return self.apply_to_sitk(sitk.GetImageFromArray(arr))
-
-    def affine_ras(self) -> np.ndarray:
-        """(4, 4) affine mapping (i=x, j=y, k=z) indices to RAS mm, as NIfTI/nibabel use."""
-        aff = np.eye(4)
-        aff[:3, :3] = self.direction_matrix * np.asarray(self.spacing_xyz)
-        aff[:3, 3] = self.origin_xyz
-        return np.diag([-1.0, -1.0, 1.0, 1.0]) @ aff

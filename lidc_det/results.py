@@ -56,3 +56,84 @@ class Detections:
             self.scores[order],
             None if self.boxes_voxel is None else self.boxes_voxel[order],
         )
+
+
+@dataclass(frozen=True, eq=False)
+class NoduleMask:
+    """One segmented nodule (stage 2 output), stored as a crop of the full volume.
+
+    Attributes:
+        series_uid: SeriesInstanceUID of the scan.
+        box_voxel: ``(6,)`` integer voxel box ``z0, y0, x0, z1, y1, x1`` (exclusive
+            ends, see :mod:`lidc_det.boxes`) of ``mask`` in the volume it belongs to.
+        mask: ``bool [z1-z0, y1-y0, x1-x0]`` nodule voxels inside the box.
+        spacing_zyx_mm: voxel spacing of that volume (mm).
+        center_xyz_mm: world LPS centre (x, y, z) of the mask (mm).
+        volume_mm3: mask volume (mm^3).
+        max_diameter_mm: largest in-plane (axial) extent of the mask (mm).
+        mean_hu: mean intensity of the image under the mask (HU).
+        score: the candidate's detection score, or the segmentation confidence.
+        source: what the mask came from, e.g. ``"detection"`` or ``"ground_truth"``.
+    """
+
+    series_uid: str
+    box_voxel: np.ndarray
+    mask: np.ndarray
+    spacing_zyx_mm: tuple[float, float, float]
+    center_xyz_mm: tuple[float, float, float]
+    volume_mm3: float
+    max_diameter_mm: float
+    mean_hu: float
+    score: float = 1.0
+    source: str = "detection"
+
+    def __post_init__(self) -> None:
+        box = np.asarray(self.box_voxel, dtype=np.int64).reshape(6)
+        mask = np.asarray(self.mask, dtype=bool)
+        size = tuple(int(v) for v in box[3:] - box[:3])
+        if mask.shape != size:
+            raise ValueError(f"NoduleMask: mask shape {mask.shape} does not match box size {size}")
+        object.__setattr__(self, "box_voxel", box)
+        object.__setattr__(self, "mask", mask)
+
+    @property
+    def empty(self) -> bool:
+        """True when the segmentation found no nodule voxel."""
+        return not bool(self.mask.any())
+
+    def full_mask(self, shape_zyx: tuple[int, int, int]) -> np.ndarray:
+        """The mask pasted into a ``bool`` volume of ``shape_zyx`` (parts outside are cut)."""
+        out = np.zeros(shape_zyx, dtype=bool)
+        lo = np.maximum(self.box_voxel[:3], 0)
+        hi = np.minimum(self.box_voxel[3:], np.asarray(shape_zyx))
+        if np.any(hi <= lo):
+            return out
+        src = tuple(slice(int(a - o), int(b - o)) for a, b, o in zip(lo, hi, self.box_voxel[:3]))
+        dst = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        out[dst] = self.mask[src]
+        return out
+
+
+@dataclass(frozen=True)
+class MalignancyScore:
+    """Stage 3 output for one nodule.
+
+    Attributes:
+        series_uid: SeriesInstanceUID of the scan.
+        center_xyz_mm: world LPS centre (x, y, z) of the nodule (mm).
+        probability: calibrated P(malignant) in [0, 1].
+        model: name of the model / feature set that produced it.
+        nodule_id: optional identifier (e.g. the LIDC cluster id).
+    """
+
+    series_uid: str
+    center_xyz_mm: tuple[float, float, float]
+    probability: float
+    model: str
+    nodule_id: str | None = None
+
+    def __post_init__(self) -> None:
+        p = float(self.probability)
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"MalignancyScore: probability {p} outside [0, 1]")
+        object.__setattr__(self, "probability", p)

@@ -135,17 +135,57 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         help="run the pipeline end to end on built-in data and write a report",
-        description="Runs the parts of the pipeline that exist today and writes a report folder.",
+        description=(
+            "Generates a small LIDC twin (synthetic CT at the geometry of real LIDC scans with the real "
+            "readers' nodules painted in; no download), prepares it, trains the stages briefly, runs the "
+            "pipeline on held-out scans, evaluates and writes report.md / report.html. Re-running with "
+            "the same --out reuses finished work."
+        ),
     )
-    p.add_argument("--out", type=Path, default=Path("lidc-det-demo"))
-    p.add_argument("--dicom-root", type=Path, default=None, help="real LIDC-IDRI root instead of the built-in data")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("lidc-det-demo"), help="report / work folder")
+    p.add_argument("--config", type=Path, default=None, help="demo YAML (default: benchmarks/demo.yaml)")
+    p.add_argument("--dicom-root", type=Path, default=None, help="real LIDC-IDRI root (TCIA layout) instead of the twin")
+    p.add_argument("--seed", type=int, default=None, help="twin and fold seed (default: the config's)")
 
     def run(a: argparse.Namespace) -> int:
-        from benchmarks.demo import run_demo  # the pipeline chains the stages, so it lives outside lidc_det
+        from benchmarks.demo import DEMO_CONFIG, run_demo  # the pipeline chains the stages: it lives outside lidc_det
 
-        report = run_demo(out_dir=a.out, dicom_root=a.dicom_root, seed=a.seed)
-        print(f"\nreport written to {report}")
+        report = run_demo(out_dir=a.out, dicom_root=a.dicom_root, seed=a.seed, config_path=a.config or DEMO_CONFIG)
+        print(f"\nreport written to {report} (and {report.with_suffix('.html')})")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+# ------------------------------------------------------------------- bench
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="run a benchmark config and append its rows to the leaderboard",
+        description=(
+            "Runs every detector of CONFIG (registry names, plug-ins included) through the same data, "
+            "patient split and LUNA16 evaluator, writes bench.json (config, git revision, device, wall "
+            "times) and per-detector FROC reports to --out, and appends rows to leaderboard.json / "
+            "leaderboard.md in --leaderboard-dir."
+        ),
+    )
+    p.add_argument("config", type=Path, help="benchmark YAML, e.g. benchmarks/smoke.yaml")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default: bench-<config name>)")
+    p.add_argument(
+        "--leaderboard-dir", type=Path, default=None,
+        help="where leaderboard.json/.md live (default: benchmarks/results of this checkout)",
+    )
+    p.add_argument("--no-leaderboard", action="store_true", help="do not append to the leaderboard")
+    p.add_argument("--only", nargs="+", default=(), metavar="LABEL", help="run only these detectors")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    def run(a: argparse.Namespace) -> int:
+        from benchmarks.harness import DEFAULT_LEADERBOARD_DIR, run_bench
+
+        out = a.out or Path(f"bench-{a.config.stem}")
+        board = None if a.no_leaderboard else (a.leaderboard_dir or DEFAULT_LEADERBOARD_DIR)
+        record = run_bench(a.config, out, leaderboard_dir=board, only=tuple(a.only), progress=not a.no_progress)
+        print(f"bench record: {out / 'bench.json'} ({record['wall_seconds']:.0f} s)")
         return 0
 
     p.set_defaults(func=run)
@@ -233,6 +273,7 @@ def _add_malignancy_real(sub: argparse._SubParsersAction) -> None:
 
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_demo,
+    _add_bench,
     _add_series,
     _add_info,
     _add_prepare,

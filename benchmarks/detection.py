@@ -1,0 +1,102 @@
+"""Stage 1 through the common code path: train a registered detector, detect on the
+test scans, score them with the LUNA16 FROC evaluator.
+
+Every detector of a benchmark (ours, the MONAI baseline, a plug-in) goes through
+:func:`train_and_score` with the same data, split and evaluator.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from lidc_det.results import Detections
+
+
+@dataclass(frozen=True)
+class DetectionRun:
+    """One detector's result on the test scans.
+
+    Attributes:
+        name: label of the run (e.g. ``"retina3d-tiny"``).
+        detections: one :class:`Detections` per test scan (test order).
+        froc: :class:`lidc_det.metrics.froc.FrocResult`.
+        train_seconds: wall time of ``fit`` (0 when the detector was not trained here).
+        infer_seconds_per_scan: mean wall time of ``predict`` per test scan.
+        out_dir: where candidates.csv and froc/ were written.
+    """
+
+    name: str
+    detections: tuple[Detections, ...]
+    froc: Any
+    train_seconds: float
+    infer_seconds_per_scan: float
+    out_dir: Path
+
+
+def findings_of(ds: Any, series_uids: tuple[str, ...] | list[str]) -> tuple[list[Any], list[Any]]:
+    """LUNA16 targets and excluded (irrelevant) findings of the given prepared scans."""
+    from lidc_det.data.luna import LunaFinding
+
+    annotations: list[Any] = []
+    excluded: list[Any] = []
+    for uid in series_uids:
+        case = ds.load_case(uid)
+        annotations += [LunaFinding(uid, n.center_xyz_mm, n.diameter_mm) for n in case.nodules]
+        excluded += [LunaFinding(uid, n.center_xyz_mm, n.diameter_mm) for n in case.irrelevant]
+    return annotations, excluded
+
+
+def train_and_score(
+    name: str,
+    detector: Any,
+    ds: Any,
+    split: Any,
+    out_dir: Path,
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    progress: bool = True,
+) -> DetectionRun:
+    """Fit ``detector`` on ``split.train`` (``split.val`` for checkpoint selection) when it has
+    ``fit``, predict every ``split.test`` scan, write ``candidates.csv`` and ``froc/`` under
+    ``out_dir`` and return the :class:`DetectionRun`."""
+    from lidc_det.data.luna import candidates_from_detections, write_candidates
+    from lidc_det.metrics.froc import evaluate_detections, write_froc_report
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train_seconds = 0.0
+    if hasattr(detector, "fit"):
+        t0 = time.perf_counter()
+        detector.fit([ds.load_case(u) for u in split.train], [ds.load_case(u) for u in split.val], out_dir / "train")
+        train_seconds = time.perf_counter() - t0
+
+    detections: list[Detections] = []
+    infer = 0.0
+    for uid in tqdm(split.test, desc=f"{name}: detect", unit="scan", disable=not progress):
+        case = ds.load_case(uid)
+        hu = np.asarray(case.image_hu, dtype=np.float32)
+        t0 = time.perf_counter()
+        det = detector.predict(hu, case.geometry, series_uid=uid)
+        infer += time.perf_counter() - t0
+        if not isinstance(det, Detections):
+            raise TypeError(f"detector {name!r}: predict returned {type(det).__name__}, expected Detections")
+        detections.append(det)
+    write_candidates(out_dir / "candidates.csv", [c for d in detections for c in candidates_from_detections(d)])
+    annotations, excluded = findings_of(ds, split.test)
+    froc = evaluate_detections(annotations, detections, excluded=excluded, n_bootstrap=n_bootstrap, seed=seed)
+    write_froc_report(froc, out_dir / "froc", label=name)
+    return DetectionRun(
+        name=name,
+        detections=tuple(detections),
+        froc=froc,
+        train_seconds=round(train_seconds, 1),
+        infer_seconds_per_scan=round(infer / max(len(split.test), 1), 2),
+        out_dir=out_dir,
+    )

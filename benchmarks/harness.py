@@ -17,8 +17,7 @@ so installed plug-ins take part like the built-ins. Each run folder holds
 device, wall times) and the leaderboard rows are appended to
 ``<leaderboard_dir>/leaderboard.json`` + ``leaderboard.md``.
 
-On several GPUs, run the harness under ``torchrun`` (see docs/benchmarks.md); detectors
-whose ``fit`` supports DDP use it, the evaluation runs once on rank 0.
+Detectors pick their device themselves (CUDA when visible); each row records it.
 """
 
 from __future__ import annotations

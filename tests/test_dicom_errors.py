@@ -330,3 +330,14 @@ def test_errors_pickle_and_cli_exit_code(tmp_path: Path, capsys: pytest.CaptureF
         assert main(["info", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert f"lidc-det info: error: {tmp_path}: 1 slice missing between z=-125.0 and z=-120.0" in err
+
+
+def test_json_sidecars_are_skipped_silently(tmp_path: Path) -> None:
+    import warnings
+
+    write_tiny(tmp_path)
+    (tmp_path / "series.twin.json").write_text("{}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SkippedFileWarning)
+        series = find_series(tmp_path)
+    assert len(series) == 1

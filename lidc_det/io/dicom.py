@@ -171,7 +171,8 @@ def _read_headers(files: Iterable[Path], **dcmread_kwargs: Any) -> Members:
     """``(path, pydicom Dataset)`` for every DICOM file with a SeriesInstanceUID.
 
     Other files (hidden, not DICOM, unreadable, no SeriesInstanceUID) are skipped
-    with a :class:`SkippedFileWarning` naming the file.
+    with a :class:`SkippedFileWarning` naming the file, except JSON sidecars
+    (``*.json``: lidc-det twin records, dcm2niix/BIDS sidecars), which are skipped silently.
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -182,6 +183,8 @@ def _read_headers(files: Iterable[Path], **dcmread_kwargs: Any) -> Members:
     for path in tqdm(files, desc="reading DICOM headers", unit="file", delay=2.0, leave=False):
         if path.name.startswith("."):
             warnings.warn(f"{path}: hidden file, skipped", SkippedFileWarning, stacklevel=3)
+            continue
+        if path.suffix.lower() == ".json":
             continue
         try:
             ds = pydicom.dcmread(path, **dcmread_kwargs)

@@ -52,6 +52,21 @@ def device_info(device: str | None = None) -> dict[str, Any]:
     if dev.startswith("cuda") and torch.cuda.is_available():
         info["device_name"] = torch.cuda.get_device_name(torch.device(dev))
     else:
-        info["device_name"] = platform.processor() or platform.machine()
+        info["device_name"] = cpu_name()
         info["cpu_threads"] = torch.get_num_threads()
     return info
+
+
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo`` on Linux) with the number of logical CPUs."""
+    import os
+
+    name = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name or platform.processor() or platform.machine()} ({os.cpu_count()} CPUs)"

@@ -53,6 +53,7 @@ def _extractor(params_path: str) -> Any:
         except ImportError as err:  # pragma: no cover - environment
             raise RadiomicsError(f"pyradiomics is not installed (pip install pyradiomics-bhklab): {err}") from err
         radiomics.setVerbosity(logging.ERROR)
+        logging.getLogger("radiomics").setLevel(logging.ERROR)  # its INFO lines reach a root handler otherwise
         try:
             _EXTRACTORS[params_path] = featureextractor.RadiomicsFeatureExtractor(params_path)
         except Exception as err:  # pyradiomics raises plain Exceptions on bad files

@@ -1,0 +1,139 @@
+"""Configuration of stage 2 (frozen dataclasses; YAML -> :class:`SegmenterConfig`).
+
+Light module: importing it does not import nnU-Net or torch.
+
+Example YAML (every key optional)::
+
+    dataset_id: 501
+    dataset_name: LidcCrops
+    seed: 0
+    crop: {size_mm: 48, jitter_mm: 6, negatives_per_scan: 2}
+    train: {trainer: nnUNetTrainerLidcShort, num_epochs: 5, num_iterations_per_epoch: 20}
+    predict: {batch_size: 8, use_mirroring: false}
+    rejection: {min_volume_mm3: null, mode: drop}
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from stage2_segment.crops import CropConfig
+from stage2_segment.predict import PredictConfig
+
+TRAINERS = ("nnUNetTrainerLidcShort", "nnUNetTrainer")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One nnU-Net training run.
+
+    Attributes:
+        trainer: ``"nnUNetTrainerLidcShort"`` (schedule below) or ``"nnUNetTrainer"``
+            (nnU-Net's 1000 x 250 iterations; the schedule fields are then ignored).
+        num_epochs, num_iterations_per_epoch, num_val_iterations_per_epoch, initial_lr:
+            the short schedule.
+        fold: nnU-Net fold; :func:`~stage2_segment.nnunet_dataset.write_splits` writes fold 0.
+        device: ``"cpu"``, ``"cuda"``.
+        n_proc_da: data-augmentation worker processes (0 = in the training process,
+            best on a 2-core CPU).
+        num_threads: torch intra-op threads during training (None = unchanged).
+        final_validation: run nnU-Net's full validation (predicts every validation
+            crop and writes ``validation/summary.json``) after training.
+    """
+
+    trainer: str = "nnUNetTrainerLidcShort"
+    num_epochs: int = 5
+    num_iterations_per_epoch: int = 20
+    num_val_iterations_per_epoch: int = 5
+    initial_lr: float = 1e-2
+    fold: int = 0
+    device: str = "cpu"
+    n_proc_da: int = 0
+    num_threads: int | None = None
+    final_validation: bool = False
+
+    def __post_init__(self) -> None:
+        if self.trainer not in TRAINERS:
+            raise ValueError(f"TrainConfig.trainer must be one of {TRAINERS}, got {self.trainer!r}")
+        if min(self.num_epochs, self.num_iterations_per_epoch) < 1 or self.num_val_iterations_per_epoch < 0:
+            raise ValueError("TrainConfig: num_epochs and num_iterations_per_epoch must be >= 1")
+
+    def schedule(self) -> dict[str, Any]:
+        return {
+            "num_epochs": self.num_epochs,
+            "num_iterations_per_epoch": self.num_iterations_per_epoch,
+            "num_val_iterations_per_epoch": self.num_val_iterations_per_epoch,
+            "initial_lr": self.initial_lr,
+            "save_every": 1,
+        }
+
+
+@dataclass(frozen=True)
+class RejectionConfig:
+    """False-positive rejection from the crop segmentation.
+
+    Attributes:
+        min_volume_mm3: a candidate whose mask is smaller is rejected; None = tune
+            on the validation fold (:func:`stage2_segment.segmenter.tune_min_volume`).
+        mode: ``"drop"`` removes the candidate; ``"downweight"`` multiplies its
+            score by ``factor`` (keeps it for the FROC tail).
+        factor: score multiplier for ``"downweight"``.
+    """
+
+    min_volume_mm3: float | None = None
+    mode: str = "drop"
+    factor: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("drop", "downweight"):
+            raise ValueError(f"RejectionConfig.mode must be 'drop' or 'downweight', got {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    """Everything that defines a stage-2 run."""
+
+    dataset_id: int = 501
+    dataset_name: str = "LidcCrops"
+    seed: int = 0
+    plan_processes: int = 1
+    plan_batch_size: int | None = None
+    crop: CropConfig = field(default_factory=CropConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+    rejection: RejectionConfig = field(default_factory=RejectionConfig)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SegmenterConfig:
+        """Build from a (YAML) dict; unknown keys raise ``ValueError`` naming them."""
+        subs = {"crop": CropConfig, "train": TrainConfig, "predict": PredictConfig, "rejection": RejectionConfig}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"SegmenterConfig: unknown keys {unknown}; known: {sorted(known)}")
+        kwargs: dict[str, Any] = {}
+        for k, v in d.items():
+            if k in subs:
+                sub_known = {f.name for f in fields(subs[k])}
+                bad = sorted(set(v or {}) - sub_known)
+                if bad:
+                    raise ValueError(f"SegmenterConfig.{k}: unknown keys {bad}; known: {sorted(sub_known)}")
+                vals = dict(v or {})
+                if k == "predict" and "folds" in vals:
+                    vals["folds"] = tuple(vals["folds"])
+                kwargs[k] = subs[k](**vals)
+            else:
+                kwargs[k] = v
+        return cls(**kwargs)
+
+    @classmethod
+    def from_yaml(cls, path: Path | str) -> SegmenterConfig:
+        import yaml
+
+        text = Path(path).read_text()
+        return cls.from_dict(yaml.safe_load(text) or {})
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,144 @@
+"""nnU-Net v2 training of the crop segmenter: a short registered trainer and the training call.
+
+* :class:`nnUNetTrainerLidcShort`: nnU-Net's standard trainer with a short,
+  configurable schedule (epochs, iterations per epoch, validation iterations,
+  learning rate), read from the ``lidc_det_schedule`` entry of the plans'
+  configuration, so the demo and CI train in minutes on a CPU. nnU-Net finds it
+  by name through ``nnUNet_extTrainer`` (:data:`~stage2_segment.nnunet_dataset.EXT_TRAINER_DIR`,
+  set by :func:`~stage2_segment.nnunet_dataset.nnunet_environment`), so
+  ``nnUNetv2_train DatasetNNN_x 3d_lidc 0 -tr nnUNetTrainerLidcShort`` works
+  from a shell with that variable set too.
+* ``trainer="nnUNetTrainer"``: nnU-Net's standard 1000-epoch schedule for real runs.
+  Multi-GPU: use nnU-Net's own DDP (``nnUNetv2_train ... -num_gpus N``) inside
+  :func:`~stage2_segment.nnunet_dataset.nnunet_environment`.
+
+This module imports nnU-Net (and torch) at import time: import it lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+from lidc_det.atomic import write_json
+from stage2_segment.config import TrainConfig
+from stage2_segment.nnunet_dataset import CONFIGURATION, NnUnetPaths, nnunet_environment
+
+#: key of the plans configuration that holds the short schedule
+SCHEDULE_KEY = "lidc_det_schedule"
+
+
+class nnUNetTrainerLidcShort(nnUNetTrainer):  # noqa: N801 (nnU-Net's class naming)
+    """nnU-Net's trainer with a short schedule taken from the plans.
+
+    The configuration's ``lidc_det_schedule`` dict may set ``num_epochs`` (default 5),
+    ``num_iterations_per_epoch`` (20), ``num_val_iterations_per_epoch`` (5),
+    ``initial_lr`` (1e-2) and ``save_every`` (1: a checkpoint every epoch, so a
+    killed run resumes where it stopped). Everything else is nnU-Net's default
+    (augmentation, Dice+CE loss, SGD with poly learning rate, deep supervision).
+    """
+
+    def __init__(
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),
+    ) -> None:
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        schedule = dict(self.configuration_manager.configuration.get(SCHEDULE_KEY, {}))
+        self.num_epochs = int(schedule.get("num_epochs", 5))
+        self.num_iterations_per_epoch = int(schedule.get("num_iterations_per_epoch", 20))
+        self.num_val_iterations_per_epoch = int(schedule.get("num_val_iterations_per_epoch", 5))
+        self.initial_lr = float(schedule.get("initial_lr", 1e-2))
+        self.save_every = int(schedule.get("save_every", 1))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """Where the model is and what training took."""
+
+    model_dir: Path
+    checkpoint: Path
+    seconds: float
+    resumed_from_epoch: int
+    final_ema_dice: float | None
+
+
+def model_dir(paths: NnUnetPaths, dataset_name: str, trainer: str, plans_identifier: str) -> Path:
+    """nnU-Net's model folder ``<results>/<dataset>/<trainer>__<plans>__<configuration>``."""
+    return paths.results / dataset_name / f"{trainer}__{plans_identifier}__{CONFIGURATION}"
+
+
+def train(
+    paths: NnUnetPaths, dataset_name: str, plans_identifier: str, cfg: TrainConfig, *, verbose: bool = False
+) -> TrainResult:
+    """Train (or resume, or skip when finished) fold ``cfg.fold`` of the crop model.
+
+    The trainer class is looked up by name the way nnU-Net's prediction looks
+    it up (built-ins, then ``nnUNet_extTrainer``), then instantiated directly.
+    A run with ``checkpoint_final.pth`` is not retrained; a run with
+    ``checkpoint_latest.pth`` continues from it. nnU-Net's console output goes
+    to ``<model_dir>/lidc_det_train.log`` unless ``verbose``.
+    """
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
+
+    from stage2_segment.nnunet_dataset import _maybe_quiet
+
+    out = model_dir(paths, dataset_name, cfg.trainer, plans_identifier)
+    fold_dir = out / f"fold_{cfg.fold}"
+    final = fold_dir / "checkpoint_final.pth"
+    if final.is_file():
+        return TrainResult(out, final, 0.0, -1, _ema_dice(final))
+    latest = fold_dir / "checkpoint_latest.pth"
+    t0 = time.perf_counter()
+    old_threads = torch.get_num_threads()
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    with nnunet_environment(paths, n_proc_da=cfg.n_proc_da), _maybe_quiet(fold_dir / "lidc_det_train.log", verbose):
+        if cfg.num_threads is not None:
+            torch.set_num_threads(int(cfg.num_threads))
+        try:
+            trainer_cls = recursive_find_trainer_class_by_name(cfg.trainer)
+            plans = json.loads((paths.preprocessed / dataset_name / f"{plans_identifier}.json").read_text())
+            if cfg.trainer == "nnUNetTrainerLidcShort":
+                plans["configurations"][CONFIGURATION][SCHEDULE_KEY] = cfg.schedule()
+            resume = latest.is_file()
+            plans["continue_training"] = resume
+            dataset_json = json.loads((paths.preprocessed / dataset_name / "dataset.json").read_text())
+            trainer = trainer_cls(
+                plans=plans, configuration=CONFIGURATION, fold=cfg.fold, dataset_json=dataset_json,
+                device=torch.device(cfg.device),
+            )
+            start_epoch = 0
+            if resume:
+                trainer.load_checkpoint(str(latest))
+                start_epoch = int(trainer.current_epoch)
+            trainer.run_training()
+            if cfg.final_validation:
+                trainer.perform_actual_validation(False)
+        finally:
+            torch.set_num_threads(old_threads)
+    seconds = time.perf_counter() - t0
+    write_json(
+        out / f"fold_{cfg.fold}" / "lidc_det_train.json",
+        {"config": asdict(cfg), "seconds": round(seconds, 2), "resumed_from_epoch": start_epoch},
+    )
+    return TrainResult(out, final, seconds, start_epoch, _ema_dice(final))
+
+
+def _ema_dice(checkpoint: Path) -> float | None:
+    """nnU-Net's pseudo-Dice (EMA over epochs, validation patches) at the end of training."""
+    try:
+        ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        values = ck["logging"]["ema_fg_dice"] if "ema_fg_dice" in ck["logging"] else None
+        if values is None:  # logger checkpoints are nested in newer nnU-Net versions
+            values = ck["logging"].get("local", {}).get("ema_fg_dice")
+        return float(values[-1]) if values else None
+    except (OSError, KeyError, TypeError, IndexError, RuntimeError):
+        return None

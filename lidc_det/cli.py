@@ -500,6 +500,36 @@ def _add_twin(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# -------------------------------------------------------------------- detect
+def _add_detect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "detect",
+        help="stage 1: nodule candidates in one DICOM series with a trained detector",
+        description=(
+            "Read the CT series in --dicom, run the stage-1 detector checkpoint --model (resampling to its "
+            "training spacing), print the best candidates and write them all (at most 100) as a LUNA16 "
+            "candidates CSV (seriesuid,coordX,coordY,coordZ,probability; world mm)."
+        ),
+    )
+    p.add_argument("--model", type=Path, required=True,
+                   help="detector checkpoint (best.pt / last.pt of a training run) or .onnx from `lidc-det export`")
+    p.add_argument("--dicom", type=Path, required=True, help="folder holding the DICOM series")
+    p.add_argument("--series-uid", default=None, help="series to read when the folder holds several")
+    p.add_argument("--out", type=Path, default=None, help="LUNA16 candidates CSV to write")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--top", type=int, default=20, help="candidates printed (default 20)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(a: argparse.Namespace) -> int:
+        from stage1_detect.cli import run_detect
+
+        run_detect(a.model, a.dicom, series_uid=a.series_uid, out_csv=a.out, device=a.device, top=a.top,
+                   progress=not a.no_progress)
+        return 0
+
+    p.set_defaults(func=run)
+
+
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_demo,
     _add_bench,
@@ -515,6 +545,7 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_check_labels,
     _add_twin,
     _add_segment,
+    _add_detect,
 )
 
 

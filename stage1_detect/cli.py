@@ -1,0 +1,107 @@
+"""Library side of ``lidc-det detect``: load a trained detector, read a DICOM series,
+detect, print a table and write a LUNA16 candidates CSV.
+
+The command line itself is the ``_add_detect`` block of :mod:`lidc_det.cli`; it only
+parses arguments and calls :func:`run_detect`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lidc_det.errors import LidcDetError
+from lidc_det.results import Detections
+
+
+class UnknownCheckpointError(LidcDetError):
+    """A ``--model`` file is not a checkpoint of a known stage-1 detector."""
+
+
+def load_detector(model: str | Path, *, device: str | None = None, progress: bool = True) -> Any:
+    """The detector stored in ``model``: an ``.onnx`` file from ``lidc-det export``
+    (:class:`~stage1_detect.export.OnnxDetector`; ``device`` "cuda" picks the CUDA provider), or a
+    training checkpoint chosen by its ``format``: :class:`~stage1_detect.detector.Retina3DDetector`
+    (``stage1_detect.retina3d/*``) or :class:`~stage1_detect.monai_baseline.MonaiRetinaNetDetector`
+    (``stage1_detect.monai_retinanet/*``)."""
+    import torch
+
+    path = Path(model)
+    if not path.is_file():
+        raise UnknownCheckpointError(f"{path}: no such checkpoint file")
+    if path.suffix == ".onnx":
+        from stage1_detect.export import OnnxDetector
+
+        providers = None if device is None else (
+            ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
+        )
+        return OnnxDetector(path, providers=providers, progress=progress)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001 - torch raises many types for bad files
+        raise UnknownCheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
+    fmt = state.get("format", "") if isinstance(state, dict) else ""
+    if fmt.startswith("stage1_detect.retina3d/"):
+        from stage1_detect.detector import Retina3DDetector
+
+        return Retina3DDetector(checkpoint=path, device=device, progress=progress)
+    if fmt.startswith("stage1_detect.monai_retinanet/"):
+        from stage1_detect.monai_baseline import MonaiRetinaNetDetector
+
+        return MonaiRetinaNetDetector(checkpoint=path, device=device, progress=progress)
+    raise UnknownCheckpointError(
+        f"{path}: not a stage-1 detector checkpoint (format {fmt!r}; expected best.pt/last.pt from training)"
+    )
+
+
+def detections_table(dets: Detections, *, top: int = 20) -> str:
+    """Text table of the ``top`` best candidates: rank, score, world x, y, z (mm), diameter (mm)."""
+    best = dets.top_k(top)
+    lines = [f"{'rank':>4}  {'score':>6}  {'x_mm':>8}  {'y_mm':>8}  {'z_mm':>8}  {'diam_mm':>7}"]
+    for i, (c, d, s) in enumerate(zip(best.centers_xyz_mm, best.diameters_mm, best.scores), 1):
+        lines.append(f"{i:>4}  {s:6.3f}  {c[0]:8.1f}  {c[1]:8.1f}  {c[2]:8.1f}  {d:7.1f}")
+    if len(dets) > top:
+        lines.append(f"... {len(dets) - top} more")
+    return "\n".join(lines)
+
+
+def run_detect(
+    model: str | Path,
+    dicom_dir: str | Path,
+    *,
+    series_uid: str | None = None,
+    out_csv: str | Path | None = None,
+    device: str | None = None,
+    top: int = 20,
+    progress: bool = True,
+) -> Detections:
+    """Detect nodule candidates in one DICOM series with a trained checkpoint.
+
+    Reads the series (:func:`lidc_det.io.dicom.read_series`, HU), lets the detector resample
+    it to its training spacing, prints a table of the best ``top`` candidates and, with
+    ``out_csv``, writes all of them (at most 100) as a LUNA16 candidates CSV
+    (``seriesuid,coordX,coordY,coordZ,probability``; world mm).
+    """
+    import time
+
+    from lidc_det.data.luna import candidates_from_detections, write_candidates
+    from lidc_det.io.dicom import read_series
+
+    detector = load_detector(model, device=device, progress=progress)
+    t0 = time.perf_counter()
+    volume = read_series(Path(dicom_dir), series_uid=series_uid)
+    t1 = time.perf_counter()
+    g = volume.geometry
+    print(
+        f"series {volume.series_uid}: {g.shape_zyx} voxels at {tuple(round(s, 3) for s in g.spacing_zyx)} mm "
+        f"(read in {t1 - t0:.1f} s); detecting on {getattr(detector, 'device', '?')}",
+        flush=True,
+    )
+    dets = detector.predict(volume.hu, g, series_uid=volume.series_uid)
+    t2 = time.perf_counter()
+    print(detections_table(dets, top=top))
+    print(f"{len(dets)} candidates in {t2 - t1:.1f} s")
+    if out_csv is not None:
+        write_candidates(Path(out_csv), candidates_from_detections(dets))
+        print(f"written {out_csv}")
+    return dets

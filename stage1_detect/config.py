@@ -1,0 +1,254 @@
+"""``DetectorConfig``: everything that defines a stage-1 detector run, mapped from YAML.
+
+A config fully describes a model (architecture, anchors), its training
+(patches, augmentation, optimiser, schedule) and its inference (sliding
+window, NMS). It is saved next to every checkpoint, so a checkpoint can be
+rebuilt without the YAML it came from.
+
+Built-in configs live in ``stage1_detect/configs/<name>.yaml``:
+
+* ``tiny``: a small CPU model for tests and the demo (64^3 patches).
+* ``default``: the GPU model (96^3 patches, larger channels, longer schedule).
+
+Geometry conventions: all sizes are in voxels *of the training grid*, which
+is ``spacing_mm`` (z, y, x) = 1 mm isotropic by default, so voxels and mm
+coincide. Shapes are ``(z, y, x)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lidc_det.errors import LidcDetError
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+#: Output strides of the three FPN levels (P2, P3, P4) of :class:`stage1_detect.model.Retina3D`.
+#: They follow from the architecture: a stride-2 stem and three stride-2 residual stages.
+LEVEL_STRIDES: tuple[int, int, int] = (4, 8, 16)
+
+
+class ConfigError(LidcDetError):
+    """A detector config file or mapping is invalid (unknown key, wrong type, bad value)."""
+
+
+@dataclass(frozen=True)
+class DetectorConfig:
+    """Frozen description of one stage-1 detector (model + training + inference).
+
+    Model:
+        spacing_mm: training grid spacing (z, y, x) mm; inputs are resampled to it.
+        hu_window: ``(low, high)`` HU clip; see :func:`stage1_detect.preprocess.normalize_hu`.
+        channels: backbone widths ``(stem, stage1, stage2, stage3)``; strides 2, 4, 8, 16.
+        blocks: residual blocks in each of the three stages.
+        fpn_channels: width of the FPN levels and the heads.
+        head_convs: 3x3 conv + ReLU layers in each head tower (shared over levels).
+        anchor_sizes_mm: cubic anchor edge lengths per FPN level (strides 4, 8, 16);
+            the same number of anchors on every level.
+        atss_candidates: ATSS matcher: closest anchor positions per level per box.
+        focal_alpha, focal_gamma: sigmoid focal loss parameters.
+        box_loss: "giou" (on decoded boxes) or "smooth_l1" (on encoded deltas).
+        box_loss_weight: weight of the box loss relative to the focal loss.
+
+    Training:
+        patch_size: training patch (z, y, x) voxels, multiples of 16.
+        batch_size: patches per step.
+        pos_fraction: probability that a patch is centred on a nodule (with jitter).
+        pos_jitter: max offset of the nodule from the patch centre, as a fraction of the patch size.
+        aug_flip, aug_rot90: random flips on the three axes, random 90-degree turns in the axial (y, x) plane.
+        intensity_scale, intensity_shift: multiply the normalised patch by ``U(1 - s, 1 + s)``
+            and add ``U(-t, t)`` (normalised units; 1 unit = half the HU window).
+        lr, weight_decay, warmup_steps, grad_clip: AdamW with linear warm-up then cosine decay to 0.
+        epochs, steps_per_epoch: schedule length (validation after each epoch).
+        checkpoint_every: save ``last.pt`` every this many steps (and at each epoch end).
+        amp: mixed precision on CUDA (bf16 where supported, else fp16 + grad scaler); ignored on CPU.
+        num_workers: DataLoader worker processes for patch sampling.
+        seed: seed of model initialisation and patch sampling.
+
+    Inference:
+        window_zyx: largest sliding window (voxels, multiples of 16); smaller when the scan is small.
+        window_margin: context voxels on each side of a window's core (multiple of 16); each
+            anchor is predicted by exactly the one window whose core contains it.
+        window_batch: windows per forward pass.
+        score_thresh: minimum sigmoid score kept before NMS.
+        pre_nms_topk: best anchors kept per window before NMS (and overall).
+        nms_iou: 3D NMS IoU threshold.
+        max_detections: cap on detections per scan (LUNA16: 100).
+        use_body_mask: skip windows whose core holds no body voxel and drop detections outside the body.
+        val_n_bootstrap: bootstrap replicates of the validation CPM (0: none, faster).
+    """
+
+    name: str = "retina3d"
+    # model
+    spacing_mm: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    hu_window: tuple[float, float] = (-1000.0, 500.0)
+    channels: tuple[int, int, int, int] = (16, 32, 64, 128)
+    blocks: tuple[int, int, int] = (1, 1, 1)
+    fpn_channels: int = 32
+    head_convs: int = 1
+    anchor_sizes_mm: tuple[tuple[float, ...], ...] = ((4.0, 6.0), (9.0, 13.0), (19.0, 28.0))
+    atss_candidates: int = 4
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    box_loss: str = "giou"
+    box_loss_weight: float = 1.0
+    # training
+    patch_size: tuple[int, int, int] = (64, 64, 64)
+    batch_size: int = 2
+    pos_fraction: float = 0.5
+    pos_jitter: float = 0.25
+    aug_flip: bool = True
+    aug_rot90: bool = True
+    intensity_scale: float = 0.1
+    intensity_shift: float = 0.05
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 20
+    grad_clip: float = 10.0
+    epochs: int = 2
+    steps_per_epoch: int = 20
+    checkpoint_every: int = 10
+    amp: bool = True
+    num_workers: int = 0
+    seed: int = 0
+    # inference
+    window_zyx: tuple[int, int, int] = (128, 128, 128)
+    window_margin: int = 16
+    window_batch: int = 2
+    score_thresh: float = 0.02
+    pre_nms_topk: int = 1000
+    nms_iou: float = 0.1
+    max_detections: int = 100
+    use_body_mask: bool = True
+    val_n_bootstrap: int = 0
+
+    def __post_init__(self) -> None:
+        problems: list[str] = []
+        if len(self.channels) != 4:
+            problems.append(f"channels must have 4 entries (stem + 3 stages), got {self.channels}")
+        if len(self.blocks) != 3 or min(self.blocks) < 1:
+            problems.append(f"blocks must be 3 positive ints, got {self.blocks}")
+        if len(self.anchor_sizes_mm) != len(LEVEL_STRIDES):
+            problems.append(f"anchor_sizes_mm needs one list per level {LEVEL_STRIDES}, got {self.anchor_sizes_mm}")
+        elif len({len(s) for s in self.anchor_sizes_mm}) != 1 or not self.anchor_sizes_mm[0]:
+            problems.append(f"every level needs the same (>= 1) number of anchors, got {self.anchor_sizes_mm}")
+        for name in ("patch_size", "window_zyx"):
+            v = getattr(self, name)
+            if len(v) != 3 or any(int(s) % 16 or s <= 0 for s in v):
+                problems.append(f"{name} must be 3 positive multiples of 16, got {v}")
+        if self.window_margin % 16 or self.window_margin < 0:
+            problems.append(f"window_margin must be a multiple of 16 >= 0, got {self.window_margin}")
+        if any(2 * self.window_margin >= w for w in self.window_zyx):
+            problems.append(f"window_zyx {self.window_zyx} must exceed 2 * window_margin ({self.window_margin})")
+        if self.box_loss not in ("giou", "smooth_l1"):
+            problems.append(f"box_loss must be 'giou' or 'smooth_l1', got {self.box_loss!r}")
+        if not 0.0 <= self.pos_fraction <= 1.0:
+            problems.append(f"pos_fraction must lie in [0, 1], got {self.pos_fraction}")
+        if self.hu_window[1] <= self.hu_window[0]:
+            problems.append(f"hu_window must be (low, high) with low < high, got {self.hu_window}")
+        if min(self.batch_size, self.epochs, self.steps_per_epoch, self.checkpoint_every, self.max_detections) < 1:
+            problems.append("batch_size, epochs, steps_per_epoch, checkpoint_every, max_detections must be >= 1")
+        if problems:
+            raise ConfigError("invalid DetectorConfig: " + "; ".join(problems))
+
+    # ----------------------------------------------------------------- views
+    @property
+    def anchors_per_location(self) -> int:
+        return len(self.anchor_sizes_mm[0])
+
+    @property
+    def total_steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    def replace(self, **changes: Any) -> DetectorConfig:
+        """A copy with some fields changed (values are coerced like YAML values)."""
+        return config_from_dict({**self.to_dict(), **changes})
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (tuples as lists) that :func:`config_from_dict` reads back."""
+
+        def plain(v: Any) -> Any:
+            if isinstance(v, tuple | list):
+                return [plain(x) for x in v]
+            if isinstance(v, dict):
+                return {k: plain(x) for k, x in v.items()}
+            return v
+
+        return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Convert a YAML value to the dataclass field type ``hint`` (lists -> tuples)."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if hint in (int, float, str):
+        if hint is str and not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        if hint in (int, float) and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if hint is int and float(value) != int(value):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return hint(value)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values, got {list(value)}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    return value
+
+
+def config_from_dict(d: dict[str, Any], *, source: str = "<dict>") -> DetectorConfig:
+    """Build a :class:`DetectorConfig` from a mapping; unknown keys raise :class:`ConfigError`."""
+    hints = typing.get_type_hints(DetectorConfig)
+    names = {f.name for f in dataclasses.fields(DetectorConfig)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown config keys {unknown}")
+    try:
+        return DetectorConfig(**{k: _coerce(v, hints[k], f"{source}: {k}") for k, v in d.items()})
+    except ConfigError as err:
+        if str(err).startswith(source):
+            raise
+        raise ConfigError(f"{source}: {err}") from err
+
+
+def load_config(name_or_path: str | Path) -> DetectorConfig:
+    """A built-in config by name (``"tiny"``, ``"default"``) or a YAML file path."""
+    import yaml
+
+    path = Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        builtin = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+        raise ConfigError(f"{name_or_path}: no such config file (built-in configs: {builtin})")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return config_from_dict(data, source=str(path))
+
+
+def save_config(config: DetectorConfig, path: Path, extra: dict[str, Any] | None = None) -> None:
+    """Atomically write ``config`` as YAML to ``path`` and its provenance (git revision,
+    versions, time, plus ``extra``) to ``<path stem>.provenance.json`` beside it."""
+    import yaml
+
+    from lidc_det import atomic
+    from lidc_det.provenance import provenance
+
+    atomic.write_text(Path(path), yaml.safe_dump(config.to_dict(), sort_keys=False))
+    atomic.write_json(Path(path).with_suffix(".provenance.json"), provenance(extra))

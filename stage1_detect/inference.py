@@ -1,0 +1,314 @@
+"""Whole-scan inference: sliding windows, box decoding, 3D NMS, mapping to world mm.
+
+**Tiling.** The (resampled, normalised) volume is covered by windows of one
+size. Along each axis of length ``L``: ``n = ceil(L / (W_max - 2 m))`` windows,
+core size ``step = 16 * ceil(L / n / 16)`` and window size ``step + 2 m`` where
+``W_max`` is ``config.window_zyx`` and ``m`` is ``config.window_margin``. The
+volume is padded with air so that window ``k`` covers voxels
+``[k * step - m, (k + 1) * step + m)``; its *core* ``[k * step, (k + 1) * step)``
+tiles the volume without overlap. Each anchor is scored by the one window whose
+core holds its centre, with ``m`` voxels of context on each side, so there are no
+duplicate detections from overlapping windows. Window starts are multiples of 16
+(the coarsest stride), so every window's anchors lie on the same global grid.
+Windows are run ``config.window_batch`` at a time.
+
+**Decoding.** Per window, anchors of the core with sigmoid score >=
+``score_thresh`` are kept (at most ``pre_nms_topk``, best first) and decoded;
+over the scan the best ``pre_nms_topk`` go through 3D NMS (IoU >
+``nms_iou`` suppresses; :func:`nms_3d`) and at most
+``max_detections`` (100) survive.
+
+Boxes whose centre lies outside the volume (in the air padding of the last
+windows) are dropped.
+
+**Body mask** (``use_body_mask``): windows whose core holds no body voxel
+(:func:`stage1_detect.preprocess.body_mask`) are skipped, and detections whose
+centre lies outside the body are dropped.
+
+**Spacing.** The network works on the training grid (``config.spacing_mm``). A
+scan with another spacing is resampled first (linear,
+:func:`lidc_det.resample.resample_image`); boxes are mapped back to the input
+grid through world coordinates, so ``Detections.boxes_voxel`` always refers to
+the array that was passed in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lidc_det.boxes import boxes_to_world, world_to_boxes
+from lidc_det.geometry import VolumeGeometry
+from lidc_det.results import Detections
+from stage1_detect.anchors import decode_boxes, level_anchors
+from stage1_detect.config import LEVEL_STRIDES, DetectorConfig
+from stage1_detect.preprocess import body_mask, normalize_hu
+
+SPACING_RTOL = 1e-3
+"""Relative spacing difference below which a scan is used as is (no resampling)."""
+
+
+@dataclass(frozen=True)
+class WindowPlan:
+    """Sliding-window layout over a volume of ``shape_zyx`` (see the module docstring).
+
+    Attributes:
+        shape_zyx: volume shape (voxels).
+        window_zyx: window shape = ``step_zyx + 2 * margin``.
+        step_zyx: core shape; window ``(i, j, k)`` has core start ``(i, j, k) * step``.
+        margin: context voxels on each side of a core.
+        counts_zyx: windows per axis.
+    """
+
+    shape_zyx: tuple[int, int, int]
+    window_zyx: tuple[int, int, int]
+    step_zyx: tuple[int, int, int]
+    margin: int
+    counts_zyx: tuple[int, int, int]
+
+    @property
+    def n_windows(self) -> int:
+        return int(math.prod(self.counts_zyx))
+
+    @property
+    def padded_shape_zyx(self) -> tuple[int, int, int]:
+        """Shape of the padded volume (``margin`` before, the rest after)."""
+        return tuple(n * s + 2 * self.margin for n, s in zip(self.counts_zyx, self.step_zyx))  # type: ignore[return-value]
+
+    def core_starts(self) -> Iterator[tuple[int, int, int]]:
+        """Core start of every window (volume voxels), C order; the window starts ``margin`` earlier."""
+        for i in range(self.counts_zyx[0]):
+            for j in range(self.counts_zyx[1]):
+                for k in range(self.counts_zyx[2]):
+                    yield (i * self.step_zyx[0], j * self.step_zyx[1], k * self.step_zyx[2])
+
+
+def plan_windows(shape_zyx: Sequence[int], max_window_zyx: Sequence[int], margin: int) -> WindowPlan:
+    """The :class:`WindowPlan` for a volume (cores multiples of 16, windows at most ``max_window_zyx``
+    unless the volume is smaller than one core of 16)."""
+    if margin % 16 or margin < 0:
+        raise ValueError(f"margin must be a multiple of 16 >= 0, got {margin}")
+    counts, steps = [], []
+    for length, w_max in zip(shape_zyx, max_window_zyx):
+        core_max = int(w_max) - 2 * margin
+        if core_max < 16:
+            raise ValueError(f"window {tuple(max_window_zyx)} leaves no core with margin {margin}")
+        n = max(1, math.ceil(int(length) / core_max))
+        step = 16 * math.ceil(int(length) / n / 16)
+        counts.append(n)
+        steps.append(step)
+    return WindowPlan(
+        tuple(int(s) for s in shape_zyx),  # type: ignore[arg-type]
+        tuple(s + 2 * margin for s in steps),  # type: ignore[arg-type]
+        tuple(steps),  # type: ignore[arg-type]
+        int(margin),
+        tuple(counts),  # type: ignore[arg-type]
+    )
+
+
+def box_iou_3d(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU matrix ``(N, M)`` of boxes ``a`` ``(N, 6)`` and ``b`` ``(M, 6)`` (``z0, y0, x0, z1, y1, x1``)."""
+    lo = torch.maximum(a[:, None, :3], b[None, :, :3])
+    hi = torch.minimum(a[:, None, 3:], b[None, :, 3:])
+    inter = (hi - lo).clamp(min=0).prod(dim=2)
+    vol_a = (a[:, 3:] - a[:, :3]).clamp(min=0).prod(dim=1)
+    vol_b = (b[:, 3:] - b[:, :3]).clamp(min=0).prod(dim=1)
+    return inter / (vol_a[:, None] + vol_b[None, :] - inter).clamp(min=1e-12)
+
+
+def nms_3d(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, max_keep: int = -1) -> torch.Tensor:
+    """Indices (int64, best first) of the boxes kept by greedy 3D NMS.
+
+    Boxes are visited by decreasing score (ties: lower index first); a box is
+    kept unless its IoU with an already kept box exceeds ``iou_threshold``. At
+    most ``max_keep`` boxes are kept (-1: no cap). Same rule as MONAI's
+    ``non_max_suppression`` (checked in the tests) but with one IoU matrix
+    instead of a Python loop over boxes, and without importing MONAI at inference.
+    Meant for the <= a few thousand boxes left after the per-window top-k.
+    """
+    n = int(boxes.shape[0])
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long)
+    order = torch.argsort(scores.float(), descending=True, stable=True)
+    iou = box_iou_3d(boxes[order].double(), boxes[order].double())
+    over = (iou > iou_threshold).numpy()
+    sup = np.zeros(n, dtype=bool)
+    keep: list[int] = []
+    for i in range(n):
+        if sup[i]:
+            continue
+        keep.append(i)
+        if 0 < max_keep <= len(keep):
+            break
+        sup |= over[i]
+    return order[torch.as_tensor(keep, dtype=torch.long)]
+
+
+def _autocast(device: torch.device) -> torch.autocast | None:
+    if device.type != "cuda":
+        return None
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast(device_type="cuda", dtype=dtype)
+
+
+def _core_candidates(
+    cls_maps: Sequence[torch.Tensor],
+    box_maps: Sequence[torch.Tensor],
+    core_start: tuple[int, int, int],
+    plan: WindowPlan,
+    config: DetectorConfig,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores ``(K,)`` and decoded volume-grid boxes ``(K, 6)`` of one window's core anchors
+    (``cls_maps[l]``: ``[A, d, h, w]``; ``box_maps[l]``: ``[A * 6, d, h, w]``)."""
+    scores_all, codes_all, anchors_all = [], [], []
+    offset = torch.tensor([*core_start, *core_start], dtype=torch.float32)
+    for cls, box, stride, sizes in zip(cls_maps, box_maps, LEVEL_STRIDES, config.anchor_sizes_mm):
+        lo = plan.margin // stride
+        core = [s // stride for s in plan.step_zyx]
+        a = cls.shape[0]
+        c = cls[:, lo : lo + core[0], lo : lo + core[1], lo : lo + core[2]].float()
+        b = box[:, lo : lo + core[0], lo : lo + core[1], lo : lo + core[2]].float()
+        scores_all.append(torch.sigmoid(c).permute(1, 2, 3, 0).reshape(-1).cpu())
+        codes_all.append(b.reshape(a, 6, *core).permute(2, 3, 4, 0, 1).reshape(-1, 6).cpu())
+        anchors_all.append(level_anchors(core, stride, sizes) + offset)
+    scores = torch.cat(scores_all)
+    keep = torch.nonzero(scores >= config.score_thresh).flatten()
+    if keep.numel() > config.pre_nms_topk:
+        keep = keep[torch.topk(scores[keep], config.pre_nms_topk).indices]
+    codes = torch.cat(codes_all)[keep]
+    anchors = torch.cat(anchors_all)[keep]
+    return scores[keep], decode_boxes(codes, anchors)
+
+
+@torch.inference_mode()
+def predict_boxes(
+    model: torch.nn.Module,
+    volume: np.ndarray,
+    config: DetectorConfig,
+    *,
+    device: torch.device | str = "cpu",
+    mask: np.ndarray | None = None,
+    progress: bool = True,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sliding-window detection on a normalised volume on the training grid.
+
+    Args:
+        model: a network with :class:`stage1_detect.model.Retina3D`'s output format, in eval mode.
+        volume: float32 ``[z, y, x]`` normalised intensities (:func:`normalize_hu`).
+        mask: optional bool ``[z, y, x]`` body mask (windows with an empty core are skipped,
+            detections centred outside are dropped).
+        progress: tqdm bar over window batches.
+
+    Returns:
+        voxel boxes ``(N, 6)`` on the volume's grid (``lidc_det.boxes`` format) and scores ``(N,)``,
+        best first, ``N <= config.max_detections``, after NMS.
+    """
+    from tqdm.auto import tqdm
+
+    device = torch.device(device)
+    plan = plan_windows(volume.shape, config.window_zyx, config.window_margin)
+    m = plan.margin
+    pad = [(m, n * s + m - length) for n, s, length in zip(plan.counts_zyx, plan.step_zyx, volume.shape)]
+    padded = np.pad(np.asarray(volume, dtype=np.float32), pad, mode="constant", constant_values=-1.0)
+    starts = list(plan.core_starts())
+    if mask is not None:
+        starts = [
+            s for s in starts if mask[s[0] : s[0] + plan.step_zyx[0], s[1] : s[1] + plan.step_zyx[1], s[2] : s[2] + plan.step_zyx[2]].any()
+        ]
+    channels_last = device.type == "cuda"
+    scores_list, boxes_list = [], []
+    wz, wy, wx = plan.window_zyx
+    bs = max(1, config.window_batch)
+    batches = [starts[i : i + bs] for i in range(0, len(starts), bs)]
+    for batch in tqdm(batches, desc="windows", unit="batch", disable=not progress, leave=False):
+        x = np.stack([padded[z : z + wz, y : y + wy, k : k + wx] for z, y, k in batch])[:, None]
+        xt = torch.from_numpy(x).to(device)
+        if channels_last:
+            xt = xt.contiguous(memory_format=torch.channels_last_3d)
+        ctx = _autocast(device)
+        if ctx is None:
+            cls, box = model(xt)
+        else:
+            with ctx:
+                cls, box = model(xt)
+        for b, start in enumerate(batch):
+            s, bx = _core_candidates([c[b] for c in cls], [o[b] for o in box], start, plan, config)
+            scores_list.append(s)
+            boxes_list.append(bx)
+    if not scores_list:
+        return np.zeros((0, 6)), np.zeros(0)
+    scores = torch.cat(scores_list)
+    boxes = torch.cat(boxes_list)
+    # windows reach into the air padding beyond the scan: drop boxes centred outside it
+    ctr = (boxes[:, :3] + boxes[:, 3:]) / 2
+    inside = torch.all((ctr >= 0) & (ctr <= torch.tensor(volume.shape, dtype=ctr.dtype)), dim=1)
+    scores, boxes = scores[inside], boxes[inside]
+    if scores.numel() > config.pre_nms_topk:
+        top = torch.topk(scores, config.pre_nms_topk).indices
+        scores, boxes = scores[top], boxes[top]
+    if mask is not None and scores.numel():
+        ctr = ((boxes[:, :3] + boxes[:, 3:]) / 2).floor().long()
+        hi = torch.tensor(mask.shape) - 1
+        ctr = torch.minimum(ctr.clamp(min=0), hi)
+        inside = torch.from_numpy(np.asarray(mask)[ctr[:, 0].numpy(), ctr[:, 1].numpy(), ctr[:, 2].numpy()])
+        scores, boxes = scores[inside], boxes[inside]
+    keep = nms_3d(boxes, scores, config.nms_iou, config.max_detections)
+    return boxes[keep].double().numpy(), scores[keep].double().numpy()
+
+
+def detections_from_boxes(
+    boxes: np.ndarray,
+    scores: np.ndarray,
+    model_geometry: VolumeGeometry,
+    input_geometry: VolumeGeometry,
+    series_uid: str,
+) -> Detections:
+    """:class:`Detections` from voxel boxes on ``model_geometry``: world centres, diameters
+    (mean box edge in mm) and voxel boxes on ``input_geometry`` (same world position)."""
+    if len(scores) == 0:
+        return Detections(series_uid, np.zeros((0, 3)), np.zeros(0), np.zeros(0), np.zeros((0, 6)))
+    centres, sizes = boxes_to_world(boxes, model_geometry)
+    out_boxes = boxes if model_geometry == input_geometry else world_to_boxes(centres, sizes, input_geometry)
+    return Detections(series_uid, centres, np.abs(sizes).mean(axis=1), scores, out_boxes)
+
+
+def to_model_grid(
+    hu: np.ndarray, geometry: VolumeGeometry, config: DetectorConfig
+) -> tuple[np.ndarray, VolumeGeometry]:
+    """The scan on the training grid (resampled when its spacing differs by more than
+    :data:`SPACING_RTOL`), as float32 HU and its geometry."""
+    from lidc_det.resample import resample_image
+
+    hu = np.asarray(hu)
+    if hu.shape != geometry.shape_zyx:
+        raise ValueError(f"volume shape {hu.shape} does not match geometry shape {geometry.shape_zyx}")
+    if np.allclose(geometry.spacing_zyx, config.spacing_mm, rtol=SPACING_RTOL, atol=0.0):
+        return hu, geometry
+    resampled, geom = resample_image(hu, geometry, tuple(config.spacing_mm))  # type: ignore[arg-type]
+    return resampled, geom
+
+
+def predict_scan(
+    model: torch.nn.Module,
+    hu: np.ndarray,
+    geometry: VolumeGeometry,
+    config: DetectorConfig,
+    *,
+    series_uid: str,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> Detections:
+    """Detect nodules in a whole scan (``hu``: ``[z, y, x]`` HU on ``geometry``, any spacing).
+
+    Returns at most ``config.max_detections`` candidates, best first, with world
+    centres (x, y, z mm), diameters (mm), scores and voxel boxes on the input grid.
+    """
+    grid_hu, grid_geom = to_model_grid(hu, geometry, config)
+    volume = normalize_hu(grid_hu, config.hu_window)
+    mask = body_mask(grid_hu) if config.use_body_mask else None
+    boxes, scores = predict_boxes(model, volume, config, device=device, mask=mask, progress=progress)
+    return detections_from_boxes(boxes, scores, grid_geom, geometry, series_uid)

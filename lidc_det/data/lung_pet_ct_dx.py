@@ -49,12 +49,13 @@ import time
 import traceback
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from lidc_det.data.prepare import PrepareReport
 from lidc_det.errors import DatasetError, LidcDetError
 from lidc_det.geometry import VolumeGeometry
 
@@ -484,26 +485,6 @@ class LungPetCtDxPrepareConfig:
         return d
 
 
-@dataclass(frozen=True)
-class LungPetCtDxPrepareReport:
-    """What :func:`prepare_lung_pet_ct_dx` did; ``failed`` maps a patient key to its error line."""
-
-    out_dir: Path
-    done: tuple[str, ...]
-    skipped: tuple[str, ...]
-    failed: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def summary(self) -> str:
-        lines = [
-            f"prepared Lung-PET-CT-Dx data set: {self.out_dir}",
-            f"  patients prepared now: {len(self.done)}   already done (skipped): {len(self.skipped)}"
-            f"   failed: {len(self.failed)}   wall time: {self.seconds:.1f} s",
-        ]
-        lines += [f"  FAILED {k}: {e}" for k, e in sorted(self.failed.items())]
-        return "\n".join(lines)
-
-
 def box_on_grid(box_voxel: np.ndarray, source: VolumeGeometry, target: VolumeGeometry) -> np.ndarray | None:
     """A voxel box on ``source`` moved to the grid of ``target`` (both axis-aligned).
 
@@ -612,7 +593,7 @@ def _done_index(out_dir: Path) -> dict[str, str]:
     return out
 
 
-def prepare_lung_pet_ct_dx(cfg: LungPetCtDxPrepareConfig, *, progress: bool = True) -> LungPetCtDxPrepareReport:
+def prepare_lung_pet_ct_dx(cfg: LungPetCtDxPrepareConfig, *, progress: bool = True) -> PrepareReport:
     """Prepare every annotated patient into the ``lidc-det prepare`` layout (resumable).
 
     A patient whose scan folder is finished with the same settings is skipped;
@@ -665,7 +646,7 @@ def prepare_lung_pet_ct_dx(cfg: LungPetCtDxPrepareConfig, *, progress: bool = Tr
             where = f" (at {Path(tb[-1].filename).name}:{tb[-1].lineno})" if tb else ""
             failed[p.key] = f"{type(err).__name__}: {err}{where}"
     _write_dataset_files(cfg, metas, failed)
-    return LungPetCtDxPrepareReport(out_dir, tuple(done), tuple(skipped), failed, time.perf_counter() - t0)
+    return PrepareReport(out_dir, tuple(done), tuple(skipped), failed, time.perf_counter() - t0)
 
 
 def _write_dataset_files(

@@ -52,6 +52,7 @@ from typing import Any
 
 import numpy as np
 
+from lidc_det.data.lidc import CHARACTERISTICS
 from lidc_det.errors import LidcDetError
 from lidc_det.geometry import VolumeGeometry
 from lidc_det.synthetic.acquisition import AcquisitionParams, sample_acquisition, simulate_acquisition
@@ -75,17 +76,6 @@ LIDC_MATRIX = 512
 SIDECAR_SUFFIX = ".twin.json"
 TMP_DIR_NAME = ".twin-tmp"
 _UNEVEN_TOL_MM = 0.01
-_RATINGS = (
-    "subtlety",
-    "internalStructure",
-    "calcification",
-    "sphericity",
-    "margin",
-    "lobulation",
-    "spiculation",
-    "texture",
-    "malignancy",
-)
 
 
 class TwinError(LidcDetError):
@@ -190,7 +180,7 @@ def scan_spec(key: str) -> ScanSpec:
         for ann in anns:
             mask = np.asarray(ann.boolean_mask(), dtype=bool)  # (i=row, j=col, k=sorted z), contour points out
             bb = np.asarray(ann.bbox_matrix())
-            ratings = {name: int(getattr(ann, name)) for name in _RATINGS}
+            ratings = {name: int(getattr(ann, name)) for name in CHARACTERISTICS}
             readers.append(
                 ReaderMask(
                     annotation_id=int(ann.id),

@@ -75,6 +75,18 @@ def _amp(detector: Any, device: dict[str, Any]) -> bool:
     return bool(device.get("device", "").startswith("cuda") and getattr(cfg, "amp", False))
 
 
+def _quiet(spec: DetectorSpec, progress: bool) -> dict[str, Any]:
+    """The spec's kwargs, plus ``progress=False`` when bars are off and the factory takes it."""
+    import inspect
+
+    from stage1_detect.registry import get_detector_factory
+
+    kwargs = dict(spec.kwargs)
+    if not progress and "progress" in inspect.signature(get_detector_factory(spec.name)).parameters:
+        kwargs.setdefault("progress", False)
+    return kwargs
+
+
 def run_bench(
     config_path: Path,
     out_dir: Path,
@@ -114,7 +126,7 @@ def run_bench(
     rows: list[dict[str, Any]] = []
     for spec in specs:
         print(f"\n== detector {spec.display} ({spec.name})", flush=True)
-        detector = build_detector({"name": spec.name, **spec.kwargs})
+        detector = build_detector({"name": spec.name, **_quiet(spec, progress)})
         run = train_and_score(
             spec.display, detector, ds, split, out_dir / spec.display,
             n_bootstrap=cfg.n_bootstrap, seed=cfg.seed, progress=progress,

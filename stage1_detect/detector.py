@@ -116,6 +116,7 @@ class Retina3DDetector:
 
         if self.checkpoint is not None:
             kwargs.setdefault("init_checkpoint", self.checkpoint)
+        kwargs.setdefault("progress", self.progress)
         result = train_detector(self.config, train_cases, val_cases, out_dir, device=self.device, **kwargs)
         chosen = result.best_checkpoint or result.last_checkpoint
         self.model.load_state_dict(load_checkpoint(chosen, map_location="cpu")["model"])

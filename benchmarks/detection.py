@@ -39,17 +39,15 @@ class DetectionRun:
     out_dir: Path
 
 
-def findings_of(ds: Any, series_uids: tuple[str, ...] | list[str]) -> tuple[list[Any], list[Any]]:
-    """LUNA16 targets and excluded (irrelevant) findings of the given prepared scans."""
+def findings_of(case: Any) -> tuple[list[Any], list[Any]]:
+    """LUNA16 targets and excluded (irrelevant) findings of one prepared scan."""
     from lidc_det.data.luna import LunaFinding
 
-    annotations: list[Any] = []
-    excluded: list[Any] = []
-    for uid in series_uids:
-        case = ds.load_case(uid)
-        annotations += [LunaFinding(uid, n.center_xyz_mm, n.diameter_mm) for n in case.nodules]
-        excluded += [LunaFinding(uid, n.center_xyz_mm, n.diameter_mm) for n in case.irrelevant]
-    return annotations, excluded
+    uid = case.series_uid
+    return (
+        [LunaFinding(uid, n.center_xyz_mm, n.diameter_mm) for n in case.nodules],
+        [LunaFinding(uid, n.center_xyz_mm, n.diameter_mm) for n in case.irrelevant],
+    )
 
 
 def train_and_score(
@@ -78,9 +76,14 @@ def train_and_score(
         train_seconds = time.perf_counter() - t0
 
     detections: list[Detections] = []
+    annotations: list[Any] = []
+    excluded: list[Any] = []
     infer = 0.0
     for uid in tqdm(split.test, desc=f"{name}: detect", unit="scan", disable=not progress):
         case = ds.load_case(uid)
+        targets, others = findings_of(case)
+        annotations += targets
+        excluded += others
         hu = np.asarray(case.image_hu, dtype=np.float32)
         t0 = time.perf_counter()
         det = detector.predict(hu, case.geometry, series_uid=uid)
@@ -89,7 +92,6 @@ def train_and_score(
             raise TypeError(f"detector {name!r}: predict returned {type(det).__name__}, expected Detections")
         detections.append(det)
     write_candidates(out_dir / "candidates.csv", [c for d in detections for c in candidates_from_detections(d)])
-    annotations, excluded = findings_of(ds, split.test)
     froc = evaluate_detections(annotations, detections, excluded=excluded, n_bootstrap=n_bootstrap, seed=seed)
     write_froc_report(froc, out_dir / "froc", label=name)
     return DetectionRun(

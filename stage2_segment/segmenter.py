@@ -29,7 +29,7 @@ from lidc_det.geometry import VolumeGeometry
 from lidc_det.results import Detections, NoduleMask
 from stage2_segment.config import SegmenterConfig
 from stage2_segment.crops import Crop, detection_crops, make_crop, negative_crops, nodule_crops
-from stage2_segment.nnunet_dataset import CONFIGURATION, NnUnetPaths, dataset_name
+from stage2_segment.nnunet_dataset import CONFIGURATION, NnUnetDatasetError, NnUnetPaths, dataset_name
 
 if TYPE_CHECKING:
     from lidc_det.data.luna import LunaFinding
@@ -127,12 +127,19 @@ class NnUnetSegmenter:
         state = self._read_state()
         n_cases = len(crops)
         t0 = time.perf_counter()
-        if state.get("plan", {}).get("n_cases") != n_cases or not (self.paths.preprocessed / self.dataset).is_dir():
+        plan_settings = {"n_cases": n_cases, "batch_size": cfg.plan_batch_size, "base_features": cfg.plan_base_features}
+        old_plan = state.get("plan", {})
+        if any(old_plan.get(k) != v for k, v in plan_settings.items()) or not (self.paths.preprocessed / self.dataset).is_dir():
+            if old_plan and (self.paths.results / self.dataset).is_dir():
+                raise NnUnetDatasetError(
+                    f"{self.work_dir}: holds a model trained with other plan settings ({old_plan.get('base_features')=}, "
+                    f"{old_plan.get('batch_size')=}); use a new work folder"
+                )
             plan = plan_and_preprocess(
                 self.paths, cfg.dataset_id, cfg.dataset_name, num_processes=cfg.plan_processes,
-                batch_size=cfg.plan_batch_size,
+                batch_size=cfg.plan_batch_size, base_features=cfg.plan_base_features,
             )
-            plan_rec = {**asdict(plan), "plans_file": str(plan.plans_file), "n_cases": n_cases}
+            plan_rec = {**asdict(plan), "plans_file": str(plan.plans_file), **plan_settings}
             self._update_state(plan=plan_rec)
         else:
             plan_rec = state["plan"]
@@ -233,8 +240,7 @@ def reject_false_positives(
     for m in masks:
         if m.series_uid != detections.series_uid:
             raise ValueError(f"mask of scan {m.series_uid} given for detections of {detections.series_uid}")
-    volumes = np.array([m.volume_mm3 for m in masks], dtype=np.float64)
-    keep = volumes >= float(min_volume_mm3)
+    keep = passes_rejection(masks, min_volume_mm3)
     if mode == "drop":
         boxes = None if detections.boxes_voxel is None else detections.boxes_voxel[keep]
         return Detections(detections.series_uid, detections.centers_xyz_mm[keep], detections.diameters_mm[keep],
@@ -242,6 +248,12 @@ def reject_false_positives(
     scores = np.where(keep, detections.scores, detections.scores * float(factor))
     return Detections(detections.series_uid, detections.centers_xyz_mm, detections.diameters_mm, scores,
                       detections.boxes_voxel)
+
+
+def passes_rejection(masks: Sequence[NoduleMask], min_volume_mm3: float) -> np.ndarray:
+    """``bool [N]``: which masks are at least ``min_volume_mm3`` (the candidates rejection keeps
+    at full score; with ``mode="drop"`` the kept candidates are exactly these, in order)."""
+    return np.array([m.volume_mm3 for m in masks], dtype=np.float64).reshape(-1) >= float(min_volume_mm3)
 
 
 def tune_min_volume(

@@ -159,12 +159,15 @@ def _pipeline_findings(ds: Any, seg_run: Any, out_dir: Path, n_overlays: int) ->
     stage-2 masks; draw 3-plane overlays of the best survivors (``out_dir/overlays``).
 
     Returns one JSON-friendly row per survivor drawn (scan, rank, scores, mask measurements,
-    whether it hits a reader nodule, the PNG path relative to ``out_dir``).
+    the reader finding it hits by the LUNA16 rules, the PNG path relative to ``out_dir``).
     """
     import numpy as np
 
     from lidc_det.overlays import three_plane_png
     from stage3_malignancy.model import MalignancyModel
+    from benchmarks.detection import findings_of
+    from lidc_det.data.luna import LunaCandidate
+    from lidc_det.metrics.froc import match_candidates
     from stage2_segment.segmenter import passes_rejection
     from stage3_malignancy.samples import samples_from_nodule_masks
 
@@ -187,9 +190,12 @@ def _pipeline_findings(ds: Any, seg_run: Any, out_dir: Path, n_overlays: int) ->
             samples = samples_from_nodule_masks(hu, case.geometry, chosen, patient_id=case.patient_id)
             nonempty = [j for j, m in enumerate(chosen) if not m.empty]
             probs = {j: sc.probability for j, sc in zip(nonempty, model.predict(samples))}
+        targets, others = findings_of(case)
         for j, (i, m) in enumerate(zip(order, chosen)):
             centre = kept.centers_xyz_mm[i]
-            hit = any(np.linalg.norm(np.asarray(n.center_xyz_mm) - centre) < n.diameter_mm / 2 for n in case.nodules)
+            # the scorer's own hit rules: 1 = target nodule, -1 = other reader finding (ignored), 0 = FP
+            (label,) = match_candidates(targets, [LunaCandidate(uid, tuple(centre), 1.0)], excluded=others,
+                                        series_uids=[uid]).candidate_label
             p_mal = probs.get(j)
             name = f"overlays/{case.patient_id}_pipeline{j + 1}.png"
             mal = "n/a (empty mask)" if p_mal is None else f"{p_mal:.2f}"
@@ -205,7 +211,8 @@ def _pipeline_findings(ds: Any, seg_run: Any, out_dir: Path, n_overlays: int) ->
                 "detection_score": round(float(kept.scores[i]), 4), "volume_mm3": round(m.volume_mm3, 1),
                 "max_diameter_mm": round(m.max_diameter_mm, 1),
                 "p_malignant": None if p_mal is None else round(p_mal, 4),
-                "reader_nodule": bool(hit), "png": name,
+                "finding": {1: "target nodule", -1: "other reader finding (not scored)", 0: "none (FP)"}[int(label)],
+                "png": name,
             })
     return rows
 
@@ -280,10 +287,10 @@ def _write_report(
                 "of each scan (red: stage-2 mask; green: reader consensus of every target nodule)."
             ),
             Table(
-                ["scan", "#", "detection score", "volume mm3", "max diameter mm", "P(malignant)", "on a reader nodule"],
+                ["scan", "#", "detection score", "volume mm3", "max diameter mm", "P(malignant)", "reader finding hit"],
                 [[f["patient_id"], f["rank"], f"{f['detection_score']:.2f}", f"{f['volume_mm3']:.0f}",
                   f"{f['max_diameter_mm']:.1f}", "n/a" if f["p_malignant"] is None else f"{f['p_malignant']:.2f}",
-                  "yes" if f["reader_nodule"] else "no"] for f in record["pipeline_findings"]],
+                  f["finding"]] for f in record["pipeline_findings"]],
             ),
         )
         for f in record["pipeline_findings"]:

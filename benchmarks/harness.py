@@ -8,6 +8,7 @@ A config (YAML, see ``benchmarks/smoke.yaml`` and ``benchmarks/full.yaml``)::
     detectors:
       - {name: retina3d, label: retina3d-tiny, kwargs: {config: tiny, epochs: 1}}
       - {name: monai_retinanet, label: monai-retinanet, kwargs: {...}}
+    segmentation: {segmenter: {...}, max_candidates_per_scan: 40}   # optional stage 2
     n_bootstrap: 1000
     seed: 0
 
@@ -16,6 +17,12 @@ so installed plug-ins take part like the built-ins. Each run folder holds
 ``<label>/candidates.csv``, ``<label>/froc/``, ``bench.json`` (config, git revision,
 device, wall times) and the leaderboard rows are appended to
 ``<leaderboard_dir>/leaderboard.json`` + ``leaderboard.md``.
+
+With a ``segmentation`` section, one nnU-Net crop segmenter is trained (in
+``stage2_model/``, shared by every detector) and each detector's candidates go
+through it: the row gets the stage-2 Dice (median, ground-truth crops, vs reader
+consensus) and the CPM after FP rejection tuned on that detector's validation
+candidates (``<label>/stage2/``).
 
 Detectors pick their device themselves (CUDA when visible); each row records it.
 """
@@ -28,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.data import DataSpec, materialize
+from benchmarks.segmentation import SegmentationStepConfig
 from lidc_det.atomic import write_json
 from lidc_det.config import ConfigFileError, config_hash, load_yaml_config, to_plain
 
@@ -54,6 +62,7 @@ class BenchConfig:
     name: str
     data: DataSpec
     detectors: tuple[DetectorSpec, ...]
+    segmentation: SegmentationStepConfig | None = None
     n_bootstrap: int = 1000
     seed: int = 0
 
@@ -131,6 +140,19 @@ def run_bench(
             spec.display, detector, ds, split, out_dir / spec.display,
             n_bootstrap=cfg.n_bootstrap, seed=cfg.seed, progress=progress,
         )
+        dice = cpm_rejection = None
+        if cfg.segmentation is not None:
+            from benchmarks.segmentation import run_segmentation_step
+
+            seg_run = run_segmentation_step(
+                ds, split, detector, list(run.detections), out_dir / spec.display / "stage2", cfg.segmentation,
+                synthetic=cfg.data.synthetic, n_bootstrap=cfg.n_bootstrap, progress=progress,
+                work_dir=out_dir / "stage2_model",
+            )
+            summary = seg_run.record["summary"]
+            gt_dice = summary["gt_crop_dice_consensus"]
+            dice = gt_dice["median"] if gt_dice["n"] else None
+            cpm_rejection = summary.get("froc_with_rejection", {}).get("cpm")
         dev = device_info(str(getattr(detector, "device", "")) or None)
         dev["amp"] = _amp(detector, dev)
         row = {
@@ -140,7 +162,8 @@ def run_bench(
             "synthetic": cfg.data.synthetic,
             "split": f"patient folds {cfg.data.n_folds}, test fold {cfg.data.test_fold}, val fold {cfg.data.val_fold}, seed {cfg.data.seed}",
             **froc_fields(run.froc),
-            "dice": None,
+            "dice": dice,
+            "cpm_with_rejection": cpm_rejection,
             "auc": None,
             "train_seconds": run.train_seconds,
             "infer_seconds_per_scan": run.infer_seconds_per_scan,

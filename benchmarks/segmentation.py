@@ -67,11 +67,15 @@ def run_segmentation_step(
     synthetic: bool,
     n_bootstrap: int = 1000,
     progress: bool = True,
+    work_dir: Path | None = None,
 ) -> SegmentationRun:
     """Fit, tune on the validation scans' detections (``detector`` runs on them here), evaluate
     on the test scans; writes ``stage2.json`` and ``stage2_dice.png`` under ``out_dir``.
 
-    Resumable: a finished nnU-Net model in ``out_dir/work`` is reused.
+    The segmenter lives in ``work_dir`` (default ``out_dir/work``); a finished nnU-Net
+    model there is reused, so several detectors can share one. The tuned rejection
+    threshold is kept on the returned segmenter object (and the last one in
+    ``work_dir/segmenter.json``); each run's own is in its ``stage2.json``.
     """
     import time
 
@@ -81,7 +85,7 @@ def run_segmentation_step(
 
     out_dir = Path(out_dir)
     k = cfg.max_candidates_per_scan
-    seg = NnUnetSegmenter(out_dir / "work", cfg.segmenter)
+    seg = NnUnetSegmenter(out_dir / "work" if work_dir is None else Path(work_dir), cfg.segmenter)
     train_cases = [ds.load_case(u) for u in split.train]
     val_cases = [ds.load_case(u) for u in split.val]
     fit_info = seg.fit(train_cases, val_cases, progress=progress)

@@ -50,6 +50,10 @@ class CropConfig:
         negatives_per_scan: random non-nodule crops per training scan.
         negative_min_hu: a negative crop is centred on a voxel at least this
             dense (vessels, walls, fissures: the look of false positives).
+        negative_max_mean_hu: and the mean HU of its central half-size cube is at most
+            this, so the dense voxel is surrounded by lung (a vessel, airway wall or
+            fissure, where detector false positives sit) rather than deep in the chest
+            wall or mediastinum, which is easy to call empty. None = no such condition.
         negative_margin_mm: a negative centre keeps this distance (plus the
             finding's radius) from every reader finding, irrelevant ones included.
         pad_hu: value of image voxels outside the scan.
@@ -59,6 +63,7 @@ class CropConfig:
     jitter_mm: float = 6.0
     negatives_per_scan: int = 2
     negative_min_hu: float = -400.0
+    negative_max_mean_hu: float | None = -500.0
     negative_margin_mm: float = 10.0
     pad_hu: float = -1024.0
 
@@ -209,10 +214,11 @@ def nodule_crops(case: PreparedCase, cfg: CropConfig, rng: np.random.Generator) 
 
 
 def negative_crops(
-    case: PreparedCase, cfg: CropConfig, rng: np.random.Generator, *, max_tries: int = 200
+    case: PreparedCase, cfg: CropConfig, rng: np.random.Generator, *, max_tries: int = 2000
 ) -> list[Crop]:
     """Up to ``cfg.negatives_per_scan`` crops with no target nodule voxel, centred on dense tissue
-    away from every reader finding. Fewer are returned when ``max_tries`` random draws do not find them."""
+    (in lung unless ``cfg.negative_max_mean_hu`` is None) away from every reader finding. Fewer
+    are returned when ``max_tries`` random draws do not find them."""
     if cfg.negatives_per_scan == 0:
         return []
     geom = case.geometry
@@ -238,6 +244,11 @@ def negative_crops(
         box = crop_box(world, geom, size)
         if extract(labels, box, 0).any():
             continue
+        if cfg.negative_max_mean_hu is not None:
+            q = np.asarray(size) // 4
+            core = extract(hu, np.concatenate([vox - q, vox + q + 1]), cfg.pad_hu)
+            if float(core.mean()) > cfg.negative_max_mean_hu:
+                continue
         crops.append(make_crop(hu, geom, case.series_uid, world, cfg, kind="negative", labels=labels))
     return crops
 

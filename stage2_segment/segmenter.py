@@ -148,7 +148,7 @@ class NnUnetSegmenter:
             [c.series_uid for c in train_cases], [c.series_uid for c in val_cases],
         )
         times["plan_preprocess_s"] = time.perf_counter() - t0
-        result = train(self.paths, self.dataset, plan_rec["plans_identifier"], cfg.train)
+        result = train(self.paths, self.dataset, plan_rec["plans_identifier"], cfg.train, progress=progress)
         times["train_s"] = result.seconds
         info = {
             "n_crops": n_cases,
@@ -203,8 +203,9 @@ class NnUnetSegmenter:
         excluded: Sequence[LunaFinding] = (),
     ) -> dict[str, Any]:
         """Choose ``min_volume_mm3`` on validation scans (best CPM) and store it in ``segmenter.json``."""
-        result = tune_min_volume(detections, masks, annotations, excluded, rejection_mode=self.config.rejection.mode,
-                                 factor=self.config.rejection.factor)
+        r = self.config.rejection
+        result = tune_min_volume(detections, masks, annotations, excluded, rejection_mode=r.mode, factor=r.factor,
+                                 tolerance=r.tolerance)
         self.min_volume_mm3 = result["min_volume_mm3"]
         self._update_state(tuned_min_volume_mm3=self.min_volume_mm3, tuning=result)
         return result
@@ -265,12 +266,15 @@ def tune_min_volume(
     candidates_mm3: Sequence[float] | None = None,
     rejection_mode: str = "drop",
     factor: float = 0.1,
+    tolerance: float = 0.0,
 ) -> dict[str, Any]:
-    """The ``min_volume_mm3`` with the best LUNA16 CPM on these (validation) scans.
+    """The smallest ``min_volume_mm3`` whose LUNA16 CPM on these (validation) scans is within
+    ``tolerance`` of the best.
 
-    Tries 0 and every distinct mask volume (or ``candidates_mm3``); ties go to
-    the smallest threshold (reject as little as possible). Returns the chosen
-    value, the CPM without rejection and with it, and the whole table.
+    Tries 0 and every distinct mask volume (or ``candidates_mm3``); with
+    ``tolerance=0`` that is the best threshold, ties going to the smallest (reject
+    as little as possible). Returns the chosen value, the CPM without rejection and
+    with it, the best CPM seen, and the whole table.
     """
     from lidc_det.metrics.froc import evaluate_detections
 
@@ -287,6 +291,7 @@ def tune_min_volume(
         cpm = evaluate_detections(annotations, kept, excluded=excluded,
                                   series_uids=[d.series_uid for d in detections], n_bootstrap=0).cpm
         table.append({"min_volume_mm3": t, "cpm": float(cpm), "n_candidates": int(sum(len(k) for k in kept))})
-    best = max(table, key=lambda r: (r["cpm"], -r["min_volume_mm3"]))
-    return {"min_volume_mm3": best["min_volume_mm3"], "cpm_without": table[0]["cpm"], "cpm_with": best["cpm"],
-            "table": table}
+    best_cpm = max(r["cpm"] for r in table)
+    chosen = next(r for r in table if r["cpm"] >= best_cpm - float(tolerance) - 1e-12)  # table is sorted
+    return {"min_volume_mm3": chosen["min_volume_mm3"], "cpm_without": table[0]["cpm"], "cpm_with": chosen["cpm"],
+            "cpm_best": best_cpm, "tolerance": float(tolerance), "table": table}

@@ -18,9 +18,11 @@ This module imports nnU-Net (and torch) at import time: import it lazily.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -62,6 +64,30 @@ class nnUNetTrainerLidcShort(nnUNetTrainer):  # noqa: N801 (nnU-Net's class nami
         self.initial_lr = float(schedule.get("initial_lr", 1e-2))
         self.save_every = int(schedule.get("save_every", 1))
         self.optimizer_name = str(schedule.get("optimizer", "sgd"))
+        self.show_progress = bool(schedule.get("progress", False))
+        self._bar: Any = None
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        if self.show_progress and self.local_rank == 0:
+            from tqdm import tqdm
+
+            # stderr: nnU-Net's own stdout narration goes to the training log
+            self._bar = tqdm(total=self.num_epochs, initial=self.current_epoch, desc="nnU-Net training",
+                             unit="epoch", file=sys.stderr)
+
+    def on_epoch_end(self) -> None:
+        super().on_epoch_end()
+        if self._bar is not None:
+            self._bar.set_postfix(loss=f"{self.logger.get_value('train_losses', step=-1):.3f}",
+                                  pseudo_dice=f"{self.logger.get_value('ema_fg_dice', step=-1):.3f}")
+            self._bar.update(1)
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
 
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, object]:
         if self.optimizer_name == "sgd":
@@ -91,7 +117,13 @@ def model_dir(paths: NnUnetPaths, dataset_name: str, trainer: str, plans_identif
 
 
 def train(
-    paths: NnUnetPaths, dataset_name: str, plans_identifier: str, cfg: TrainConfig, *, verbose: bool = False
+    paths: NnUnetPaths,
+    dataset_name: str,
+    plans_identifier: str,
+    cfg: TrainConfig,
+    *,
+    verbose: bool = False,
+    progress: bool = False,
 ) -> TrainResult:
     """Train (or resume, or skip when finished) fold ``cfg.fold`` of the crop model.
 
@@ -99,7 +131,8 @@ def train(
     it up (built-ins, then ``nnUNet_extTrainer``), then instantiated directly.
     A run with ``checkpoint_final.pth`` is not retrained; a run with
     ``checkpoint_latest.pth`` continues from it. nnU-Net's console output goes
-    to ``<model_dir>/lidc_det_train.log`` unless ``verbose``.
+    to ``<model_dir>/lidc_det_train.log`` unless ``verbose``; ``progress`` shows an
+    epoch progress bar on stderr (short trainer).
     """
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
@@ -121,7 +154,7 @@ def train(
             trainer_cls = recursive_find_trainer_class_by_name(cfg.trainer)
             plans = json.loads((paths.preprocessed / dataset_name / f"{plans_identifier}.json").read_text())
             if cfg.trainer == "nnUNetTrainerLidcShort":
-                plans["configurations"][CONFIGURATION][SCHEDULE_KEY] = cfg.schedule()
+                plans["configurations"][CONFIGURATION][SCHEDULE_KEY] = {**cfg.schedule(), "progress": progress}
             resume = latest.is_file()
             plans["continue_training"] = resume
             dataset_json = json.loads((paths.preprocessed / dataset_name / "dataset.json").read_text())

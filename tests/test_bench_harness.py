@@ -84,6 +84,9 @@ def test_shipped_benchmark_configs_load(name: str) -> None:
 
         cfg = load_demo_config(path)
         assert cfg.data.synthetic and len(cfg.data.series_uids) >= cfg.data.n_folds
+        seg = cfg.segmentation
+        assert seg is not None and seg.segmenter.train.optimizer == "adamw"
+        assert seg.segmenter.plan_base_features == 8 and seg.segmenter.crop.size_mm == 32.0
     else:
         cfg = load_bench_config(path)
         assert cfg.detectors and cfg.data.n_folds >= 3
@@ -198,4 +201,9 @@ def test_smoke_benchmark_end_to_end(tmp_path: Path) -> None:
         assert 0.0 <= r["cpm"] <= 1.0 and r["n_test_scans"] == len(record["split"]["test"])
         assert r["config_hash"] == record["config_hash"] and r["train_seconds"] > 0
         assert (out / r["method"] / "froc" / "froc.png").is_file()
+        # stage 2 ran on this detector's candidates with the one shared segmenter
+        assert r["dice"] is not None and 0.0 <= r["dice"] <= 1.0
+        assert r["cpm_with_rejection"] is not None and 0.0 <= r["cpm_with_rejection"] <= 1.0
+        assert (out / r["method"] / "stage2" / "stage2.json").is_file()
+    assert len(list((out / "stage2_model" / "nnunet" / "nnUNet_results").glob("*/*/fold_0/checkpoint_final.pth"))) == 1
     assert set(record["split"]["test"]).isdisjoint(record["split"]["train"])

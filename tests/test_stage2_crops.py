@@ -74,6 +74,22 @@ def test_nodule_crops_carry_the_label_and_negatives_avoid_it() -> None:
         assert n.kind == "negative" and n.label is not None and not n.label.any()
         centre = np.rint(case.geometry.world_to_voxel(np.asarray(n.center_xyz_mm))).astype(int)
         assert case.image_hu[tuple(centre)] >= cfg.negative_min_hu
+        q = 24 // 4  # the central half-size cube is mostly lung
+        core = case.image_hu[tuple(slice(c - q, c + q + 1) for c in centre)]
+        assert core.mean() <= cfg.negative_max_mean_hu
+
+
+def test_negatives_in_solid_tissue_only_when_allowed() -> None:
+    """A scan that is all soft tissue: no negative is surrounded by lung, unless the condition is off."""
+    rng = np.random.default_rng(1)
+    case = _case(rng)
+    solid = np.asarray(case.image_hu).copy()
+    solid[solid < 0] = 40
+    case = PreparedCase(case.series_uid, case.patient_id, 0, case.geometry, solid, case.labels, case.nodules, (),
+                        Path("."))
+    assert negative_crops(case, CropConfig(size_mm=24.0, negatives_per_scan=2), rng) == []
+    anywhere = CropConfig(size_mm=24.0, negatives_per_scan=2, negative_max_mean_hu=None)
+    assert len(negative_crops(case, anywhere, rng)) == 2
 
 
 def test_raw_dataset_json_and_nifti_spacing(tmp_path: Path) -> None:
@@ -115,3 +131,32 @@ def test_raw_dataset_json_and_nifti_spacing(tmp_path: Path) -> None:
         assert os.environ["nnUNet_raw"] == str(paths.raw)
         assert os.environ["nnUNet_extTrainer"].split(os.pathsep)[0].endswith("nnunet_ext")
     assert os.environ.get("nnUNet_raw") == before
+
+
+def test_narrowed_architecture_scales_features_and_keeps_the_rest() -> None:
+    from stage2_segment.nnunet_dataset import narrowed_architecture
+
+    arch = {
+        "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+        "arch_kwargs": {"n_stages": 6, "features_per_stage": [32, 64, 128, 256, 320, 320],
+                        "strides": [[1, 1, 1]] + [[2, 2, 2]] * 5},
+        "_kw_requires_import": ["conv_op"],
+    }
+    narrow = narrowed_architecture(arch, 8)
+    assert narrow["arch_kwargs"]["features_per_stage"] == [8, 16, 32, 64, 128, 256]
+    assert narrowed_architecture(arch, 64)["arch_kwargs"]["features_per_stage"] == [64, 128, 256, 320, 320, 320]
+    assert narrow["arch_kwargs"]["strides"] == arch["arch_kwargs"]["strides"]
+    assert arch["arch_kwargs"]["features_per_stage"][0] == 32  # the input is not modified
+    with pytest.raises(ValueError):
+        narrowed_architecture(arch, 0)
+
+
+def test_segmenter_config_checks_optimizer_and_builds_from_yaml_dict() -> None:
+    from stage2_segment.config import SegmenterConfig, TrainConfig
+
+    cfg = SegmenterConfig.from_dict({"plan_base_features": 8, "train": {"optimizer": "adamw", "initial_lr": 1e-3}})
+    assert cfg.plan_base_features == 8 and cfg.train.schedule()["optimizer"] == "adamw"
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainConfig(optimizer="adam")
+    with pytest.raises(ValueError, match="unknown keys"):
+        SegmenterConfig.from_dict({"train": {"optimiser": "sgd"}})

@@ -19,7 +19,7 @@ from stage2_segment.metrics import (
     summarize,
 )
 from stage2_segment.predict import masks_from_probabilities, max_axial_diameter_mm, nearest_component
-from stage2_segment.segmenter import reject_false_positives
+from stage2_segment.segmenter import passes_rejection, reject_false_positives
 
 GEOM = VolumeGeometry((30, 40, 40), (1.0, 1.0, 1.0), (10.0, 20.0, -30.0))
 
@@ -85,6 +85,8 @@ def test_reject_false_positives_drop_and_downweight() -> None:
     assert len(reject_false_positives(det, masks, 0.5)) == 2  # any positive threshold rejects empty masks
     dw = reject_false_positives(det, masks, 10.0, mode="downweight", factor=0.5)
     np.testing.assert_allclose(dw.scores, [0.9, 0.25, 0.05])
+    np.testing.assert_array_equal(passes_rejection(masks, 10.0), [True, False, False])
+    np.testing.assert_array_equal(passes_rejection(masks, 0.5), [True, True, False])
     with pytest.raises(ValueError):
         reject_false_positives(det, masks[:2], 1.0)
 
@@ -132,3 +134,28 @@ def test_histogram_png(tmp_path: Path) -> None:
 
     out = plot_dice_histogram({"model": [0.5, 0.7, 0.9]}, tmp_path / "h.png", reference={"human median": 0.793})
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tune_min_volume_picks_the_best_threshold_and_respects_the_tolerance() -> None:
+    """One scan, one nodule: the top candidate is a false positive with a 5 mm3 mask, the
+    second hits the nodule with a 100 mm3 mask. Dropping masks < 100 mm3 removes the FP."""
+    from lidc_det.data.luna import LunaFinding
+    from lidc_det.results import NoduleMask
+    from stage2_segment.segmenter import tune_min_volume
+
+    uid = "1.2.3"
+    det = Detections(uid, np.array([[50.0, 0, 0], [0.0, 0, 0]]), np.array([5.0, 10.0]), np.array([0.9, 0.8]))
+
+    def mask(volume: float, centre: tuple[float, float, float]) -> NoduleMask:
+        return NoduleMask(uid, np.array([0, 0, 0, 1, 1, 1]), np.ones((1, 1, 1), bool), (1.0, 1.0, 1.0), centre,
+                          volume, 1.0, 0.0)
+
+    masks = [mask(5.0, (50.0, 0, 0)), mask(100.0, (0.0, 0, 0))]
+    truth = [LunaFinding(uid, (0.0, 0.0, 0.0), 10.0)]
+    best = tune_min_volume([det], [masks], truth)
+    # without rejection the nodule is found at 1 FP/scan: sensitivity 0 at 1/8, 1/4, 1/2, then 1
+    assert best["cpm_without"] == pytest.approx(4 / 7)
+    assert best["min_volume_mm3"] == pytest.approx(100.0) and best["cpm_with"] == pytest.approx(1.0)
+    # a gain smaller than the tolerance does not buy a threshold
+    lenient = tune_min_volume([det], [masks], truth, tolerance=0.5)
+    assert lenient["min_volume_mm3"] == 0.0 and lenient["cpm_best"] == pytest.approx(1.0)

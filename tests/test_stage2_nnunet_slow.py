@@ -38,9 +38,10 @@ def test_fit_and_segment_on_cpu(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     cases = [_case(f"1.2.{i}", rng) for i in range(3)]
     cfg = SegmenterConfig.from_dict({
-        "dataset_id": 990, "dataset_name": "Test",
+        "dataset_id": 990, "dataset_name": "Test", "plan_base_features": 4,
         "crop": {"size_mm": 16, "jitter_mm": 2, "negatives_per_scan": 1},
-        "train": {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1},
+        "train": {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1,
+                  "optimizer": "adamw", "initial_lr": 1e-3},
     })
     seg = NnUnetSegmenter(tmp_path / "s2", cfg)
     info = seg.fit(cases[:2], cases[2:], progress=False)
@@ -54,6 +55,18 @@ def test_fit_and_segment_on_cpu(tmp_path: Path) -> None:
         assert m.series_uid == case.series_uid and m.source == "detection"
         assert m.mask.shape == tuple(m.box_voxel[3:] - m.box_voxel[:3])
         assert np.all(m.box_voxel[:3] >= 0) and np.all(m.box_voxel[3:] <= 48)
+    # the narrow network and AdamW were used
+    import torch
+
+    ck = torch.load(seg.model_dir / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ck["network_weights"]["encoder.stages.0.0.convs.0.conv.weight"].shape[0] == 4
+    assert "amsgrad" in ck["optimizer_state"]["param_groups"][0]
     # a second fit finds the finished model and does not train again
     again = seg.fit(cases[:2], cases[2:], progress=False)
     assert again["times"]["train_s"] == 0.0
+    # other plan settings in the same work folder: refused, not silently mixed with the old model
+    from stage2_segment.nnunet_dataset import NnUnetDatasetError
+
+    wider = SegmenterConfig.from_dict({**cfg.to_dict(), "plan_base_features": 8})
+    with pytest.raises(NnUnetDatasetError, match="other plan settings"):
+        NnUnetSegmenter(tmp_path / "s2", wider).fit(cases[:2], cases[2:], progress=False)

@@ -103,6 +103,10 @@ class NnUnetSegmenter:
         return (self.model_dir / f"fold_{self.config.train.fold}" / self.config.predict.checkpoint).is_file()
 
     # ---------------------------------------------------------------- training
+    def training_crops(self, cases: Sequence[PreparedCase], rng: np.random.Generator) -> list[Crop]:
+        """The nnU-Net training cases cut from ``cases`` (:func:`training_crops`)."""
+        return training_crops(cases, self.config, rng)
+
     def fit(
         self, train_cases: Sequence[PreparedCase], val_cases: Sequence[PreparedCase], *, progress: bool = True
     ) -> dict[str, Any]:
@@ -117,7 +121,7 @@ class NnUnetSegmenter:
         times: dict[str, float] = {}
         t0 = time.perf_counter()
         rng = np.random.default_rng(cfg.seed)
-        crops = training_crops([*train_cases, *val_cases], cfg, rng)
+        crops = self.training_crops([*train_cases, *val_cases], rng)
         write_raw_dataset(
             crops, self.paths, cfg.dataset_id, cfg.dataset_name, progress=progress,
             extra={"config": cfg.to_dict(), "train_series": [c.series_uid for c in train_cases],

@@ -80,7 +80,7 @@ class nnUNetTrainerLidcShort(nnUNetTrainer):  # noqa: N801 (nnU-Net's class nami
         super().on_epoch_end()
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{self.logger.get_value('train_losses', step=-1):.3f}",
-                                  pseudo_dice=f"{self.logger.get_value('ema_fg_dice', step=-1):.3f}")
+                                  pseudo_dice=f"{self.logger.get_value('ema_fg_dice', step=-1):.3f}", refresh=False)
             self._bar.update(1)
 
     def on_train_end(self) -> None:

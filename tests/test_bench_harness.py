@@ -76,7 +76,7 @@ def test_load_yaml_config_reports_file(tmp_path: Path) -> None:
         load_yaml_config(_Outer, bad)
 
 
-@pytest.mark.parametrize("name", ["smoke.yaml", "full.yaml", "demo.yaml"])
+@pytest.mark.parametrize("name", ["smoke.yaml", "cpu.yaml", "full.yaml", "demo.yaml"])
 def test_shipped_benchmark_configs_load(name: str) -> None:
     path = REPO / "benchmarks" / name
     if name == "demo.yaml":

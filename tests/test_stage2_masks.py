@@ -159,3 +159,20 @@ def test_tune_min_volume_picks_the_best_threshold_and_respects_the_tolerance() -
     # a gain smaller than the tolerance does not buy a threshold
     lenient = tune_min_volume([det], [masks], truth, tolerance=0.5)
     assert lenient["min_volume_mm3"] == 0.0 and lenient["cpm_best"] == pytest.approx(1.0)
+
+
+def test_component_detections_one_candidate_per_blob() -> None:
+    from stage2_segment.fullvolume import component_detections
+
+    prob = np.zeros(GEOM.shape_zyx, dtype=np.float32)
+    prob[2:5, 2:5, 2:5] = 0.7  # 27 voxels
+    prob[3, 3, 3] = 0.9
+    prob[20, 30, 30] = 0.6  # one voxel
+    prob[10, 10, 30] = 0.4  # below the threshold
+    det = component_detections(prob, GEOM, "1.2.3")
+    assert len(det) == 2
+    order = np.argsort(-det.scores)
+    np.testing.assert_allclose(det.scores[order], [0.9, 0.6], rtol=1e-6)
+    np.testing.assert_allclose(det.centers_xyz_mm[order[0]], GEOM.voxel_to_world(np.array([3.0, 3.0, 3.0])))
+    np.testing.assert_allclose(det.diameters_mm[order], 2 * np.cbrt(3 * np.array([27.0, 1.0]) / (4 * np.pi)))
+    assert len(component_detections(np.zeros((4, 4, 4)), GEOM, "1.2.3")) == 0

@@ -70,3 +70,28 @@ def test_fit_and_segment_on_cpu(tmp_path: Path) -> None:
     wider = SegmenterConfig.from_dict({**cfg.to_dict(), "plan_base_features": 8})
     with pytest.raises(NnUnetDatasetError, match="other plan settings"):
         NnUnetSegmenter(tmp_path / "s2", wider).fit(cases[:2], cases[2:], progress=False)
+
+
+def test_full_volume_peer_trains_on_whole_scans_and_scores_like_the_crop_segmenter(tmp_path: Path) -> None:
+    from stage2_segment.config import SegmenterConfig
+    from stage2_segment.fullvolume import FullVolumeSegmenter
+
+    rng = np.random.default_rng(1)
+    cases = [_case(f"1.3.{i}", rng) for i in range(3)]
+    cfg = SegmenterConfig.from_dict({
+        "dataset_id": 991, "dataset_name": "TestScans", "plan_base_features": 4,
+        "crop": {"size_mm": 16},
+        "train": {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1,
+                  "optimizer": "adamw", "initial_lr": 1e-3},
+    })
+    seg = FullVolumeSegmenter(tmp_path / "fv", cfg)
+    info = seg.fit(cases[:2], cases[2:], progress=False)
+    assert info["n_crops"] == 3 and seg.is_fitted  # one training case per scan
+    case = cases[2]
+    hu = np.asarray(case.image_hu)
+    prob = seg.probability(hu, case.geometry, case.series_uid)
+    assert prob.shape == case.geometry.shape_zyx and 0.0 <= prob.min() and prob.max() <= 1.0
+    masks = seg.segment_nodules(case)
+    assert len(masks) == 2 and all(m.source == "ground_truth" for m in masks)
+    det = seg.detect(hu, case.geometry, case.series_uid)
+    assert det.series_uid == case.series_uid and len(det.scores) == len(det.centers_xyz_mm)

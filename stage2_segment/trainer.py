@@ -147,7 +147,12 @@ def train(
     t0 = time.perf_counter()
     old_threads = torch.get_num_threads()
     fold_dir.mkdir(parents=True, exist_ok=True)
-    with nnunet_environment(paths, n_proc_da=cfg.n_proc_da), _maybe_quiet(fold_dir / "lidc_det_train.log", verbose):
+    import matplotlib
+
+    # rc_context: nnU-Net's progress plot calls seaborn.set(font_scale=2.5), which would restyle
+    # every later matplotlib figure of this process (our FROC, Dice and overlay PNGs)
+    with nnunet_environment(paths, n_proc_da=cfg.n_proc_da), _maybe_quiet(fold_dir / "lidc_det_train.log", verbose), \
+            matplotlib.rc_context():
         if cfg.num_threads is not None:
             torch.set_num_threads(int(cfg.num_threads))
         try:

@@ -43,8 +43,13 @@ def test_fit_and_segment_on_cpu(tmp_path: Path) -> None:
         "train": {"num_epochs": 1, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1,
                   "optimizer": "adamw", "initial_lr": 1e-3},
     })
+    import matplotlib
+
+    style = {k: matplotlib.rcParams[k] for k in ("font.size", "axes.facecolor", "axes.grid")}
     seg = NnUnetSegmenter(tmp_path / "s2", cfg)
     info = seg.fit(cases[:2], cases[2:], progress=False)
+    # nnU-Net's progress plot restyles matplotlib (seaborn font_scale 2.5); training must not leak it
+    assert {k: matplotlib.rcParams[k] for k in style} == style
     assert info["n_nodule_crops"] == 6 and seg.is_fitted
     assert (tmp_path / "s2" / "segmenter.json").is_file()
     case = cases[2]

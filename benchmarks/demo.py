@@ -11,7 +11,7 @@ Steps (each resumable: re-running the command reuses finished work):
 4. stage 2: train a narrow nnU-Net on crops of the training scans, tune the
    false-positive rejection on the validation scans' detections, score Dice (beside
    the human reference) and the FROC with and without rejection on the test scans;
-5. stage 3: malignancy model on the training scans' nodules, CV AUC vs diameter;
+5. stage 3: malignancy model on the training and validation scans' nodules, CV AUC vs diameter;
 6. pipeline: stages 2 and 3 on each test scan's candidates, 3-plane overlays;
 7. report: ``report.md`` + ``report.html`` with figures, CIs, timings and the device.
 
@@ -127,7 +127,8 @@ def run_demo(
     if seg_run is not None:
         findings = timer.run(
             "pipeline: stage 2 + 3 on each test scan's top candidates, overlays",
-            _pipeline_findings, ds, seg_run, out_dir, cfg.n_overlays,
+            _pipeline_findings, ds, seg_run, out_dir, cfg.n_overlays, malignancy.get("model") is not None,
+            cfg.data.synthetic,
         )
 
     # 7. report
@@ -153,7 +154,9 @@ def run_demo(
     return _write_report(cfg, ds, split, record, list(det_run.detections), out_dir)
 
 
-def _pipeline_findings(ds: Any, seg_run: Any, out_dir: Path, n_overlays: int) -> list[dict[str, Any]]:
+def _pipeline_findings(
+    ds: Any, seg_run: Any, out_dir: Path, n_overlays: int, malignancy_fitted: bool, synthetic: bool
+) -> list[dict[str, Any]]:
     """Run stages 2 and 3 on each test scan's stage-1 candidates as a user would: segment the
     top candidates, apply the tuned FP rejection, score the survivors' malignancy from the
     stage-2 masks; draw 3-plane overlays of the best survivors (``out_dir/overlays``).
@@ -173,17 +176,22 @@ def _pipeline_findings(ds: Any, seg_run: Any, out_dir: Path, n_overlays: int) ->
 
     seg = seg_run.segmenter
     model_dir = out_dir / "stage3" / "model"
-    model = MalignancyModel.load(model_dir) if (model_dir / "model.json").is_file() else None
-    per_scan = max(1, -(-n_overlays // max(1, len(seg_run.test_detections))))
+    # only this run's model: a folder left by an earlier run must not score this one
+    model = MalignancyModel.load(model_dir) if malignancy_fitted else None
+    n_scans = max(1, len(seg_run.test_detections))
+    per_scan = [n_overlays // n_scans + (1 if k < n_overlays % n_scans else 0) for k in range(n_scans)]
+    tag = "SYNTHETIC twin" if synthetic else "real images"
     rows: list[dict[str, Any]] = []
-    for uid, det in seg_run.test_detections.items():
+    for scan_no, (uid, det) in enumerate(seg_run.test_detections.items()):
+        if per_scan[scan_no] == 0:
+            continue
         case = ds.load_case(uid)
         hu = np.asarray(case.image_hu)
         masks = seg.segment(hu, case.geometry, det)
         kept = seg.reject(det, masks)  # "drop": the passing candidates in order; "downweight": all
         kept_idx = (np.flatnonzero(passes_rejection(masks, seg.min_volume_mm3))
                     if seg.config.rejection.mode == "drop" else np.arange(len(det)))
-        order = np.argsort(-kept.scores, kind="stable")[:per_scan]
+        order = np.argsort(-kept.scores, kind="stable")[: per_scan[scan_no]]
         chosen = [masks[kept_idx[i]] for i in order]
         probs: dict[int, float] = {}
         if model is not None:
@@ -202,7 +210,7 @@ def _pipeline_findings(ds: Any, seg_run: Any, out_dir: Path, n_overlays: int) ->
             three_plane_png(
                 hu, case.geometry, centre, out_dir / name,
                 masks=[(case.labels > 0, "lime"), (m.full_mask(case.geometry.shape_zyx), "red")],
-                title=f"{case.patient_id} #{j + 1}: detection {kept.scores[i]:.2f}, "
+                title=f"{case.patient_id} ({tag}) #{j + 1}: detection {kept.scores[i]:.2f}, "
                 f"{m.volume_mm3:.0f} mm3, {m.max_diameter_mm:.1f} mm, P(malignant) {mal}",
             )
             rows.append({
@@ -280,11 +288,12 @@ def _write_report(
         )
     if record.get("pipeline_findings"):
         rep.add(
-            Heading("The whole pipeline on held-out scans"),
+            Heading(f"The whole pipeline on held-out scans ({label})"),
             Paragraph(
                 "Each test scan's stage-1 candidates were segmented by stage 2, the tuned FP rejection was "
                 "applied, and stage 3 scored the survivors from their stage-2 masks. Below: the best survivors "
-                "of each scan (red: stage-2 mask; green: reader consensus of every target nodule)."
+                "of each scan (red: stage-2 mask; green: reader consensus of every target nodule). The malignancy "
+                "model was trained on the readers' consensus masks and is applied here to stage-2 masks."
             ),
             Table(
                 ["scan", "#", "detection score", "volume mm3", "max diameter mm", "P(malignant)", "reader finding hit"],
@@ -358,12 +367,13 @@ def _segmentation_section(rep: Any, r: dict[str, Any], synthetic: bool) -> None:
             f"Volume error on ground-truth crops (model vs consensus, %): {_cell(vol)}. "
             f"Training: {fit.get('n_crops', '?')} crops ({fit.get('n_nodule_crops', '?')} nodule, "
             f"{fit.get('n_negative_crops', '?')} negative), nnU-Net plan + preprocess "
-            f"{times.get('plan_preprocess_s', 0):.0f} s, training {times.get('train_s', 0):.0f} s, "
+            f"{times.get('plan_preprocess_s', 0):.0f} s, training {times.get('train_s', 0):.0f} s"
+            f"{' (finished in an earlier run of this folder, reused)' if times.get('train_reused') else ''}, "
             f"nnU-Net's final validation pseudo-Dice {fit.get('final_pseudo_dice') or float('nan'):.2f}. "
             f"Prediction {s.get('seconds_per_det_crop', float('nan')):.2f} s per crop. "
-            "The human rows are real LIDC contours: the twin paints the readers' consensus, so on the twin "
-            "the model is scored against that painted consensus while the readers disagree with each other "
-            "on the real scans; the rows are shown side by side, not as a like-for-like comparison."
+            "The human rows are real LIDC contours. The twin paints one reader's contour per nodule and the "
+            "model is scored against the readers' 50% consensus, on synthetic images with sharp, "
+            "high-contrast nodules: the rows are shown side by side, not as a like-for-like comparison."
         )
     )
     without, with_r = s.get("froc_without_rejection"), s.get("froc_with_rejection")
@@ -371,15 +381,18 @@ def _segmentation_section(rep: Any, r: dict[str, Any], synthetic: bool) -> None:
         frows = [["stage 1 only (top candidates)", f"{without['cpm']:.3f}",
                   f"{without['cpm_ci'][0]:.2f}-{without['cpm_ci'][1]:.2f}", "-"]]
         if with_r:
-            frows.append([f"with stage-2 rejection (mask < {with_r['min_volume_mm3']:.0f} mm3 dropped)",
+            action = "dropped" if r["config"]["rejection"]["mode"] == "drop" else "down-weighted"
+            frows.append([f"with stage-2 rejection (mask < {with_r['min_volume_mm3']:.0f} mm3 {action})",
                           f"{with_r['cpm']:.3f}", f"{with_r['cpm_ci'][0]:.2f}-{with_r['cpm_ci'][1]:.2f}",
                           f"{with_r['candidates_kept']} of {with_r['candidates']}"])
         tun = r.get("tuning", {})
         rep.add(
             Table(["test scans", "CPM", "95% CI", "candidates kept"], frows),
             Paragraph(
+                "Rejection threshold fixed by the config. " if tun.get("fixed_by_config") else
                 f"Rejection threshold chosen on the {tun.get('n_val_scans', '?')} validation scans "
-                f"(CPM {tun.get('cpm_without', float('nan')):.3f} -> {tun.get('cpm_with', float('nan')):.3f} there), "
+                f"(the smallest within {tun.get('tolerance', 0):.2f} of the best CPM there: "
+                f"{tun.get('cpm_without', float('nan')):.3f} -> {tun.get('cpm_with', float('nan')):.3f}), "
                 f"then applied unchanged to the test scans; the top {tun.get('max_candidates_per_scan', '?')} "
                 "candidates per scan are segmented."
             ),

@@ -69,8 +69,9 @@ def run_segmentation_step(
     progress: bool = True,
     work_dir: Path | None = None,
 ) -> SegmentationRun:
-    """Fit, tune on the validation scans' detections (``detector`` runs on them here), evaluate
-    on the test scans; writes ``stage2.json`` and ``stage2_dice.png`` under ``out_dir``.
+    """Fit, tune the rejection threshold on the validation scans' detections (``detector`` runs
+    on them here; skipped when the config fixes ``rejection.min_volume_mm3``), evaluate on the
+    test scans; writes ``stage2.json`` and ``stage2_dice.png`` under ``out_dir``.
 
     The segmenter lives in ``work_dir`` (default ``out_dir/work``); a finished nnU-Net
     model there is reused, so several detectors can share one. The tuned rejection
@@ -91,9 +92,13 @@ def run_segmentation_step(
     fit_info = seg.fit(train_cases, val_cases, progress=progress)
 
     t0 = time.perf_counter()
-    val_dets, val_ann, val_exc, _ = detect_scans("stage 1 on validation scans", detector, ds, split.val,
-                                                 progress=progress)
-    tuning = tune_on_validation(seg, val_cases, {d.series_uid: d.top_k(k) for d in val_dets}, val_ann, val_exc)
+    if cfg.segmenter.rejection.min_volume_mm3 is None:
+        val_dets, val_ann, val_exc, _ = detect_scans("stage 1 on validation scans", detector, ds, split.val,
+                                                     progress=progress)
+        tuning = tune_on_validation(seg, val_cases, {d.series_uid: d.top_k(k) for d in val_dets}, val_ann, val_exc)
+    else:  # a fixed threshold from the config: nothing to tune
+        seg.min_volume_mm3 = float(cfg.segmenter.rejection.min_volume_mm3)
+        tuning = {"min_volume_mm3": seg.min_volume_mm3, "fixed_by_config": True}
     tune_seconds = time.perf_counter() - t0
 
     test_cases = [ds.load_case(u) for u in split.test]

@@ -86,9 +86,10 @@ class Crop:
         series_uid: the scan.
         box_voxel: ``(6,)`` int64 voxel box of the crop in the full volume (may
             reach outside it; those voxels are padding).
-        image: ``float32 [nz, ny, nx]`` HU.
+        image: ``[nz, ny, nx]`` HU (``float32`` for cut crops; a whole scan
+            from :func:`stage2_segment.fullvolume.scan_crop` keeps its stored dtype).
         label: ``uint8 [nz, ny, nx]`` (1 = nodule) or None (inference crops).
-        kind: ``"nodule"``, ``"negative"`` or ``"detection"``.
+        kind: ``"nodule"``, ``"negative"``, ``"detection"`` or ``"scan"`` (whole scan).
         center_xyz_mm: world LPS (x, y, z) mm of the point the crop was cut
             around (after jitter).
         volume_geometry: geometry of the full volume the box refers to.

@@ -132,13 +132,16 @@ class NnUnetSegmenter:
         n_cases = len(crops)
         t0 = time.perf_counter()
         plan_settings = {"n_cases": n_cases, "batch_size": cfg.plan_batch_size, "base_features": cfg.plan_base_features}
+        model_settings = {**plan_settings, "trainer": cfg.train.trainer, "fold": cfg.train.fold, **cfg.train.schedule()}
         old_plan = state.get("plan", {})
+        old_model = state.get("model_settings")
+        if (self.paths.results / self.dataset).is_dir() and old_model is not None and old_model != model_settings:
+            changed = sorted(k for k in model_settings if old_model.get(k) != model_settings[k])
+            raise NnUnetDatasetError(
+                f"{self.work_dir}: holds a model trained with other settings (changed: {changed}); "
+                "use a new work folder"
+            )
         if any(old_plan.get(k) != v for k, v in plan_settings.items()) or not (self.paths.preprocessed / self.dataset).is_dir():
-            if old_plan and (self.paths.results / self.dataset).is_dir():
-                raise NnUnetDatasetError(
-                    f"{self.work_dir}: holds a model trained with other plan settings ({old_plan.get('base_features')=}, "
-                    f"{old_plan.get('batch_size')=}); use a new work folder"
-                )
             plan = plan_and_preprocess(
                 self.paths, cfg.dataset_id, cfg.dataset_name, num_processes=cfg.plan_processes,
                 batch_size=cfg.plan_batch_size, base_features=cfg.plan_base_features,
@@ -147,6 +150,7 @@ class NnUnetSegmenter:
             self._update_state(plan=plan_rec)
         else:
             plan_rec = state["plan"]
+        self._update_state(model_settings=model_settings)
         write_splits(
             self.paths, cfg.dataset_id, cfg.dataset_name,
             [c.series_uid for c in train_cases], [c.series_uid for c in val_cases],
@@ -154,6 +158,9 @@ class NnUnetSegmenter:
         times["plan_preprocess_s"] = time.perf_counter() - t0
         result = train(self.paths, self.dataset, plan_rec["plans_identifier"], cfg.train, progress=progress)
         times["train_s"] = result.seconds
+        if result.seconds == 0.0:  # finished earlier: report the time that training took then
+            times["train_s"] = float(state.get("fit", {}).get("times", {}).get("train_s", 0.0))
+            times["train_reused"] = 1.0
         info = {
             "n_crops": n_cases,
             "n_nodule_crops": sum(c.kind == "nodule" for c in crops),
@@ -206,7 +213,8 @@ class NnUnetSegmenter:
         annotations: Sequence[LunaFinding],
         excluded: Sequence[LunaFinding] = (),
     ) -> dict[str, Any]:
-        """Choose ``min_volume_mm3`` on validation scans (best CPM) and store it in ``segmenter.json``."""
+        """Choose ``min_volume_mm3`` on validation scans (the smallest threshold within
+        ``rejection.tolerance`` of the best CPM) and store it in ``segmenter.json``."""
         r = self.config.rejection
         result = tune_min_volume(detections, masks, annotations, excluded, rejection_mode=r.mode, factor=r.factor,
                                  tolerance=r.tolerance)

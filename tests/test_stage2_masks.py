@@ -165,14 +165,14 @@ def test_component_detections_one_candidate_per_blob() -> None:
     from stage2_segment.fullvolume import component_detections
 
     prob = np.zeros(GEOM.shape_zyx, dtype=np.float32)
-    prob[2:5, 2:5, 2:5] = 0.7  # 27 voxels
-    prob[3, 3, 3] = 0.9
+    prob[2:5, 2:5, 2:5] = 0.7  # 27 voxels ...
+    prob[3, 3, 5] = 0.9  # ... + 1 along x: centroid (3, 3, 3 + 2/28)
     prob[20, 30, 30] = 0.6  # one voxel
     prob[10, 10, 30] = 0.4  # below the threshold
     det = component_detections(prob, GEOM, "1.2.3")
     assert len(det) == 2
     order = np.argsort(-det.scores)
     np.testing.assert_allclose(det.scores[order], [0.9, 0.6], rtol=1e-6)
-    np.testing.assert_allclose(det.centers_xyz_mm[order[0]], GEOM.voxel_to_world(np.array([3.0, 3.0, 3.0])))
-    np.testing.assert_allclose(det.diameters_mm[order], 2 * np.cbrt(3 * np.array([27.0, 1.0]) / (4 * np.pi)))
+    np.testing.assert_allclose(det.centers_xyz_mm[order[0]], GEOM.voxel_to_world(np.array([3.0, 3.0, 3.0 + 2 / 28])))
+    np.testing.assert_allclose(det.diameters_mm[order], 2 * np.cbrt(3 * np.array([28.0, 1.0]) / (4 * np.pi)))
     assert len(component_detections(np.zeros((4, 4, 4)), GEOM, "1.2.3")) == 0

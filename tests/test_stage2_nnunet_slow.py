@@ -68,13 +68,16 @@ def test_fit_and_segment_on_cpu(tmp_path: Path) -> None:
     assert "amsgrad" in ck["optimizer_state"]["param_groups"][0]
     # a second fit finds the finished model and does not train again
     again = seg.fit(cases[:2], cases[2:], progress=False)
-    assert again["times"]["train_s"] == 0.0
+    assert again["times"]["train_reused"] == 1.0 and again["times"]["train_s"] == info["times"]["train_s"]
     # other plan settings in the same work folder: refused, not silently mixed with the old model
     from stage2_segment.nnunet_dataset import NnUnetDatasetError
 
     wider = SegmenterConfig.from_dict({**cfg.to_dict(), "plan_base_features": 8})
-    with pytest.raises(NnUnetDatasetError, match="other plan settings"):
+    with pytest.raises(NnUnetDatasetError, match=r"other settings \(changed: \['base_features'\]\)"):
         NnUnetSegmenter(tmp_path / "s2", wider).fit(cases[:2], cases[2:], progress=False)
+    sgd = SegmenterConfig.from_dict({**cfg.to_dict(), "train": {**cfg.to_dict()["train"], "optimizer": "sgd"}})
+    with pytest.raises(NnUnetDatasetError, match="optimizer"):
+        NnUnetSegmenter(tmp_path / "s2", sgd).fit(cases[:2], cases[2:], progress=False)
 
 
 def test_full_volume_peer_trains_on_whole_scans_and_scores_like_the_crop_segmenter(tmp_path: Path) -> None:

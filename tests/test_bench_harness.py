@@ -76,7 +76,7 @@ def test_load_yaml_config_reports_file(tmp_path: Path) -> None:
         load_yaml_config(_Outer, bad)
 
 
-@pytest.mark.parametrize("name", ["smoke.yaml", "cpu.yaml", "full.yaml", "demo.yaml"])
+@pytest.mark.parametrize("name", ["smoke.yaml", "cpu.yaml", "full.yaml", "demo.yaml", "demo_gpu.yaml"])
 def test_shipped_benchmark_configs_load(name: str) -> None:
     path = REPO / "benchmarks" / name
     if name == "demo.yaml":
@@ -87,6 +87,12 @@ def test_shipped_benchmark_configs_load(name: str) -> None:
         seg = cfg.segmentation
         assert seg is not None and seg.segmenter.train.optimizer == "adamw"
         assert seg.segmenter.plan_base_features == 8 and seg.segmenter.crop.size_mm == 32.0
+    elif name == "demo_gpu.yaml":
+        from benchmarks.demo import load_demo_config
+
+        cfg = load_demo_config(path)
+        assert cfg.data.n_scans >= 6 * cfg.data.n_folds
+        assert cfg.segmentation is not None and cfg.segmentation.segmenter.train.device == "cuda"
     else:
         cfg = load_bench_config(path)
         assert cfg.detectors and cfg.data.n_folds >= 3

@@ -9,7 +9,7 @@ Example YAML (every key optional)::
     seed: 0
     crop: {size_mm: 48, jitter_mm: 6, negatives_per_scan: 2}
     train: {trainer: nnUNetTrainerLidcShort, num_epochs: 5, num_iterations_per_epoch: 20}
-    predict: {batch_size: 8, use_mirroring: false}
+    predict: {batch_size: 8, use_mirroring: true}
     rejection: {min_volume_mm3: null, mode: drop}
 """
 

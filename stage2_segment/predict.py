@@ -47,7 +47,9 @@ class PredictConfig:
         device: ``"cpu"`` or ``"cuda"``.
         batch_size: crops per network call.
         use_mirroring: nnU-Net's flip test-time augmentation (8 network calls per
-            crop in 3D; about 8x slower).
+            crop in 3D; on by default, as in nnU-Net). On the demo's narrow, briefly
+            trained model it removes a checkerboard pattern (every other voxel of every
+            other slice) and raised the median GT-crop Dice from 0.66 to 0.75.
         folds: model folds to average (nnU-Net ensembling).
         checkpoint: checkpoint file name in ``fold_<k>``.
         threshold: foreground probability for a nodule voxel.
@@ -56,7 +58,7 @@ class PredictConfig:
 
     device: str = "cpu"
     batch_size: int = 8
-    use_mirroring: bool = False
+    use_mirroring: bool = True
     folds: tuple[int, ...] = (0,)
     checkpoint: str = "checkpoint_final.pth"
     threshold: float = 0.5

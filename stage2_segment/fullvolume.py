@@ -7,10 +7,11 @@ components. :class:`FullVolumeSegmenter` does that with the same nnU-Net code pa
 segmenter's interface, so :func:`stage2_segment.evaluate.evaluate_stage2` scores
 both the same way:
 
-* ``segment_nodules(case)`` / ``segment(hu, geometry, detections)``: the whole-scan
-  prediction is computed once per scan (nnU-Net's sliding window), then cut at the
-  same crop boxes the crop segmenter would use and reduced with the same rule
-  (component nearest the crop centre), so the Dice figures compare like with like;
+* ``segment_nodules(case)`` / ``segment(hu, geometry, detections)`` (inherited): the
+  whole-scan prediction is computed once per scan (nnU-Net's sliding window), then cut
+  at the same crop boxes the crop segmenter uses and reduced with the same rule
+  (component nearest the crop centre; :meth:`FullVolumeSegmenter.segment_crops`), so
+  the Dice figures compare like with like;
 * :meth:`FullVolumeSegmenter.detect`: its own candidates, one per connected
   component (centre = centroid, score = highest probability), for a FROC.
 
@@ -36,7 +37,7 @@ import numpy as np
 from lidc_det.geometry import VolumeGeometry
 from lidc_det.results import Detections, NoduleMask
 from stage2_segment.config import SegmenterConfig
-from stage2_segment.crops import Crop, detection_crops, extract, make_crop
+from stage2_segment.crops import Crop, extract
 from stage2_segment.predict import masks_from_probabilities
 from stage2_segment.segmenter import NnUnetSegmenter
 
@@ -103,26 +104,13 @@ class FullVolumeSegmenter(NnUnetSegmenter):
             self._cache = (series_uid, prob)
         return self._cache[1]
 
-    def _masks_at(self, crops: list[Crop], hu: np.ndarray, series_uid: str, source: str) -> list[NoduleMask]:
+    def segment_crops(self, crops: Sequence[Crop], hu: np.ndarray, *, source: str) -> list[NoduleMask]:
+        """The whole-scan prediction cut at each crop's box, reduced like the crop model's output."""
         if not crops:
             return []
-        prob = self.probability(hu, crops[0].volume_geometry, series_uid)
+        prob = self.probability(hu, crops[0].volume_geometry, crops[0].series_uid)
         probs = [extract(prob, c.box_voxel, 0.0) for c in crops]
         return masks_from_probabilities(crops, probs, hu, threshold=self.config.predict.threshold, source=source)
-
-    def segment(self, hu: np.ndarray, geometry: VolumeGeometry, detections: Detections) -> list[NoduleMask]:
-        crops = detection_crops(hu, geometry, detections, self.config.crop)
-        return self._masks_at(crops, hu, detections.series_uid, "detection")
-
-    def segment_nodules(self, case: PreparedCase) -> list[NoduleMask]:
-        hu = np.asarray(case.image_hu)
-        crops = [
-            make_crop(hu, case.geometry, case.series_uid, np.asarray(n.center_xyz_mm), self.config.crop,
-                      kind="nodule", nodule_id=n.nodule_id)
-            for n in case.nodules
-            if n.box_voxel is not None
-        ]
-        return self._masks_at(crops, hu, case.series_uid, "ground_truth")
 
     def detect(self, hu: np.ndarray, geometry: VolumeGeometry, series_uid: str) -> Detections:
         """The connected components of the whole-scan segmentation as candidates."""

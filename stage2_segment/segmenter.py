@@ -191,7 +191,7 @@ class NnUnetSegmenter:
                 e.g. a prepared 1 mm scan).
         """
         crops = detection_crops(hu, geometry, detections, self.config.crop)
-        return self.predictor.segment_crops(crops, hu, source="detection")
+        return self.segment_crops(crops, hu, source="detection")
 
     def segment_nodules(self, case: PreparedCase) -> list[NoduleMask]:
         """Masks from crops centred on the case's target nodules (ground-truth crops, no jitter),
@@ -203,7 +203,11 @@ class NnUnetSegmenter:
             for n in case.nodules
             if n.box_voxel is not None
         ]
-        return self.predictor.segment_crops(crops, hu, source="ground_truth")
+        return self.segment_crops(crops, hu, source="ground_truth")
+
+    def segment_crops(self, crops: Sequence[Crop], hu: np.ndarray, *, source: str) -> list[NoduleMask]:
+        """One :class:`NoduleMask` per crop of the scan ``hu`` (the model predicts each crop)."""
+        return self.predictor.segment_crops(crops, hu, source=source)
 
     # ---------------------------------------------------------------- FP rejection
     def tune_rejection(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lidc_det.atomic import write_json
 from lidc_det.results import Detections
 from stage2_segment.config import SegmenterConfig
 
@@ -114,7 +115,5 @@ def run_segmentation_step(
     record["fit"] = fit_info
     record["tuning"] = {key: v for key, v in tuning.items() if key != "table"} | {
         "seconds": round(tune_seconds, 1), "n_val_scans": len(val_cases), "max_candidates_per_scan": k}
-    from lidc_det.atomic import write_json
-
     write_json(out_dir / "stage2.json", record)
     return SegmentationRun(record=record, segmenter=seg, test_detections=top)

@@ -168,7 +168,6 @@ def _pipeline_findings(
 
     from lidc_det.overlays import three_plane_png
     from stage3_malignancy.model import MalignancyModel
-    from benchmarks.detection import findings_of
     from lidc_det.data.luna import LunaCandidate
     from lidc_det.metrics.froc import match_candidates
     from stage2_segment.segmenter import passes_rejection
@@ -198,7 +197,7 @@ def _pipeline_findings(
             samples = samples_from_nodule_masks(hu, case.geometry, chosen, patient_id=case.patient_id)
             nonempty = [j for j, m in enumerate(chosen) if not m.empty]
             probs = {j: sc.probability for j, sc in zip(nonempty, model.predict(samples))}
-        targets, others = findings_of(case)
+        targets, others = case.luna_findings()
         for j, (i, m) in enumerate(zip(order, chosen)):
             centre = kept.centers_xyz_mm[i]
             # the scorer's own hit rules: 1 = target nodule, -1 = other reader finding (ignored), 0 = FP

@@ -39,17 +39,6 @@ class DetectionRun:
     out_dir: Path
 
 
-def findings_of(case: Any) -> tuple[list[Any], list[Any]]:
-    """LUNA16 targets and excluded (irrelevant) findings of one prepared scan."""
-    from lidc_det.data.luna import LunaFinding
-
-    uid = case.series_uid
-    return (
-        [LunaFinding(uid, n.center_xyz_mm, n.diameter_mm) for n in case.nodules],
-        [LunaFinding(uid, n.center_xyz_mm, n.diameter_mm) for n in case.irrelevant],
-    )
-
-
 def detect_scans(
     name: str, detector: Any, ds: Any, series_uids: Any, *, progress: bool = True
 ) -> tuple[list[Detections], list[Any], list[Any], float]:
@@ -64,7 +53,7 @@ def detect_scans(
     infer = 0.0
     for uid in tqdm(series_uids, desc=f"{name}: detect", unit="scan", disable=not progress):
         case = ds.load_case(uid)
-        targets, others = findings_of(case)
+        targets, others = case.luna_findings()
         annotations += targets
         excluded += others
         hu = np.asarray(case.image_hu, dtype=np.float32)

@@ -81,7 +81,7 @@ def run_segmentation_step(
     """
     import time
 
-    from benchmarks.detection import detect_scans, findings_of
+    from benchmarks.detection import detect_scans
     from stage2_segment.evaluate import evaluate_stage2, tune_on_validation
     from stage2_segment.segmenter import NnUnetSegmenter
 
@@ -106,7 +106,7 @@ def run_segmentation_step(
     annotations: list[Any] = []
     excluded: list[Any] = []
     for case in test_cases:
-        targets, others = findings_of(case)
+        targets, others = case.luna_findings()
         annotations += targets
         excluded += others
     top = {d.series_uid: d.top_k(k) for d in test_detections}

@@ -153,8 +153,9 @@ def run_fullvolume(
     t0 = time.perf_counter()
     for case in cases:
         detections[case.series_uid] = seg.detect(np.asarray(case.image_hu), case.geometry, case.series_uid)
-        annotations += [LunaFinding(case.series_uid, n.center_xyz_mm, n.diameter_mm) for n in case.nodules]
-        excluded += [LunaFinding(case.series_uid, n.center_xyz_mm, n.diameter_mm) for n in case.irrelevant]
+        targets, others = case.luna_findings()
+        annotations += targets
+        excluded += others
     seconds_per_scan = (time.perf_counter() - t0) / max(1, len(cases))
     write_candidates(out_dir / "candidates.csv",
                      [c for d in detections.values() for c in candidates_from_detections(d)])

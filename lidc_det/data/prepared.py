@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from lidc_det.data.luna import LunaFinding
 from lidc_det.errors import DatasetError
 from lidc_det.geometry import VolumeGeometry
 
@@ -64,6 +65,14 @@ class PreparedCase:
     nodules: tuple[PreparedNodule, ...]
     irrelevant: tuple[PreparedNodule, ...]
     folder: Path
+
+    def luna_findings(self) -> tuple[list[LunaFinding], list[LunaFinding]]:
+        """The scan's LUNA16 target nodules and excluded (irrelevant) findings, world mm."""
+        uid = self.series_uid
+        return (
+            [LunaFinding(uid, n.center_xyz_mm, n.diameter_mm) for n in self.nodules],
+            [LunaFinding(uid, n.center_xyz_mm, n.diameter_mm) for n in self.irrelevant],
+        )
 
     def nodule_mask(self, nodule: PreparedNodule) -> np.ndarray:
         """Full-volume bool mask of one target nodule (from ``masks.npz``, overlap-safe)."""

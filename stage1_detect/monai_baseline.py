@@ -534,13 +534,4 @@ def train_monai_retinanet(
                 plot_loss_curve(out_dir / "loss_curve.png", step_log, history)
     finally:
         bar.close()
-    return TrainResult(
-        out_dir=out_dir,
-        last_checkpoint=last_path,
-        best_checkpoint=best_path if best_path.is_file() else None,
-        best_metric=best_metric,
-        best_epoch=best_epoch,
-        steps=step,
-        history=tuple(history),
-        seconds_per_step=float(np.mean(step_seconds)) if step_seconds else float("nan"),
-    )
+    return TrainResult.of_run(out_dir, last_path, best_path, best_metric, best_epoch, step, history, step_seconds)

@@ -84,6 +84,31 @@ class TrainResult:
     history: tuple[dict[str, Any], ...]
     seconds_per_step: float
 
+    @classmethod
+    def of_run(
+        cls,
+        out_dir: Path,
+        last_path: Path,
+        best_path: Path,
+        best_metric: float | None,
+        best_epoch: int | None,
+        steps: int,
+        history: Sequence[dict[str, Any]],
+        step_seconds: Sequence[float],
+    ) -> TrainResult:
+        """The result of a training loop: ``best_path`` counts only when it was written; the
+        mean of ``step_seconds`` (NaN when no step ran in this call)."""
+        return cls(
+            out_dir=out_dir,
+            last_checkpoint=last_path,
+            best_checkpoint=best_path if best_path.is_file() else None,
+            best_metric=best_metric,
+            best_epoch=best_epoch,
+            steps=steps,
+            history=tuple(history),
+            seconds_per_step=float(np.mean(step_seconds)) if step_seconds else float("nan"),
+        )
+
 
 # ------------------------------------------------------------------ validation
 def recall_at_k(val_cases: Sequence[Any], k: int = 10) -> ValidationMetric:
@@ -446,16 +471,7 @@ def train_detector(
         bar.close()
         if writer is not None:
             writer.close()
-    return TrainResult(
-        out_dir=out_dir,
-        last_checkpoint=last_path,
-        best_checkpoint=best_path if best_path.is_file() else None,
-        best_metric=best_metric,
-        best_epoch=best_epoch,
-        steps=step,
-        history=tuple(history),
-        seconds_per_step=float(np.mean(step_seconds)) if step_seconds else float("nan"),
-    )
+    return TrainResult.of_run(out_dir, last_path, best_path, best_metric, best_epoch, step, history, step_seconds)
 
 
 # ------------------------------------------------------------------ command line (torchrun)

@@ -77,6 +77,28 @@ class TruncatedPixelDataError(PixelDataError):
     """Pixel data is shorter than Rows * Columns * BitsAllocated / 8 bytes."""
 
 
+class InvalidRescaleError(InvalidSeriesError):
+    """RescaleSlope / RescaleIntercept is missing, zero, negative or not a number.
+
+    Both are required for CT: reading a missing intercept as 0 shifts every HU by the
+    scanner's offset (typically +1024), so the reader refuses instead of guessing.
+    """
+
+
+class MissingTagError(InvalidSeriesError):
+    """A DICOM attribute the volume needs is missing (SOPInstanceUID, ImagePositionPatient
+    on some slices, or positions / orientation where the caller requires them)."""
+
+
+class DuplicateInstanceError(InvalidSeriesError):
+    """Two files of the series share a SOPInstanceUID (annotations keyed by it would be ambiguous)."""
+
+
+class DamagedFileError(InvalidSeriesError):
+    """A file among the series' slices cannot be read or parsed (unreadable, empty,
+    truncated header, no SeriesInstanceUID): the series may be missing that slice."""
+
+
 class AnnotationError(LidcDetError):
     """LIDC annotations are missing or inconsistent with the images."""
 

@@ -98,7 +98,8 @@ def test_empty_folder_and_folder_without_dicom(tmp_path: Path) -> None:
 
 def test_non_dicom_and_hidden_files_are_skipped_with_a_warning(tmp_path: Path) -> None:
     write_tiny(tmp_path)
-    (tmp_path / "069.xml").write_text("<LidcReadMessage/>")
+    (tmp_path / "069.xml").write_text("<LidcReadMessage/>")  # skipped silently
+    (tmp_path / "notes.txt").write_text("hello")
     (tmp_path / ".DS_Store").write_bytes(b"\0\1")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "broken.dcm").write_bytes(b"\0" * 10)
@@ -106,7 +107,7 @@ def test_non_dicom_and_hidden_files_are_skipped_with_a_warning(tmp_path: Path) -
         v = read_series(tmp_path)
     assert v.geometry.shape_zyx == (6, 8, 8)
     skipped = sorted(Path(str(w.message).split(":")[0]) for w in record)
-    assert skipped == sorted([tmp_path / "069.xml", tmp_path / ".DS_Store", tmp_path / "sub" / "broken.dcm"])
+    assert skipped == sorted([tmp_path / "notes.txt", tmp_path / ".DS_Store", tmp_path / "sub" / "broken.dcm"])
 
 
 # ----------------------------------------------------------- several series
@@ -189,7 +190,9 @@ def test_inconsistent_header(tmp_path: Path, keyword: str, value: list[float]) -
 def test_inconsistent_rows_columns(tmp_path: Path) -> None:
     write_tiny(tmp_path, 4, shape_yx=(8, 8))
     # two more slices of the same series, stacked on top but 8 x 6 pixels
-    extra = write_tiny(tmp_path, 2, shape_yx=(8, 6), z0=Z0 + 4 * DZ, file_name=lambda i: f"b{i}.dcm")
+    extra = write_tiny(
+        tmp_path, 2, shape_yx=(8, 6), z0=Z0 + 4 * DZ, file_name=lambda i: f"b{i}.dcm", sop_uid_prefix="1.2.826.0.1.7.9"
+    )
     err = raises(InconsistentSeriesError, tmp_path)
     assert err.path in extra and "Rows x Columns 8 x 6" in err.reason
 

@@ -12,7 +12,9 @@ Steps (each resumable: re-running the command reuses finished work):
    false-positive rejection on the validation scans' detections, score Dice (beside
    the human reference) and the FROC with and without rejection on the test scans;
 5. stage 3: malignancy model on the training and validation scans' nodules, CV AUC vs diameter;
-6. pipeline: stages 2 and 3 on each test scan's candidates, 3-plane overlays;
+6. pipeline: :class:`lidc_det.pipeline.Pipeline` (stages 2 and 3) on each test scan's
+   candidates, 3-plane overlays; ``pipeline.json`` makes the run folder a models folder
+   (``lidc-det predict --models <out>``);
 7. report: ``report.md`` + ``report.html`` with figures, CIs, timings and the device.
 
 Every figure computed on the twin is labelled synthetic.
@@ -131,6 +133,8 @@ def run_demo(
             cfg.data.synthetic,
         )
 
+    manifest = write_models_manifest(cfg, detector, seg_run, malignancy, out_dir)
+
     # 7. report
     record = {
         "kind": "lidc-det demo",
@@ -147,6 +151,7 @@ def run_demo(
         "segmentation": None if seg_run is None else seg_run.record,
         "malignancy": malignancy,
         "pipeline_findings": findings,
+        "models_manifest": None if manifest is None else str(manifest),
         "step_seconds": timer.seconds,
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
@@ -157,28 +162,27 @@ def run_demo(
 def _pipeline_findings(
     ds: Any, seg_run: Any, out_dir: Path, n_overlays: int, malignancy_fitted: bool, synthetic: bool
 ) -> list[dict[str, Any]]:
-    """Run stages 2 and 3 on each test scan's stage-1 candidates as a user would: segment the
-    top candidates, apply the tuned FP rejection, score the survivors' malignancy from the
-    stage-2 masks; draw 3-plane overlays of the best survivors (``out_dir/overlays``).
+    """Run the pipeline (:class:`lidc_det.pipeline.Pipeline`: stage 2, the tuned FP rejection,
+    stage 3 on the kept stage-2 masks) on each test scan's stage-1 candidates as a user would;
+    draw 3-plane overlays of the best kept candidates (``out_dir/overlays``).
 
-    Returns one JSON-friendly row per survivor drawn (scan, rank, scores, mask measurements,
+    Returns one JSON-friendly row per candidate drawn (scan, rank, scores, mask measurements,
     the reader finding it hits by the LUNA16 rules, the PNG path relative to ``out_dir``).
     """
     import numpy as np
 
-    from lidc_det.overlays import three_plane_png
-    from stage3_malignancy.model import MalignancyModel
     from lidc_det.data.luna import LunaCandidate
     from lidc_det.metrics.froc import match_candidates
-    from stage2_segment.segmenter import passes_rejection
-    from stage3_malignancy.samples import samples_from_nodule_masks
+    from lidc_det.overlays import three_plane_png
+    from lidc_det.pipeline import Pipeline
+    from stage3_malignancy.model import MalignancyModel
 
-    seg = seg_run.segmenter
-    model_dir = out_dir / "stage3" / "model"
     # only this run's model: a folder left by an earlier run must not score this one
-    model = MalignancyModel.load(model_dir) if malignancy_fitted else None
+    model = MalignancyModel.load(out_dir / "stage3" / "model") if malignancy_fitted else None
+    k = max([len(d) for d in seg_run.test_detections.values()] + [1])  # the step segmented the top k already
+    pipe = Pipeline(None, seg_run.segmenter, model, max_candidates=k)
     n_scans = max(1, len(seg_run.test_detections))
-    per_scan = [n_overlays // n_scans + (1 if k < n_overlays % n_scans else 0) for k in range(n_scans)]
+    per_scan = [n_overlays // n_scans + (1 if i < n_overlays % n_scans else 0) for i in range(n_scans)]
     tag = "SYNTHETIC twin" if synthetic else "real images"
     rows: list[dict[str, Any]] = []
     for scan_no, (uid, det) in enumerate(seg_run.test_detections.items()):
@@ -186,42 +190,54 @@ def _pipeline_findings(
             continue
         case = ds.load_case(uid)
         hu = np.asarray(case.image_hu)
-        masks = seg.segment(hu, case.geometry, det)
-        kept = seg.reject(det, masks)  # "drop": the passing candidates in order; "downweight": all
-        kept_idx = (np.flatnonzero(passes_rejection(masks, seg.min_volume_mm3))
-                    if seg.config.rejection.mode == "drop" else np.arange(len(det)))
-        order = np.argsort(-kept.scores, kind="stable")[: per_scan[scan_no]]
-        chosen = [masks[kept_idx[i]] for i in order]
-        probs: dict[int, float] = {}
-        if model is not None:
-            samples = samples_from_nodule_masks(hu, case.geometry, chosen, patient_id=case.patient_id)
-            nonempty = [j for j, m in enumerate(chosen) if not m.empty]
-            probs = {j: sc.probability for j, sc in zip(nonempty, model.predict(samples))}
+        result = pipe.run_volume(hu, case.geometry, series_uid=uid, patient_id=case.patient_id, detections=det)
         targets, others = case.luna_findings()
-        for j, (i, m) in enumerate(zip(order, chosen)):
-            centre = kept.centers_xyz_mm[i]
+        for j, c in enumerate(result.kept[: per_scan[scan_no]]):
+            m = c.mask
             # the scorer's own hit rules: 1 = target nodule, -1 = other reader finding (ignored), 0 = FP
-            (label,) = match_candidates(targets, [LunaCandidate(uid, tuple(centre), 1.0)], excluded=others,
+            (label,) = match_candidates(targets, [LunaCandidate(uid, c.center_xyz_mm, 1.0)], excluded=others,
                                         series_uids=[uid]).candidate_label
-            p_mal = probs.get(j)
             name = f"overlays/{case.patient_id}_pipeline{j + 1}.png"
-            mal = "n/a (empty mask)" if p_mal is None else f"{p_mal:.2f}"
+            mal = "n/a (empty mask)" if c.p_malignant is None else f"{c.p_malignant:.2f}"
             three_plane_png(
-                hu, case.geometry, centre, out_dir / name,
+                hu, case.geometry, c.center_xyz_mm, out_dir / name,
                 masks=[(case.labels > 0, "lime"), (m.full_mask(case.geometry.shape_zyx), "red")],
-                title=f"{case.patient_id} ({tag}) #{j + 1}: detection {kept.scores[i]:.2f}, "
+                title=f"{case.patient_id} ({tag}) #{j + 1}: detection {c.score:.2f}, "
                 f"{m.volume_mm3:.0f} mm3, {m.max_diameter_mm:.1f} mm, P(malignant) {mal}",
             )
             rows.append({
                 "patient_id": case.patient_id, "series_uid": uid, "rank": j + 1,
-                "center_xyz_mm": [round(float(v), 1) for v in centre],
-                "detection_score": round(float(kept.scores[i]), 4), "volume_mm3": round(m.volume_mm3, 1),
+                "center_xyz_mm": [round(float(v), 1) for v in c.center_xyz_mm],
+                "detection_score": round(float(c.score), 4), "volume_mm3": round(m.volume_mm3, 1),
                 "max_diameter_mm": round(m.max_diameter_mm, 1),
-                "p_malignant": None if p_mal is None else round(p_mal, 4),
+                "p_malignant": None if c.p_malignant is None else round(c.p_malignant, 4),
                 "finding": {1: "target nodule", -1: "other reader finding (not scored)", 0: "none (FP)"}[int(label)],
+                "kept_because": c.reason,
                 "png": name,
             })
     return rows
+
+
+def write_models_manifest(cfg: DemoConfig, detector: Any, seg_run: Any, malignancy: dict[str, Any], out_dir: Path) -> Path | None:
+    """``out_dir/pipeline.json``: the run's stage models, so that ``out_dir`` is a models folder for
+    :meth:`lidc_det.pipeline.Pipeline.from_dir` and ``lidc-det predict --models`` (None when the
+    detector has no checkpoint file)."""
+    from lidc_det.pipeline import write_manifest
+
+    checkpoint = getattr(detector, "checkpoint", None)
+    if checkpoint is None or not Path(checkpoint).is_file():
+        return None
+    model_dir = out_dir / "stage3" / "model"
+    return write_manifest(
+        out_dir,
+        detector=checkpoint,
+        segmenter=None if seg_run is None else seg_run.segmenter.work_dir,
+        malignancy=model_dir if malignancy.get("model") is not None and model_dir.is_dir() else None,
+        spacing_zyx=cfg.data.spacing_zyx,
+        max_candidates=cfg.segmentation.max_candidates_per_scan if cfg.segmentation is not None else 40,
+        synthetic_training=cfg.data.synthetic,
+        extra={"made_by": "lidc-det demo", "data": cfg.data.label()},
+    )
 
 
 def _write_report(

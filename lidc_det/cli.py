@@ -530,9 +530,91 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# ------------------------------------------------------------------- predict
+SCHEDULER_HELP = ("where the per-scan tasks run: local (a Dask LocalCluster, one process per core), local:N "
+                  "(N processes), tcp://host:8786 (an existing Dask cluster; workers must see the same paths) "
+                  "or serial (in this process)")
+
+
+def _add_predict(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="the whole pipeline (detect, segment, reject, classify) on every CT series under a DICOM root",
+        description=(
+            "For each CT series under --dicom-root: resample to the models' grid, stage-1 candidates, stage-2 "
+            "masks of the top candidates, FP rejection, stage-3 P(malignant) of the kept ones. Writes per scan "
+            "a LUNA16 candidates CSV, a findings table (kept / rejected and why), a NIfTI label map of the "
+            "masks (--dicom-seg: also DICOM SEG), a malignancy CSV and 3-plane overlays, then summary.csv and "
+            "index.html. Every scan is a Dask task; resumable (per-scan done marker, atomic writes)."
+        ),
+    )
+    p.add_argument("--models", type=Path, required=True,
+                   help="models folder with pipeline.json (e.g. the --out folder of `lidc-det demo`)")
+    p.add_argument("--dicom-root", type=Path, required=True, help="folder holding the DICOM series (any layout)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--scans", nargs="*", default=None, help="patient ids or SeriesInstanceUIDs (default: all CT)")
+    p.add_argument("--scheduler", default="local", help=SCHEDULER_HELP + " (default local)")
+    p.add_argument("--dicom-seg", action="store_true", help="also write the masks as DICOM SEG (highdicom)")
+    p.add_argument("--overlays", type=int, default=3, help="3-plane PNGs per scan (default 3)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available; cuda tasks need GPU=1 workers)")
+    p.add_argument("--torch-threads", type=int, default=None, help="CPU threads per task (default: torch's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(a: argparse.Namespace) -> int:
+        from lidc_det.predict import PredictOptions, predict_collection
+
+        opts = PredictOptions(dicom_seg=a.dicom_seg, n_overlays=a.overlays, device=a.device,
+                              torch_threads=a.torch_threads)
+        report = predict_collection(a.models, a.dicom_root, a.out, scheduler=a.scheduler, options=opts,
+                                    scans=a.scans, progress=not a.no_progress)
+        print(report.summary())
+        return 1 if report.failed else 0
+
+    p.set_defaults(func=run)
+
+
+# ------------------------------------------------------------------ transfer
+def _add_transfer(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "transfer",
+        help="train on generated data only (twins, semi-real insertion), score on real CT",
+        description=(
+            "Trains stage 1 on LIDC twins plus optional real-background insertion scans, then scores "
+            "real DICOM (--dicom-root): first-hit rank and false positives above each real nodule, FROC, "
+            "FP/scan at the twin-validation operating point, 3-plane PNGs; a semi-real yardstick (nodules "
+            "inserted into a real lung nothing was trained on) and the twin test CPM. Refuses configs that "
+            "score what they train on. Writes transfer.json and report.md/html to --out."
+        ),
+    )
+    p.add_argument("config", type=Path, help="transfer YAML, e.g. benchmarks/transfer/insert.yaml")
+    p.add_argument("--out", type=Path, default=None, help="run folder (default: transfer-<config name>)")
+    p.add_argument("--dicom-root", type=Path, default=None,
+                   help="real DICOM to score, TCIA layout (default: ../shared/data/lidc-idri)")
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="folder for the generated data, shareable between configs (default: --out)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    def run(a: argparse.Namespace) -> int:
+        from benchmarks.transfer import run_transfer
+
+        out = a.out or Path(f"transfer-{a.config.stem}")
+        rec = run_transfer(a.config, out, dicom_root=a.dicom_root, data_dir=a.data_dir, progress=not a.no_progress)
+        for r in rec["real"]["nodules"]:
+            rank = f"rank {r['rank']}, {r['fps_above']} FP above" if r["rank"] else f"not hit ({r['fps_above']} FP)"
+            print(f"REAL {r['patient_id']} nodule {r['diameter_mm']} mm ({r['scored_region']}): {rank}")
+        y = rec["yardstick"]
+        print(f"semi-real yardstick: CPM {y['cpm']:.3f} ({y['n_nodules']} nodules, {y['n_scans']} scans); "
+              f"twin test CPM {rec['twin_test']['cpm']:.3f} (SYNTHETIC)")
+        print(f"transfer record: {out / 'transfer.json'}, report {out / 'report.md'} ({rec['wall_seconds']:.0f} s)")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_demo,
     _add_bench,
+    _add_transfer,
     _add_export,
     _add_series,
     _add_info,
@@ -546,6 +628,7 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_twin,
     _add_segment,
     _add_detect,
+    _add_predict,
 )
 
 

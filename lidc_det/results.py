@@ -137,3 +137,60 @@ class MalignancyScore:
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"MalignancyScore: probability {p} outside [0, 1]")
         object.__setattr__(self, "probability", p)
+
+
+@dataclass(frozen=True, eq=False)
+class Rejection:
+    """Stage-2 false-positive rejection of one scan's candidates: which were kept, and why.
+
+    Attributes:
+        series_uid: SeriesInstanceUID of the scan.
+        kept: ``bool [N]``: candidate ``i`` passed (kept at its full score).
+        scores: ``(N,)`` scores after rejection: the detection score where kept; where
+            rejected, the score times ``factor`` (``mode="downweight"``) or unchanged
+            (``mode="drop"``, the candidate leaves the list).
+        reasons: one line per candidate, e.g. ``"mask 123 mm3 >= 20 mm3"``,
+            ``"empty mask"`` or ``"mask 5 mm3 < 20 mm3"``.
+        min_volume_mm3: the threshold applied (mm^3).
+        mode: ``"drop"`` or ``"downweight"``.
+    """
+
+    series_uid: str
+    kept: np.ndarray
+    scores: np.ndarray
+    reasons: tuple[str, ...]
+    min_volume_mm3: float
+    mode: str = "drop"
+
+    def __post_init__(self) -> None:
+        k = np.asarray(self.kept, dtype=bool).reshape(-1)
+        s = np.asarray(self.scores, dtype=np.float64).reshape(-1)
+        if s.shape != k.shape or len(self.reasons) != k.shape[0]:
+            raise ValueError(f"Rejection: {k.shape[0]} flags, {s.shape[0]} scores, {len(self.reasons)} reasons")
+        if self.mode not in ("drop", "downweight"):
+            raise ValueError(f"Rejection: mode must be 'drop' or 'downweight', got {self.mode!r}")
+        object.__setattr__(self, "kept", k)
+        object.__setattr__(self, "scores", s)
+        object.__setattr__(self, "reasons", tuple(str(r) for r in self.reasons))
+
+    def __len__(self) -> int:
+        return int(self.kept.shape[0])
+
+    @property
+    def n_kept(self) -> int:
+        return int(self.kept.sum())
+
+    def kept_indices(self) -> np.ndarray:
+        """``int [K]``: the candidates that stay in the list (``drop``: the kept ones; ``downweight``: all)."""
+        return np.flatnonzero(self.kept) if self.mode == "drop" else np.arange(len(self))
+
+    def apply(self, detections: Detections) -> Detections:
+        """The candidates after rejection (``drop``: only the kept ones, in order; ``downweight``:
+        all of them with the rejected ones' scores lowered)."""
+        if len(detections) != len(self) or detections.series_uid != self.series_uid:
+            raise ValueError(f"Rejection of {len(self)} candidates of {self.series_uid} applied to "
+                             f"{len(detections)} of {detections.series_uid}")
+        idx = self.kept_indices()
+        boxes = None if detections.boxes_voxel is None else detections.boxes_voxel[idx]
+        return Detections(detections.series_uid, detections.centers_xyz_mm[idx], detections.diameters_mm[idx],
+                          self.scores[idx], boxes)

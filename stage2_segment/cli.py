@@ -54,8 +54,9 @@ def run_segment(
     seconds = time.perf_counter() - t0
     extra = {"series_uid": case.series_uid, "seconds": round(seconds, 2), "provenance": provenance()}
     if reject and detections is not None:
-        kept = seg.reject(detections, masks)
-        extra["rejection"] = {"min_volume_mm3": seg.min_volume_mm3, "kept": len(kept), "of": len(detections)}
+        record = seg.reject(detections, masks)
+        extra["rejection"] = {"min_volume_mm3": seg.min_volume_mm3, "kept": record.n_kept, "of": len(detections),
+                              "kept_flags": record.kept.tolist(), "reasons": list(record.reasons)}
     nii, js = export_masks(masks, case.geometry, Path(out), stem=case.series_uid, extra=extra)
     print(f"{'label':>5} {'score':>6} {'volume mm3':>11} {'diam mm':>8} {'mean HU':>8}  centre (x, y, z) mm")
     for i, m in enumerate(masks):

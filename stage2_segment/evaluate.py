@@ -124,7 +124,7 @@ def evaluate_stage2(
             n_det += len(det_masks)
             raw.append(det)
             if seg.min_volume_mm3 is not None:
-                kept.append(seg.reject(det, det_masks))
+                kept.append(seg.reject(det, det_masks).apply(det))
         for nodule, mask in zip(targets, gt_masks):
             cons = case.nodule_mask(nodule)
             row: dict[str, Any] = {"series_uid": case.series_uid, "nodule_id": nodule.nodule_id,

@@ -3,7 +3,8 @@
 >>> seg = NnUnetSegmenter("work/stage2", SegmenterConfig())            # doctest: +SKIP
 >>> seg.fit(train_cases, val_cases)                                      # doctest: +SKIP
 >>> masks = seg.segment(hu, geometry, detections)                        # doctest: +SKIP
->>> kept = reject_false_positives(detections, masks, seg.min_volume_mm3)  # doctest: +SKIP
+>>> record = seg.reject(detections, masks)    # Rejection: kept flags + reasons  # doctest: +SKIP
+>>> kept = record.apply(detections)                                        # doctest: +SKIP
 
 Everything is written under ``work_dir`` (nnU-Net's three folders and
 ``segmenter.json`` with the config, plan, timings and provenance). ``fit`` is
@@ -26,7 +27,7 @@ import numpy as np
 from lidc_det.atomic import write_json
 from lidc_det.errors import LidcDetError
 from lidc_det.geometry import VolumeGeometry
-from lidc_det.results import Detections, NoduleMask
+from lidc_det.results import Detections, NoduleMask, Rejection
 from stage2_segment.config import SegmenterConfig
 from stage2_segment.crops import Crop, detection_crops, make_crop, negative_crops, nodule_crops
 from stage2_segment.nnunet_dataset import CONFIGURATION, NnUnetDatasetError, NnUnetPaths, dataset_name
@@ -226,12 +227,36 @@ class NnUnetSegmenter:
         self._update_state(tuned_min_volume_mm3=self.min_volume_mm3, tuning=result)
         return result
 
-    def reject(self, detections: Detections, masks: Sequence[NoduleMask]) -> Detections:
-        """:func:`reject_false_positives` with this segmenter's threshold and mode."""
+    def reject(self, detections: Detections, masks: Sequence[NoduleMask]) -> Rejection:
+        """The record of :func:`rejection` with this segmenter's threshold and mode: which candidates
+        were kept and why (``.apply(detections)`` gives the candidates after rejection, the same as
+        :func:`reject_false_positives`)."""
         if self.min_volume_mm3 is None:
             raise NotFittedError("no FP-rejection threshold: set rejection.min_volume_mm3 or call tune_rejection()")
         r = self.config.rejection
-        return reject_false_positives(detections, masks, self.min_volume_mm3, mode=r.mode, factor=r.factor)
+        return rejection(detections, masks, self.min_volume_mm3, mode=r.mode, factor=r.factor)
+
+
+def rejection(
+    detections: Detections,
+    masks: Sequence[NoduleMask],
+    min_volume_mm3: float,
+    *,
+    mode: str = "drop",
+    factor: float = 0.1,
+) -> Rejection:
+    """Which candidates pass ``min_volume_mm3`` (mask volume, mm^3), their scores after rejection
+    and the reason for each (a :class:`~lidc_det.results.Rejection`); same rules as
+    :func:`reject_false_positives`, which equals ``rejection(...).apply(detections)``."""
+    kept_det = reject_false_positives(detections, masks, min_volume_mm3, mode=mode, factor=factor)
+    keep = passes_rejection(masks, min_volume_mm3)
+    t = float(min_volume_mm3)
+    reasons = [
+        ("empty mask" if m.empty else f"mask {m.volume_mm3:.0f} mm3 {'>=' if k else '<'} {t:g} mm3")
+        for m, k in zip(masks, keep)
+    ]
+    scores = kept_det.scores if mode == "downweight" else detections.scores
+    return Rejection(detections.series_uid, keep, scores, tuple(reasons), t, mode)
 
 
 def reject_false_positives(

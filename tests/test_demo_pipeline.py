@@ -12,7 +12,7 @@ from lidc_det.data.prepared import PreparedCase, PreparedNodule
 from lidc_det.geometry import VolumeGeometry
 from lidc_det.results import Detections, NoduleMask
 from stage2_segment.config import SegmenterConfig
-from stage2_segment.segmenter import reject_false_positives
+from stage2_segment.segmenter import rejection
 
 GEOM = VolumeGeometry((20, 40, 40), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
 UID = "1.2.840.1"
@@ -34,15 +34,15 @@ def _mask(volume: float, centre: np.ndarray) -> NoduleMask:
 
 @dataclass
 class _FakeSegmenter:
-    volumes: list[float]
+    volumes: dict[tuple[float, ...], float]  # mask volume by candidate centre
     min_volume_mm3: float = 10.0
     config: SegmenterConfig = field(default_factory=SegmenterConfig)
 
     def segment(self, hu: np.ndarray, geometry: VolumeGeometry, det: Detections) -> list[NoduleMask]:
-        return [_mask(v, c) for v, c in zip(self.volumes, det.centers_xyz_mm)]
+        return [_mask(self.volumes[tuple(c)], c) for c in det.centers_xyz_mm]
 
-    def reject(self, det: Detections, masks: list[NoduleMask]) -> Detections:
-        return reject_false_positives(det, masks, self.min_volume_mm3)
+    def reject(self, det: Detections, masks: list[NoduleMask]) -> Any:
+        return rejection(det, masks, self.min_volume_mm3)
 
 
 @dataclass
@@ -63,7 +63,7 @@ def test_pipeline_rows_follow_the_surviving_candidates_in_score_order(tmp_path: 
     centres = np.array([[30.0, 30.0, 5.0], [10.0, 10.0, 10.0], [30.0, 5.0, 5.0], [5.0, 30.0, 15.0]])
     # candidates 0 and 2 get empty masks (rejected); of the survivors, 3 scores higher than 1
     det = Detections(UID, centres, np.full(4, 6.0), np.array([0.9, 0.6, 0.7, 0.8]))
-    seg = _FakeSegmenter(volumes=[0.0, 50.0, 0.0, 80.0])
+    seg = _FakeSegmenter(volumes=dict(zip(map(tuple, centres), [0.0, 50.0, 0.0, 80.0])))
     rows = _pipeline_findings(_Data(), _Run(seg, {UID: det}), tmp_path, 2, False, True)
     assert [r["detection_score"] for r in rows] == [0.8, 0.6]
     assert [r["volume_mm3"] for r in rows] == [80.0, 50.0]  # each row keeps its own candidate's mask

@@ -194,3 +194,16 @@ def test_paired_cpm_difference() -> None:
     assert d.to_dict()["n_scans"] == 10
     with pytest.raises(FrocInputError, match="different scans"):
         paired_cpm_difference(a, _matches([[0.9]] * 3))
+
+
+def test_closed_form_eigenvalues_match_numpy() -> None:
+    from stage2_segment.candidate_features import _sym3_eigenvalues
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(500, 3, 3))
+    a = a + a.transpose(0, 2, 1)
+    a[0], a[1] = np.eye(3), np.diag([1.0, 1.0, -2.0])  # repeated eigenvalues
+    ev = _sym3_eigenvalues({(i, j): a[:, i, j] for i in range(3) for j in range(i, 3)})
+    ref = np.linalg.eigvalsh(a)
+    np.testing.assert_allclose(np.sort(ev, axis=1), ref, atol=1e-9)
+    assert np.all(np.diff(np.abs(ev), axis=1) >= -1e-12)  # sorted by magnitude

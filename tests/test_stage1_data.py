@@ -20,6 +20,7 @@ from stage1_detect.data import (
     case_boxes,
     case_findings,
     crop_with_padding,
+    dense_lung_voxels,
     flip_boxes,
     rot90_boxes,
 )
@@ -146,3 +147,39 @@ def test_in_memory_case_findings_are_world_mm() -> None:
     (centre, diameter), = case_findings(case)[0]
     np.testing.assert_allclose(centre, (5 + 8.5, 6 + 6.5, 7 + 4.5))
     assert diameter == 6.0
+
+
+def _lung_with_vessel() -> InMemoryCase:
+    """A 96^3 1 mm 'lung' (-850 HU) in soft tissue with one dense vessel (+40 HU) along z."""
+    hu = np.full((96, 96, 96), 40.0, np.float32)
+    hu[8:-8, 8:-8, 8:-8] = -850.0
+    hu[8:-8, 60:63, 30:33] = 40.0
+    return InMemoryCase("v", hu, VolumeGeometry((96, 96, 96), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)), np.zeros((0, 6)))
+
+
+def test_dense_negatives_are_centred_on_vessels_in_the_lung() -> None:
+    case = _lung_with_vessel()
+    dense = dense_lung_voxels(case.image_hu)
+    assert len(dense) and np.all(np.abs(dense[:, 1] - 61) <= 2) and np.all(np.abs(dense[:, 2] - 31) <= 2)
+    cfg = DetectorConfig(patch_size=(32, 32, 32), pos_fraction=0.0, neg_dense_fraction=1.0, pos_jitter=0.1)
+    ds = PatchDataset([case], cfg, seed=0, length=20, augment=False)
+    for i in range(len(ds)):
+        _, _, info = ds.sample(i)
+        centre = np.asarray(info["start"]) + 16
+        assert abs(centre[1] - 61) <= 5 and abs(centre[2] - 31) <= 5, centre
+    # without the option the centres spread over the whole volume
+    plain = PatchDataset([case], DetectorConfig(patch_size=(32, 32, 32), pos_fraction=0.0), seed=0, length=20, augment=False)
+    far = [abs(np.asarray(plain.sample(i)[2]["start"])[2] + 16 - 31) > 8 for i in range(20)]
+    assert sum(far) >= 10
+
+
+def test_domain_randomisation_blurs_and_adds_noise() -> None:
+    rng_img = np.random.default_rng(0).standard_normal((32, 32, 32)).astype(np.float32) * 0.2
+    base = DetectorConfig(patch_size=(32, 32, 32), aug_flip=False, aug_rot90=False, intensity_scale=0.0, intensity_shift=0.0)
+    same, _ = augment(rng_img.copy(), np.zeros((0, 6)), base, np.random.default_rng(1))
+    assert np.array_equal(same, rng_img)  # both probabilities 0: untouched
+    blurred, _ = augment(rng_img.copy(), np.zeros((0, 6)), base.replace(aug_blur_prob=1.0, aug_blur_sigma_mm=[1.0, 1.0]), np.random.default_rng(1))
+    assert blurred.std() < 0.5 * rng_img.std()
+    flat = np.zeros((32, 32, 32), np.float32)
+    noisy, _ = augment(flat, np.zeros((0, 6)), base.replace(aug_noise_prob=1.0, aug_noise_hu=[30.0, 30.0]), np.random.default_rng(1))
+    assert noisy.std() == pytest.approx(30.0 / 750.0, rel=0.1)  # 30 HU in units of half the (-1000, 500) window

@@ -9,6 +9,7 @@ A config (YAML, see ``benchmarks/smoke.yaml`` and ``benchmarks/full.yaml``)::
       - {name: retina3d, label: retina3d-tiny, kwargs: {config: tiny, epochs: 1}}
       - {name: monai_retinanet, label: monai-retinanet, kwargs: {...}}
     segmentation: {segmenter: {...}, max_candidates_per_scan: 40}   # optional stage 2
+    second_look: {data: {...}, model: {...}}                         # optional, needs stage 2
     n_bootstrap: 1000
     seed: 0
 
@@ -22,7 +23,9 @@ With a ``segmentation`` section, one nnU-Net crop segmenter is trained (in
 ``stage2_model/``, shared by every detector) and each detector's candidates go
 through it: the row gets the stage-2 Dice (median, ground-truth crops, vs reader
 consensus) and the CPM after FP rejection tuned on that detector's validation
-candidates (``<label>/stage2/``).
+candidates (``<label>/stage2/``). With a ``second_look`` section too, the second look
+(:mod:`benchmarks.second_look`, trained on the pool twins of ``second_look.data``) rescores
+them and the row gets the CPM after it (``<label>/second_look/``).
 
 Detectors pick their device themselves (CUDA when visible); each row records it.
 """
@@ -35,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.data import DataSpec, materialize
+from benchmarks.second_look import SecondLookStepConfig
 from benchmarks.segmentation import SegmentationStepConfig
 from lidc_det.atomic import write_json
 from lidc_det.config import ConfigFileError, config_hash, load_yaml_config, to_plain
@@ -63,6 +67,7 @@ class BenchConfig:
     data: DataSpec
     detectors: tuple[DetectorSpec, ...]
     segmentation: SegmentationStepConfig | None = None
+    second_look: SecondLookStepConfig | None = None
     n_bootstrap: int = 1000
     seed: int = 0
 
@@ -72,6 +77,8 @@ class BenchConfig:
             raise ConfigFileError("a benchmark needs at least one detector")
         if len(set(labels)) != len(labels):
             raise ConfigFileError(f"detector labels must be unique, got {labels}")
+        if self.second_look is not None and self.segmentation is None:
+            raise ConfigFileError("second_look needs a segmentation section (it rescores stage 2's candidates)")
 
 
 def load_bench_config(path: Path) -> BenchConfig:
@@ -140,7 +147,7 @@ def run_bench(
             spec.display, detector, ds, split, out_dir / spec.display,
             n_bootstrap=cfg.n_bootstrap, seed=cfg.seed, progress=progress,
         )
-        dice = cpm_rejection = None
+        dice = cpm_rejection = cpm_second_look = None
         if cfg.segmentation is not None:
             from benchmarks.segmentation import run_segmentation_step
 
@@ -153,6 +160,13 @@ def run_bench(
             gt_dice = summary["gt_crop_dice_consensus"]
             dice = gt_dice["median"] if gt_dice["n"] else None
             cpm_rejection = summary.get("froc_with_rejection", {}).get("cpm")
+            if cfg.second_look is not None:
+                from benchmarks.second_look import run_second_look_step
+
+                sl = run_second_look_step(ds, split, detector, seg_run, out_dir / spec.display / "second_look",
+                                          cfg.second_look, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed,
+                                          progress=progress, data_dir=out_dir / "second_look_data")
+                cpm_second_look = sl["test"]["arms"]["second look"]["cpm"]
         dev = device_info(str(getattr(detector, "device", "")) or None)
         dev["amp"] = _amp(detector, dev)
         row = {
@@ -164,6 +178,7 @@ def run_bench(
             **froc_fields(run.froc),
             "dice": dice,
             "cpm_with_rejection": cpm_rejection,
+            "cpm_second_look": cpm_second_look,
             "auc": None,
             "train_seconds": run.train_seconds,
             "infer_seconds_per_scan": run.infer_seconds_per_scan,

@@ -124,16 +124,17 @@ def render_markdown(rows: Sequence[dict[str, Any]]) -> str:
         group = sorted(by_dataset[key], key=lambda r: -float(r["cpm"]))
         out += [f"## {key}", ""]
         out.append(
-            "| method | CPM | 95% CI | 1/8 | 1/4 | 1/2 | 1 | 2 | 4 | 8 | CPM after stage 2 | Dice | AUC "
+            "| method | CPM | 95% CI | 1/8 | 1/4 | 1/2 | 1 | 2 | 4 | 8 | CPM after stage 2 | CPM after second look | Dice | AUC "
             "| test scans / nodules | train s | infer s/scan | device | git | config | date |"
         )
-        out.append("|" + "---|" * 20)
+        out.append("|" + "---|" * 21)
         for r in group:
             sens = " | ".join(f"{s:.3f}" for s in r["sensitivity"])
             git = (r.get("git_revision") or "?")[:12]
             out.append(
                 f"| {r['method']} | **{r['cpm']:.3f}** | {_ci(r['cpm_ci'])} | {sens} "
-                f"| {_opt(r.get('cpm_with_rejection'), '.3f')} | {_opt(r.get('dice'), '.3f')} "
+                f"| {_opt(r.get('cpm_with_rejection'), '.3f')} | {_opt(r.get('cpm_second_look'), '.3f')} "
+                f"| {_opt(r.get('dice'), '.3f')} "
                 f"| {_opt(r.get('auc'), '.3f')} | {r['n_test_scans']} / {r['n_test_nodules']} | {r['train_seconds']:.0f} "
                 f"| {r['infer_seconds_per_scan']:.2f} | {_device(r['device'])} | `{git}` | {r['config']} `{r['config_hash']}` "
                 f"| {str(r['created_utc'])[:10]} |"

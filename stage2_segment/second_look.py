@@ -185,6 +185,11 @@ def candidate_labels(detections: Detections, targets: Sequence[LunaFinding],
     return out
 
 
+def _empty_mask(series_uid: str, geometry: VolumeGeometry) -> NoduleMask:
+    return NoduleMask(series_uid, np.zeros(6, np.int64), np.zeros((0, 0, 0), bool), geometry.spacing_zyx,
+                      (0.0, 0.0, 0.0), 0.0, 0.0, float("nan"))
+
+
 def patient_folds(groups: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
     """``(N,)`` fold of each row: patients shuffled with ``seed`` and dealt round-robin."""
     patients = np.array(sorted(set(groups.tolist())), dtype=object)
@@ -203,10 +208,20 @@ class SecondLook:
         info: what :meth:`fit` saw (rows, positives, scans, feature importances).
     """
 
+    #: no hard drop: the pipeline keeps every rescored candidate (the FROC picks the operating point)
+    min_score: float | None = None
+
     def __init__(self, config: SecondLookConfig = SecondLookConfig()) -> None:
         self.config = config
         self.booster: Any = None
         self.info: dict[str, Any] = {}
+
+    @property
+    def name(self) -> str:
+        """``second look (LightGBM, features + detector score)`` etc."""
+        what = "features + detector score" if self.config.use_detector else "features"
+        how = "" if self.config.combine == "replace" else f", geometric mean with the detector score (w={self.config.weight:g})"
+        return f"second look (LightGBM, {what}{how})"
 
     # ------------------------------------------------------------------ training
     def _columns(self, features: np.ndarray) -> np.ndarray:
@@ -276,7 +291,7 @@ class SecondLook:
         hu: np.ndarray,
         geometry: VolumeGeometry,
         detections: Detections,
-        masks: Sequence[NoduleMask],
+        masks: Sequence[NoduleMask] | None,
         *,
         lung: LungField | None = None,
     ) -> Detections:
@@ -286,9 +301,12 @@ class SecondLook:
         Args:
             hu: ``[z, y, x]`` HU of the scan on ``geometry`` (the grid stage 2 ran on).
             detections: the scan's stage-1 candidates.
-            masks: their stage-2 masks, ``masks[i]`` for candidate ``i``.
+            masks: their stage-2 masks, ``masks[i]`` for candidate ``i`` (None without
+                stage 2: every mask counts as empty, which the model was not trained on).
             lung: the scan's lung field, when already computed.
         """
+        if masks is None:
+            masks = [_empty_mask(detections.series_uid, geometry) for _ in range(len(detections))]
         feats = candidate_features(hu, geometry, detections, masks, config=self.config.features, lung=lung)
         scores = self.score_features(feats, detections.scores)
         return Detections(detections.series_uid, detections.centers_xyz_mm, detections.diameters_mm, scores,

@@ -44,6 +44,7 @@ from benchmarks.data import DataSpec
 from benchmarks.harness import DetectorSpec
 from lidc_det.config import ConfigFileError
 from lidc_det.errors import LidcDetError
+from stage2_segment.config import SegmenterConfig
 
 DEFAULT_DICOM_ROOT = Path("../shared/data/lidc-idri")
 _OPPOSITE = {"right": "left", "left": "right"}
@@ -93,6 +94,9 @@ class TransferConfig:
         train_sources: patients whose nodules are inserted into the training backgrounds.
         yardstick: the semi-real yardstick background (a region nothing is trained on).
         yardstick_sources: patients whose nodules go into the yardstick (disjoint from the rest).
+        segmentation: optional stage 2 (nnU-Net crop segmenter), trained on the same scans;
+            scored on the real nodules (Dice vs consensus, model in each reader's place vs the
+            readers' own leave-one-out Dice, volume error), the yardstick and the twin test.
         operating_sensitivity: twin-validation sensitivity that fixes the reported operating point.
         n_bootstrap: bootstrap replicates for CIs.
         n_fp_pngs: real false positives shown (highest scores first).
@@ -106,6 +110,7 @@ class TransferConfig:
     yardstick_sources: PatientRange
     backgrounds: tuple[BackgroundSpec, ...] = ()
     train_sources: PatientRange | None = None
+    segmentation: SegmenterConfig | None = None
     operating_sensitivity: float = 0.8
     n_bootstrap: int = 1000
     n_fp_pngs: int = 10
@@ -382,6 +387,13 @@ def run_transfer(
     )
     lap("real scans", t0)
 
+    stage2 = None
+    if cfg.segmentation is not None:
+        t0 = time.perf_counter()
+        stage2 = _run_stage2(cfg.segmentation, train_cases, val_cases, ds_twin, split, ds_yard, evals, real_d,
+                             data_dir / "stage2_model" / config_hash(cfg.segmentation), out_dir / "png", progress)
+        lap("stage 2", t0)
+
     dev = device_info(str(getattr(detector, "device", "")) or None)
     record = {
         "kind": "lidc-det transfer benchmark",
@@ -408,12 +420,90 @@ def run_transfer(
             "top_score": [round(float(d.scores.max()), 4) if len(d) else None for d in real_d],
             "pngs": pngs,
         },
+        "stage2": stage2,
         "seconds": times,
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
     write_json(out_dir / "transfer.json", record)
     _write_report(record, out_dir)
     return record
+
+
+def _run_stage2(
+    seg_cfg: SegmenterConfig, train_cases: list[Any], val_cases: list[Any], ds_twin: Any, split: Any, ds_yard: Any,
+    evals: list[EvalScan], real_dets: list[Any], work_dir: Path, png_dir: Path, progress: bool,
+) -> dict[str, Any]:
+    """Train the crop segmenter on the training scans; score it on the real nodules (true centre
+    and first hit), the yardstick and the twin test (Dice vs the readers' consensus)."""
+    from lidc_det.data.lidc import consensus_mask, load_annotations, reader_masks
+    from lidc_det.io.dicom import read_series
+    from lidc_det.overlays import three_plane_png
+    from lidc_det.resample import resample_image, resample_mask
+    from lidc_det.results import Detections
+    from stage2_segment.metrics import nodule_scores, summarize
+    from stage2_segment.segmenter import NnUnetSegmenter
+
+    seg = NnUnetSegmenter(work_dir, seg_cfg)
+    fit = seg.fit(train_cases, val_cases, progress=progress)
+    real: list[dict[str, Any]] = []
+    for e, det in zip(evals, real_dets):
+        vol = read_series(e.folder, series_uid=e.series_uid)
+        hu, g = resample_image(vol.hu, vol.geometry, seg_cfg_spacing(train_cases))
+        ann = load_annotations(vol.series_uid, vol.geometry)
+        for n in ann.nodules:
+            if not _findings_in([n], e.region):
+                continue
+            cons = resample_mask(consensus_mask(n, vol.geometry), vol.geometry, g)
+            readers = [resample_mask(m, vol.geometry, g) for m in reader_masks(n, vol.geometry)]
+            c = np.asarray([n.center_xyz_mm])
+            at_centre = seg.segment(hu, g, Detections(vol.series_uid, c, [n.equivalent_diameter_mm], [1.0]))[0]
+            row: dict[str, Any] = {"patient_id": vol.patient_id, "diameter_mm": round(n.equivalent_diameter_mm, 1),
+                                   "true_centre": _rounded(nodule_scores(at_centre, cons, readers))}
+            hit = np.flatnonzero(np.linalg.norm(det.centers_xyz_mm - c, axis=1) < n.equivalent_diameter_mm / 2) if len(det) else []
+            if len(hit):
+                k = int(hit[0])
+                at_hit = seg.segment(hu, g, Detections(vol.series_uid, det.centers_xyz_mm[k : k + 1], det.diameters_mm[k : k + 1], det.scores[k : k + 1]))[0]
+                row["first_hit"] = _rounded(nodule_scores(at_hit, cons, readers))
+            p = png_dir / f"{vol.patient_id}_stage2_{len(real) + 1}.png"
+            sc = row["true_centre"]
+            title = (f"REAL {vol.patient_id} {n.equivalent_diameter_mm:.1f} mm: model (red) Dice {sc['dice_consensus']:.2f} vs consensus "
+                     f"(green); model-in-reader's-place {sc.get('dice_model_loo', float('nan')):.2f} vs readers "
+                     f"{np.mean(sc.get('dice_human_loo', [np.nan])):.2f}; volume {sc['volume_error_pct']:+.0f}%")
+            three_plane_png(hu, g, n.center_xyz_mm, p, masks=[(cons, "lime"), (at_centre.full_mask(g.shape_zyx), "red")], title=title)
+            row["png"] = str(p.relative_to(png_dir.parent))
+            real.append(row)
+
+    def dice_of(ds: Any, uids: Any) -> list[float]:
+        out = []
+        for u in uids:
+            case = ds.load_case(u)
+            masks = seg.segment_nodules(case)
+            kept = [n for n in case.nodules if n.box_voxel is not None]
+            out += [nodule_scores(m, case.nodule_mask(n))["dice_consensus"] for m, n in zip(masks, kept)]
+        return out
+
+    return {
+        "fit": {k: v for k, v in fit.items() if k in ("n_crops", "n_nodule_crops", "n_negative_crops", "times", "final_pseudo_dice")},
+        "real": real,
+        "yardstick_dice": _rounded(summarize(dice_of(ds_yard, ds_yard.series_uids))),
+        "twin_test_dice": _rounded(summarize(dice_of(ds_twin, split.test))),
+    }
+
+
+def seg_cfg_spacing(cases: list[Any]) -> tuple[float, float, float]:
+    """The grid the segmenter was trained on (that of the training cases)."""
+    return tuple(float(v) for v in cases[0].geometry.spacing_zyx)  # type: ignore[return-value]
+
+
+def _rounded(d: dict[str, Any]) -> dict[str, Any]:
+    def r(v: Any) -> Any:
+        if isinstance(v, float):
+            return round(v, 4)
+        if isinstance(v, list):
+            return [r(x) for x in v]
+        return v
+
+    return {k: r(v) for k, v in d.items()}
 
 
 def _real_pngs(vol: Any, ann: Any, det: Any, targets: list[Any], irrelevant: list[Any], folder: Path, n_fp: int, region: str) -> list[dict[str, Any]]:
@@ -480,5 +570,25 @@ def _write_report(rec: dict[str, Any], out_dir: Path) -> None:
              t["sensitivity"]["0.125"], t["sensitivity"]["1.0"], t["sensitivity"]["8.0"], "-"],
         ],
     ))
+    s2 = rec.get("stage2")
+    if s2:
+        rep.add(Heading("Stage 2 on real nodules"))
+        rows = []
+        for r in s2["real"]:
+            for where in ("true_centre", "first_hit"):
+                sc = r.get(where)
+                if sc:
+                    rows.append([r["patient_id"], r["diameter_mm"], where.replace("_", " "), f"{sc['dice_consensus']:.3f}",
+                                 f"{sc.get('dice_model_loo', float('nan')):.3f}",
+                                 f"{np.mean(sc.get('dice_human_loo', [np.nan])):.3f}", f"{sc['volume_error_pct']:+.0f}%"])
+        rep.add(Table(["patient", "diameter mm", "crop at", "Dice vs consensus", "model in a reader's place",
+                       "readers' own leave-one-out", "volume error"], rows))
+        rep.add(Paragraph(
+            f"Dice vs consensus at the true centres (median): semi-real yardstick {s2['yardstick_dice']['median']:.3f} "
+            f"(n = {s2['yardstick_dice']['n']}), twin test (SYNTHETIC) {s2['twin_test_dice']['median']:.3f} "
+            f"(n = {s2['twin_test_dice']['n']}). nnU-Net pseudo-Dice at the end of training: {s2['fit'].get('final_pseudo_dice')}."
+        ))
+        for r in s2["real"]:
+            rep.add(Image(r["png"], f"REAL {r['patient_id']}: stage-2 mask (red) and the readers' consensus (green)"))
     rep.add(Paragraph("Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in rec["seconds"].items())))
     rep.write(out_dir)

@@ -1,0 +1,87 @@
+"""The transfer benchmark's protocol (what may be trained on and what is scored) and its run."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.transfer import (
+    BackgroundSpec,
+    PatientRange,
+    TransferProtocolError,
+    load_transfer_config,
+    plan_protocol,
+)
+from tests.conftest import REAL_ROOT, REPO, requires_real
+
+SMOKE = REPO / "benchmarks" / "transfer" / "smoke.yaml"
+REAL_0001 = REAL_ROOT / "LIDC-IDRI-0001"
+OTHER_CT = REAL_ROOT.parent / "other-ct" / "TCGA-DE-A4MA"
+
+
+@pytest.fixture()
+def cfg():
+    c = load_transfer_config(SMOKE)
+    # absolute paths, so the test does not depend on the working directory
+    return dataclasses.replace(
+        c,
+        yardstick=dataclasses.replace(c.yardstick, dicom=REAL_0001),
+        backgrounds=tuple(dataclasses.replace(b, dicom=REAL_0001) for b in c.backgrounds),
+    )
+
+
+def test_shipped_configs_load() -> None:
+    for path in sorted((REPO / "benchmarks" / "transfer").glob("*.yaml")):
+        c = load_transfer_config(path)
+        assert c.yardstick.region in ("left", "right", "whole")
+
+
+@requires_real
+def test_one_lung_background_restricts_scoring_to_the_other(cfg) -> None:
+    evals, y_region, protocol = plan_protocol(cfg, REAL_ROOT, twin_patients=["LIDC-IDRI-0111"])
+    assert [e.patient_id for e in evals] == ["LIDC-IDRI-0001"]
+    assert evals[0].region == "left" and y_region == "left"
+    assert "one lung: right" in protocol["label"]
+
+
+@requires_real
+def test_whole_background_of_an_evaluated_scan_is_refused(cfg) -> None:
+    bad = dataclasses.replace(cfg, backgrounds=(BackgroundSpec("b", REAL_0001, "whole"),))
+    with pytest.raises(TransferProtocolError, match="whole training background"):
+        plan_protocol(bad, REAL_ROOT, twin_patients=[])
+
+
+@requires_real
+def test_yardstick_in_the_trained_lung_is_refused(cfg) -> None:
+    bad = dataclasses.replace(cfg, yardstick=dataclasses.replace(cfg.yardstick, region="right"))
+    with pytest.raises(TransferProtocolError, match="overlaps the trained region"):
+        plan_protocol(bad, REAL_ROOT, twin_patients=[])
+
+
+@requires_real
+def test_patient_overlaps_are_refused(cfg) -> None:
+    with pytest.raises(TransferProtocolError, match="among the training twins"):
+        plan_protocol(cfg, REAL_ROOT, twin_patients=["LIDC-IDRI-0001"])
+    with pytest.raises(TransferProtocolError, match="training nodule sources"):
+        plan_protocol(dataclasses.replace(cfg, train_sources=PatientRange("LIDC-IDRI-0001", "LIDC-IDRI-0002")), REAL_ROOT, [])
+    with pytest.raises(TransferProtocolError, match="overlap the training sources"):
+        plan_protocol(dataclasses.replace(cfg, yardstick_sources=PatientRange("LIDC-IDRI-0305", "LIDC-IDRI-0320")), REAL_ROOT, [])
+
+
+@pytest.mark.slow
+@requires_real
+def test_smoke_transfer_run_end_to_end(tmp_path: Path) -> None:
+    """The smoke config through every step (minutes): twins, semi-real, stage 1 and 2, scoring, report."""
+    from benchmarks.transfer import run_transfer
+
+    rec = run_transfer(SMOKE, tmp_path / "run", dicom_root=REAL_ROOT, progress=False)
+    assert rec["protocol"]["evaluation"][0]["scored_region"] == "left"
+    (row,) = rec["real"]["nodules"]
+    assert row["patient_id"] == "LIDC-IDRI-0001" and row["diameter_mm"] == pytest.approx(23.4, abs=0.2)
+    assert rec["yardstick"]["n_nodules"] >= 3 and rec["twin_test"]["synthetic"] is True
+    assert rec["stage2"]["real"][0]["true_centre"]["dice_human_loo"]  # readers' own leave-one-out beside the model
+    saved = json.loads((tmp_path / "run" / "transfer.json").read_text())
+    assert saved["config_hash"] == rec["config_hash"] and (tmp_path / "run" / "report.md").is_file()

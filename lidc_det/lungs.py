@@ -53,6 +53,7 @@ import numpy as np
 
 from lidc_det.errors import LidcDetError
 from lidc_det.geometry import VolumeGeometry
+from lidc_det.results import Detections
 
 RIGHT = 1
 """Label of the right lung (patient's right: world x smaller, LPS)."""
@@ -615,3 +616,45 @@ def lung_fields(
         close_mm=float(close_mm),
         seconds=time.perf_counter() - t0,
     )
+
+
+# ------------------------------------------------------------------ candidate restriction
+DEFAULT_MARGIN_MM = 10.0
+"""Default dilation (mm) of the lung field when restricting candidates to it."""
+
+
+@dataclass(frozen=True, eq=False)
+class Restriction:
+    """Candidates restricted to the dilated lung field (:func:`restrict_detections`).
+
+    Attributes:
+        detections: the candidates kept (in their original order).
+        dropped: the candidates whose centre lies farther than ``margin_mm`` from the lung field.
+        margin_mm: the dilation used.
+    """
+
+    detections: Detections
+    dropped: Detections
+    margin_mm: float
+
+
+def restrict_detections(detections: Detections, fields: LungFields, margin_mm: float = DEFAULT_MARGIN_MM) -> Restriction:
+    """Drop candidates whose world centre is more than ``margin_mm`` from the lung field.
+
+    The margin keeps juxtapleural and juxtavascular nodules whose centre sits
+    just outside the (closed) field, and detections of large nodules whose
+    centre the detector places off the lung; ``fields`` may be on any grid
+    (the test is in world mm), so any detector's output can be restricted.
+    """
+    keep = fields.near(detections.centers_xyz_mm, margin_mm) if len(detections) else np.zeros(0, dtype=bool)
+
+    def pick(m: np.ndarray) -> Detections:
+        return Detections(
+            detections.series_uid,
+            detections.centers_xyz_mm[m],
+            detections.diameters_mm[m],
+            detections.scores[m],
+            None if detections.boxes_voxel is None else detections.boxes_voxel[m],
+        )
+
+    return Restriction(pick(keep), pick(~keep), float(margin_mm))

@@ -25,6 +25,10 @@ windows) are dropped.
 (:func:`stage1_detect.preprocess.body_mask`) are skipped, and detections whose
 centre lies outside the body are dropped.
 
+**Lung field** (``lung_restrict``): detections whose centre lies more than
+``lung_margin_mm`` from the classical lung field of the scan are dropped
+(:func:`restrict_to_lungs`).
+
 **Spacing.** The network works on the training grid (``config.spacing_mm``). A
 scan with another spacing is resampled first (linear,
 :func:`lidc_det.resample.resample_image`); boxes are mapped back to the input
@@ -311,4 +315,22 @@ def predict_scan(
     volume = normalize_hu(grid_hu, config.hu_window)
     mask = body_mask(grid_hu) if config.use_body_mask else None
     boxes, scores = predict_boxes(model, volume, config, device=device, mask=mask, progress=progress)
-    return detections_from_boxes(boxes, scores, grid_geom, geometry, series_uid)
+    dets = detections_from_boxes(boxes, scores, grid_geom, geometry, series_uid)
+    if config.lung_restrict:
+        dets = restrict_to_lungs(dets, hu, geometry, config.lung_margin_mm)
+    return dets
+
+
+def restrict_to_lungs(dets: Detections, hu: np.ndarray, geometry: VolumeGeometry, margin_mm: float) -> Detections:
+    """``dets`` without the candidates farther than ``margin_mm`` from the scan's lung field
+    (:func:`lidc_det.lungs.restrict_detections`); all of them when no lung field is found."""
+    import warnings
+
+    from lidc_det.lungs import LungFieldError, lung_fields, restrict_detections
+
+    try:
+        fields = lung_fields(hu, geometry)
+    except LungFieldError as err:
+        warnings.warn(f"{dets.series_uid}: no lung restriction: {err}", stacklevel=2)
+        return dets
+    return restrict_detections(dets, fields, margin_mm).detections

@@ -149,3 +149,28 @@ def test_real_nodule_inside_the_left_lung(real: tuple[np.ndarray, VolumeGeometry
     ann = load_annotations(REAL_PATIENT, geom)
     m = consensus_mask(ann.nodules[0], geom)
     assert (lf.labels[m] == LEFT).mean() > 0.95  # the juxtavascular 23 mm nodule is inside the field
+
+
+def test_restriction_keeps_every_twin_nodule_and_drops_outside_points(twin: _Case) -> None:
+    from lidc_det.lungs import restrict_detections
+    from lidc_det.results import Detections
+
+    g = twin.geometry
+    ids = [int(i) for i in np.unique(twin.nodule_label) if i > 0]
+    centres = [g.voxel_to_world(np.argwhere(twin.nodule_label == i).mean(axis=0)) for i in ids]
+    outside = [g.voxel_to_world(np.array([g.shape_zyx[0] / 2, 5.0, 5.0]))]  # air in front of the patient
+    pts = np.array(centres + outside)
+    dets = Detections("twin", pts, np.full(len(pts), 8.0), np.linspace(1.0, 0.1, len(pts)))
+    r = restrict_detections(dets, twin.fields, 10.0)
+    assert len(r.detections) == len(ids) and len(r.dropped) == 1
+    assert np.allclose(r.dropped.centers_xyz_mm, pts[-1:])
+    assert np.allclose(r.detections.scores, dets.scores[:-1])  # order kept
+
+
+def test_detector_option_round_trips() -> None:
+    pytest.importorskip("torch")
+    from stage1_detect.config import load_config
+
+    cfg = load_config("tiny").replace(lung_restrict=True, lung_margin_mm=6.0)
+    assert cfg.lung_restrict and cfg.lung_margin_mm == 6.0
+    assert load_config("tiny").lung_restrict is False

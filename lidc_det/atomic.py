@@ -1,7 +1,8 @@
 """Atomic file writes: write to a temporary file in the same folder, then rename.
 
-A killed process leaves either the old file, the new file, or a ``*.tmp-*``
-leftover that no reader mistakes for a finished file.
+A killed process leaves either the old file, the new file, or a hidden
+``.<name>.tmp-*`` leftover that no reader mistakes for a finished file;
+:func:`remove_leftovers` deletes those when the writer resumes.
 """
 
 from __future__ import annotations
@@ -9,12 +10,46 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+
+TMP_MARK = ".tmp-"
+
+
+def tmp_prefix(name: str) -> str:
+    """Start of the temporary file names used while writing the file ``name``."""
+    return f".{name}{TMP_MARK}"
+
+
+def remove_leftovers(folder: Path, names: Iterable[str] | None = None) -> list[Path]:
+    """Delete the temporary files a killed writer left in ``folder``; returns them.
+
+    Args:
+        folder: the folder (a missing folder has no leftovers).
+        names: only the leftovers of these final file names (e.g. ``["image.npy"]``);
+            None: every ``.*.tmp-*`` file in ``folder``.
+
+    Call it only when no other process is writing into ``folder``.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    prefixes = None if names is None else tuple(tmp_prefix(n) for n in names)
+    removed = []
+    for p in folder.iterdir():
+        name = p.name
+        if not (name.startswith(".") and TMP_MARK in name) or not p.is_file():
+            continue
+        if prefixes is not None and not name.startswith(prefixes):
+            continue
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return sorted(removed)
 
 
 @contextmanager
@@ -26,7 +61,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", suffix="".join(path.suffixes), dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(path.name), suffix="".join(path.suffixes), dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     umask = os.umask(0)

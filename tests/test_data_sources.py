@@ -397,6 +397,13 @@ def test_check_labels_prepared_lidc_style(tmp_path: Path) -> None:
             "box_voxel": [3, 3, 3, 7, 7, 7]} for i, m in enumerate([1.0, 3.0, 5.0])]
     meta = {"series_uid": uid, "patient_id": "P1", "geometry": G1.to_dict(), "nodules": nod, "irrelevant": []}
     (tmp_path / "scans" / uid / "meta.json").write_text(json.dumps(meta))
+    # arrays that agree with meta.json (the "scan arrays" check loads them)
+    labels = np.zeros(G1.shape_zyx, dtype=np.uint8)
+    for label, (z0, z1) in ((1, (3, 5)), (2, (5, 6)), (3, (6, 7))):
+        labels[z0:z1, 3:7, 3:7] = label
+    np.save(tmp_path / "scans" / uid / "labels.npy", labels)
+    np.save(tmp_path / "scans" / uid / "image.npy", np.zeros(G1.shape_zyx, dtype=np.int16))
+    np.savez(tmp_path / "scans" / uid / "masks.npz", **{f"mask_{i}": np.ones((4, 4, 4), bool) for i in (1, 2, 3)})
     (tmp_path / "dataset.json").write_text(json.dumps(
         {"format_version": FORMAT_VERSION, "scans": [{"series_uid": uid, "patient_id": "P1", "fold": 0}]}))
     (tmp_path / "annotations.csv").write_text(

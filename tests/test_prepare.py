@@ -74,10 +74,12 @@ def test_half_written_scan_is_redone(prepared: Path, tmp_path: Path) -> None:
     # what a kill leaves: a temp file and no meta.json
     (scan / ".image.npy.tmp-abc.npy").write_bytes(b"\x93NUMPY half")
     (scan / "labels.npy").write_bytes(b"garbage")
+    (out / ".dataset.json.tmp-xyz.json").write_text("{")
     report = prepare_dataset(PrepareConfig(dicom_root=REAL_ROOT, out_dir=out), progress=False)
     assert report.done == (REAL_SERIES_UID,)
     case = PreparedDataset(out).load_case(REAL_SERIES_UID)
     assert case.labels.max() == 1
+    assert not list(out.rglob("*.tmp-*"))  # the leftovers are removed
 
 
 def test_killed_run_completes_on_rerun(tmp_path: Path) -> None:
@@ -91,8 +93,7 @@ def test_killed_run_completes_on_rerun(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     case = PreparedDataset(out).load_case(REAL_SERIES_UID)
     assert case.labels.max() == 1 and case.image_hu.shape == case.geometry.shape_zyx
-    leftovers = [p.name for p in out.rglob(".*tmp-*")]
-    assert not leftovers or all(".tmp-" in name for name in leftovers)
+    assert not list(out.rglob("*.tmp-*")), "the resumed run removes the killed run's temporary files"
 
 
 def test_settings_change_redoes_scan(prepared: Path, tmp_path: Path) -> None:

@@ -21,6 +21,11 @@ unmatched UID          error     an annotation names a SOP Instance UID (or a sc
 smaller than voxel     error     a finding is smaller than the largest voxel side, or its box
                                  vanished on the (prepared) grid
 unreadable             error     a patient's CT or XML could not be read
+scan arrays            error     (prepared data sets) a scan's ``image.npy`` / ``labels.npy`` /
+                                 ``masks.npz`` is missing, cut short or unloadable, has the wrong
+                                 shape or dtype for its ``meta.json``, or the label map disagrees
+                                 with the nodules (unknown label, a nodule's label absent, outside
+                                 its box, or more voxels than its mask)
 =====================  ========  ==============================================================
 
 Classes: Lung-PET-CT-Dx letters; for LIDC, the median malignancy rating
@@ -43,7 +48,15 @@ import numpy as np
 from lidc_det.errors import DatasetError
 from lidc_det.geometry import VolumeGeometry
 
-__all__ = ["CheckReport", "CheckResult", "LabelRecord", "check_labels", "check_records", "records_from_prepared"]
+__all__ = [
+    "CheckReport",
+    "CheckResult",
+    "LabelRecord",
+    "check_labels",
+    "check_records",
+    "records_from_prepared",
+    "scan_array_problems",
+]
 
 OK, WARNING, ERROR = "ok", "warning", "error"
 
@@ -243,6 +256,90 @@ def check_records(
     return counts, tuple(results)
 
 
+def scan_array_problems(folder: Path, meta: dict) -> list[str]:
+    """What is wrong with one prepared scan's arrays, checked against its ``meta.json`` content.
+
+    Loads ``labels.npy`` and ``masks.npz`` fully and ``image.npy`` memory-mapped (its
+    header, shape, dtype and length are checked; its values are not read).
+
+    Returns:
+        One line per problem (``[]`` when the arrays are sound).
+    """
+    uid = meta.get("series_uid", folder.name)
+    shape = tuple(int(v) for v in meta["geometry"]["shape_zyx"])
+    problems: list[str] = []
+    arrays: dict[str, np.ndarray] = {}
+    for name, dtype in (("image.npy", np.int16), ("labels.npy", np.uint8)):
+        path = folder / name
+        try:
+            arr = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as err:
+            problems.append(f"{uid}/{name}: cannot be loaded ({err})")
+            continue
+        if tuple(arr.shape) != shape or arr.dtype != dtype:
+            problems.append(
+                f"{uid}/{name}: {arr.dtype} {tuple(arr.shape)}, meta.json says {np.dtype(dtype)} {shape}"
+            )
+            continue
+        arrays[name] = arr
+    nodules = [n for n in meta.get("nodules", []) if n.get("label") is not None]
+    try:
+        with np.load(folder / "masks.npz") as z:
+            masks = {k: z[k] for k in z.files}
+    except Exception as err:  # noqa: BLE001 - zip / CRC / pickle errors all mean "re-run prepare"
+        problems.append(f"{uid}/masks.npz: cannot be loaded ({type(err).__name__}: {err})")
+        masks = None
+    labels = arrays.get("labels.npy")
+    if labels is None:
+        return problems
+    labels = np.asarray(labels)
+    counts = np.bincount(labels.ravel(), minlength=256)
+    known = {int(n["label"]) for n in nodules}
+    unknown = [v for v in np.flatnonzero(counts[1:]) + 1 if int(v) not in known]
+    if unknown:
+        problems.append(f"{uid}/labels.npy: label values {[int(v) for v in unknown]} belong to no nodule of meta.json")
+    for n in nodules:
+        label, box = int(n["label"]), n.get("box_voxel")
+        if box is None:
+            if counts[label]:
+                problems.append(f"{uid}/labels.npy: label {label} has {counts[label]} voxels but no box in meta.json")
+            continue
+        lo, hi = [int(v) for v in box[:3]], [int(v) for v in box[3:]]
+        inside = int(np.count_nonzero(labels[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] == label))
+        if inside == 0:
+            problems.append(f"{uid}/labels.npy: nodule {n['nodule_id']} (label {label}) has no voxel in its box {box}")
+        elif inside != counts[label]:
+            problems.append(f"{uid}/labels.npy: label {label} has {counts[label] - inside} voxels outside its box {box}")
+        if counts[label] > int(n.get("mask_voxels", counts[label])):
+            problems.append(
+                f"{uid}/labels.npy: label {label} has {counts[label]} voxels, more than its mask's {n['mask_voxels']}"
+            )
+        if masks is not None:
+            mask = masks.get(f"mask_{label}")
+            if mask is None:
+                problems.append(f"{uid}/masks.npz: no mask_{label} for nodule {n['nodule_id']}")
+            elif tuple(mask.shape) != tuple(h - low for low, h in zip(lo, hi, strict=True)):
+                problems.append(f"{uid}/masks.npz: mask_{label} is {tuple(mask.shape)}, its box {box}")
+    return problems
+
+
+def _check_prepared_arrays(root: Path) -> CheckResult:
+    """The "scan arrays" check of every scan of a prepared data set."""
+    info = json.loads((root / "dataset.json").read_text())
+    bad: list[str] = []
+    uids = [s["series_uid"] for s in info.get("scans", [])]
+    for uid in uids:
+        folder = root / "scans" / uid
+        try:
+            meta = json.loads((folder / "meta.json").read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            bad.append(f"{uid}/meta.json: unreadable ({err})")
+            continue
+        bad += scan_array_problems(folder, meta)
+    return _result("scan arrays", bad, len(uids), ERROR, "arrays load and agree with meta.json",
+                   "scan arrays missing, cut short or disagreeing with meta.json (re-run prepare)")
+
+
 # --------------------------------------------------------------- data sources
 def _lidc_class(malignancy: float) -> str | None:
     if not math.isfinite(malignancy):
@@ -251,7 +348,8 @@ def _lidc_class(malignancy: float) -> str | None:
 
 
 def records_from_prepared(root: Path) -> tuple[list[LabelRecord], list[str], int, int, str]:
-    """(records, unmatched, n_annotations, n_cases, source) of a prepared data set (meta.json files only)."""
+    """(records, unmatched, n_annotations, n_cases, source) of a prepared data set (meta.json files;
+    :func:`scan_array_problems` checks the arrays)."""
     from lidc_det.data.luna import read_annotations
 
     path = root / "dataset.json"
@@ -393,4 +491,6 @@ def check_labels(
         min_findings=min_findings,
         imbalance_ratio=imbalance_ratio,
     )
+    if (root / "dataset.json").is_file():
+        results = (*results, _check_prepared_arrays(root))
     return CheckReport(root, kind, n_cases, len(records), counts, results, tuple(notes))

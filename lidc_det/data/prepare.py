@@ -16,7 +16,12 @@ Layout written under ``out_dir`` (see :mod:`lidc_det.data.prepared` for the read
 
 A scan is finished when its ``meta.json`` exists with the same settings hash;
 finished scans are skipped on a re-run. Every file is written atomically, so a
-killed run leaves no half-file that looks valid. Scans are processed in
+killed run leaves no half-file that looks valid, and the hidden temporary files
+it leaves (``.image.npy.tmp-*``, ...) are removed when the next run starts.
+A series is read with ``require_geometry`` (no assumed origin or orientation:
+the annotations are in world mm); the reader's warnings (irregular spacing,
+gantry tilt, skipped files) are kept in the scan's ``meta.json["warnings"]``
+and listed in the report. Scans are processed in
 parallel (spawned processes) with a progress bar; a failing scan is recorded
 in ``dataset.json["failed"]`` and reported at the end instead of aborting.
 """
@@ -27,6 +32,7 @@ import hashlib
 import json
 import time
 import traceback
+import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,10 +40,12 @@ from typing import Any
 
 import numpy as np
 
-from lidc_det.atomic import save_npy, write_json, write_with
+from lidc_det.atomic import remove_leftovers, save_npy, write_json, write_with
 from lidc_det.errors import DatasetError
 
 FORMAT_VERSION = 1
+SCAN_FILES = ("image.npy", "labels.npy", "masks.npz", "meta.json")
+DATASET_FILES = ("dataset.json", "nodules.csv", "annotations.csv", "excluded.csv")
 
 
 def hash_settings(settings: dict[str, Any]) -> str:
@@ -93,13 +101,15 @@ class PrepareConfig:
 
 @dataclass(frozen=True)
 class PrepareReport:
-    """What a ``prepare`` run did. ``failed`` maps a series UID to its error line."""
+    """What a ``prepare`` run did. ``failed`` maps a series UID to its error line,
+    ``warnings`` a scan prepared now to the reader's warnings about it."""
 
     out_dir: Path
     done: tuple[str, ...]
     skipped: tuple[str, ...]
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    warnings: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def summary(self) -> str:
         lines = [
@@ -107,6 +117,8 @@ class PrepareReport:
             f"  scans prepared now: {len(self.done)}   already done (skipped): {len(self.skipped)}"
             f"   failed: {len(self.failed)}   wall time: {self.seconds:.1f} s",
         ]
+        for uid, messages in sorted(self.warnings.items()):
+            lines += [f"  WARNING {uid}: {m}" for m in messages]
         for uid, err in sorted(self.failed.items()):
             lines.append(f"  FAILED {uid}: {err}")
         return "\n".join(lines)
@@ -141,11 +153,20 @@ def prepare_scan(series_folder: Path, series_uid: str, cfg: PrepareConfig) -> di
     """
     from lidc_det.boxes import mask_to_box
     from lidc_det.data.lidc import consensus_mask, load_annotations
-    from lidc_det.io.dicom import read_series
+    from lidc_det.io.dicom import SeriesGeometryWarning, SkippedFileWarning, read_series
     from lidc_det.resample import resample_image, resample_mask
 
     t0 = time.perf_counter()
-    vol = read_series(series_folder, series_uid=series_uid)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", SkippedFileWarning)
+        warnings.simplefilter("always", SeriesGeometryWarning)
+        vol = read_series(series_folder, series_uid=series_uid, require_geometry=True)
+    read_warnings = []
+    for w in caught:
+        if issubclass(w.category, SkippedFileWarning | SeriesGeometryWarning):
+            read_warnings.append(str(w.message))
+        else:  # not the reader's: pass it on
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     ann = load_annotations(
         vol.series_uid, vol.geometry, min_readers=cfg.min_readers, min_diameter_mm=cfg.min_diameter_mm
     )
@@ -189,6 +210,7 @@ def prepare_scan(series_folder: Path, series_uid: str, cfg: PrepareConfig) -> di
         "settings_hash": cfg.settings_hash(),
         "nodules": nodules,
         "irrelevant": [_nodule_record(n, None) for n in ann.irrelevant],
+        "warnings": read_warnings,
         "seconds": round(time.perf_counter() - t0, 3),
     }
     write_json(out / "meta.json", meta)  # last: marks the scan finished
@@ -206,8 +228,7 @@ def read_finished_meta(out_dir: Path, series_uid: str, settings_hash: str) -> di
         return None
     if meta.get("settings_hash") != settings_hash:
         return None
-    files = ("image.npy", "labels.npy", "masks.npz")
-    if not all((path.parent / f).is_file() for f in files):
+    if not all((path.parent / f).is_file() for f in SCAN_FILES):
         return None
     return meta
 
@@ -255,6 +276,7 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: bool = True) -> PrepareRepo
     t0 = time.perf_counter()
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(out_dir)
     series = _select_series(cfg)
     h = cfg.settings_hash()
     metas: dict[str, dict[str, Any]] = {}
@@ -283,7 +305,18 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: bool = True) -> PrepareRepo
                 bar.update(1)
     bar.close()
     _write_dataset_files(cfg, metas, failed)
-    return PrepareReport(out_dir, tuple(sorted(done)), skipped, failed, time.perf_counter() - t0)
+    warned = {uid: tuple(metas[uid].get("warnings", ())) for uid in done if metas[uid].get("warnings")}
+    return PrepareReport(out_dir, tuple(sorted(done)), skipped, failed, time.perf_counter() - t0, warned)
+
+
+def _remove_leftovers(out_dir: Path) -> None:
+    """Delete the temporary files a killed run left (data-set files and every scan's files)."""
+    remove_leftovers(out_dir, DATASET_FILES)
+    scans = out_dir / "scans"
+    if scans.is_dir():
+        for d in scans.iterdir():
+            if d.is_dir():
+                remove_leftovers(d, SCAN_FILES)
 
 
 def _collect(

@@ -174,3 +174,37 @@ def test_detector_option_round_trips() -> None:
     cfg = load_config("tiny").replace(lung_restrict=True, lung_margin_mm=6.0)
     assert cfg.lung_restrict and cfg.lung_margin_mm == 6.0
     assert load_config("tiny").lung_restrict is False
+
+
+def test_outputs_label_map_pngs_and_render(twin: _Case, tmp_path: Path) -> None:
+    from lidc_det.io.labelmap import NODULE_OFFSET
+    from lidc_det.io.nifti import read_nifti
+    from lidc_det.lung_outputs import write_lung_outputs
+
+    masks = [twin.nodule_label == i for i in (1, 2)]  # nodule 2's PNG is skipped (max_nodule_pngs=1)
+    rec = write_lung_outputs(twin.hu, twin.fields, tmp_path, nodule_masks=masks, title="SYNTHETIC twin", max_nodule_pngs=1)
+    labels, geom = read_nifti(tmp_path / "lungs.nii.gz")
+    assert geom.shape_zyx == twin.geometry.shape_zyx
+    assert np.allclose(geom.origin_xyz, twin.geometry.origin_xyz, atol=1e-3)
+    assert set(np.unique(labels)) == {0, RIGHT, LEFT, NODULE_OFFSET + 1, NODULE_OFFSET + 2}
+    assert np.array_equal(labels == NODULE_OFFSET + 1, masks[0])
+    assert np.array_equal((labels == RIGHT) | (labels == LEFT) | masks[0] | masks[1], twin.fields.mask | masks[0] | masks[1])
+    assert '"right lung"' in (tmp_path / "lungs.itksnap.txt").read_text()
+    assert "left_lung" in (tmp_path / "lungs.ctbl").read_text()
+    for name in ("lungs_3plane.png", "nodule_1_3plane.png", "lungs_render.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+    assert not (tmp_path / "nodule_2_3plane.png").exists()
+    assert rec["volumes_ml"]["total"] == pytest.approx(twin.fields.volumes_ml["total"], abs=0.1)
+
+
+@requires_real
+@pytest.mark.slow
+def test_cli_lungs_on_the_real_scan(tmp_path: Path) -> None:
+    import json
+
+    from lidc_det.cli import main
+
+    assert main(["lungs", "--dicom", str(REAL_SERIES_DIR), "--out", str(tmp_path)]) == 0
+    rec = json.loads((tmp_path / "lungs.json").read_text())
+    assert 3000 < rec["volumes_ml"]["total"] < 5000
+    assert len(rec["nodules"]) == 1 and (tmp_path / "lungs_render.png").is_file()

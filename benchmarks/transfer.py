@@ -19,7 +19,9 @@ scans? One run:
    false positives and of every real nodule.
 4. **Semi-real yardstick.** Nodules of other patients inserted into a real scan's lung
    that nothing was trained on (the left lung of the shared LIDC-IDRI-0001 by default):
-   a FROC with tens of nodules on real anatomy, real vessels and real noise.
+   a FROC with tens of nodules on real anatomy, real vessels and real noise. Its targets are
+   the inserted nodules; the background's own findings are irrelevant there (the real nodule
+   would otherwise count once per copy; it is scored on the real scan itself).
 5. **Twin test CPM** on the held-out twin fold (to show the twin score does not fall).
 
 The run refuses configs that would score what was trained on: evaluation patients among
@@ -27,7 +29,8 @@ the twins or the nodule sources, yardstick sources among the training sources, a
 evaluated series used whole as a background, a yardstick region that was trained on.
 
 Outputs in ``--out``: ``transfer.json`` (config, git revision, device, wall times, every
-figure), ``report.md`` / ``report.html``, PNGs, the detector's checkpoints. Reruns reuse
+figure), ``report.md`` / ``report.html``, PNGs, LUNA16 candidate CSVs (twin test, yardstick,
+real), the detector's checkpoints. Reruns reuse
 finished twins, semi-real scans and training.
 """
 
@@ -244,6 +247,28 @@ def _froc_dict(froc: Any) -> dict[str, Any]:
     }
 
 
+def _yardstick_findings(ds: Any) -> tuple[list[Any], list[Any]]:
+    """Targets = the inserted nodules only; the background's own findings are irrelevant (the real
+    nodule is in every copy: counting it as a target would weigh one real nodule many times;
+    its rank is reported on the real scan itself)."""
+    from lidc_det.data.luna import LunaFinding
+
+    targets: list[Any] = []
+    irrelevant: list[Any] = []
+    for uid in ds.series_uids:
+        case = ds.load_case(uid)
+        for n in case.nodules + case.irrelevant:
+            f = LunaFinding(uid, n.center_xyz_mm, n.diameter_mm)
+            (targets if ":inserted" in n.nodule_id else irrelevant).append(f)
+    return targets, irrelevant
+
+
+def _write_candidates(path: Path, dets: list[Any]) -> None:
+    from lidc_det.data.luna import candidates_from_detections, write_candidates
+
+    write_candidates(path, [c for d in dets for c in candidates_from_detections(d)])
+
+
 def _fp_at(dets: list[Any], targets: list[Any], irrelevant: list[Any], threshold: float | None) -> float | None:
     from lidc_det.metrics.ranks import candidate_kinds
 
@@ -352,9 +377,10 @@ def run_transfer(
 
     # -- semi-real yardstick
     t0 = time.perf_counter()
-    y_d, y_t, y_i = _detect_prepared(detector, ds_yard, ds_yard.series_uids, progress)
+    y_d, _, _ = _detect_prepared(detector, ds_yard, ds_yard.series_uids, progress)
     y_d = [_restrict(d, y_region) for d in y_d]
-    y_t, y_i = _findings_in(y_t, y_region), y_i
+    y_t, y_i = _yardstick_findings(ds_yard)
+    y_t = _findings_in(y_t, y_region)
     yard_froc = evaluate_detections(y_t, y_d, excluded=y_i, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
     lap("yardstick", t0)
 
@@ -391,9 +417,12 @@ def run_transfer(
     if cfg.segmentation is not None:
         t0 = time.perf_counter()
         stage2 = _run_stage2(cfg.segmentation, train_cases, val_cases, ds_twin, split, ds_yard, evals, real_d,
-                             data_dir / "stage2_model" / config_hash(cfg.segmentation), out_dir / "png", progress)
+                             data_dir / "stage2_model" / config_hash([cfg.segmentation, sorted(c.series_uid for c in train_cases + val_cases)]),
+                             out_dir / "png", progress)
         lap("stage 2", t0)
 
+    for name, dets in (("twin_test", test_d), ("yardstick", y_d), ("real", real_d)):
+        _write_candidates(out_dir / f"candidates_{name}.csv", dets)
     dev = device_info(str(getattr(detector, "device", "")) or None)
     record = {
         "kind": "lidc-det transfer benchmark",

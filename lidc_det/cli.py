@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -693,9 +694,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_formatter(command: str) -> Callable[..., str]:
+    """``warnings.formatwarning`` for the CLI: ``lidc-det CMD: warning: MESSAGE`` without the
+    Python source line (lidc-det's own warnings); other warnings keep their category and origin."""
+
+    def fmt(message: Warning | str, category: type[Warning], filename: str, lineno: int, line: str | None = None) -> str:
+        if category.__module__.startswith("lidc_det"):
+            return f"lidc-det {command}: warning: {message}\n"
+        return f"lidc-det {command}: warning: {category.__name__}: {message} ({filename}:{lineno})\n"
+
+    return fmt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous_format = warnings.formatwarning
+    warnings.formatwarning = _warning_formatter(args.command)
     try:
         return int(args.func(args))
     except LidcDetError as err:
@@ -706,6 +721,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.formatwarning = previous_format
 
 
 if __name__ == "__main__":

@@ -379,3 +379,43 @@ def test_monochrome1_gives_the_same_hu(slice_bytes: list[tuple[str, bytes]], tmp
     ref = read_series(paths[0].parent).hu
     edit_all(paths, PhotometricInterpretation="MONOCHROME1")
     np.testing.assert_array_equal(read_series(paths[0].parent).hu, ref)
+
+
+# ------------------------------------------------------------ compressed DICOM
+@pytest.mark.parametrize(
+    ("syntax", "name"),
+    [(RLELossless, "RLE Lossless (pydicom itself)"), ("1.2.840.10008.1.2.4.90", "JPEG 2000 Lossless (pylibjpeg-openjpeg)")],
+)
+def test_compressed_series_reads_the_same_hu(
+    syntax: str, name: str, slice_bytes: list[tuple[str, bytes]], tmp_path: Path
+) -> None:
+    """A compressed copy of 3 real slices (made with Dataset.compress) gives the same HU as the original."""
+    paths = copy_series(tmp_path / "a", slice_bytes[4:7])
+    ref = read_series(paths[0].parent)
+    for p in paths:
+        ds = pydicom.dcmread(p)
+        ds.compress(syntax)
+        ds.save_as(p)
+    assert str(pydicom.dcmread(paths[0], stop_before_pixels=True).file_meta.TransferSyntaxUID) == str(syntax), name
+    v = read_series(paths[0].parent)
+    assert v.geometry == ref.geometry
+    np.testing.assert_array_equal(v.hu, ref.hu)
+
+
+def test_missing_decoder_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without pylibjpeg-libjpeg the message says which package decodes JPEG Lossless, not pydicom internals."""
+    import importlib.util
+
+    from pydicom.uid import JPEGLosslessSV1
+
+    from lidc_det.io import dicom
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "libjpeg" else real(n, *a))
+    err = dicom._decode_error(Path("x.dcm"), JPEGLosslessSV1, RuntimeError("Unable to decode: no plugins\n  details"))
+    assert isinstance(err, PixelDataError)
+    assert str(err) == (
+        "x.dcm: cannot decode pixel data in transfer syntax JPEG Lossless, Non-Hierarchical, First-Order "
+        "Prediction (Process 14 [Selection Value 1]) (1.2.840.10008.1.2.4.70): it is decoded by pylibjpeg and "
+        "pylibjpeg-libjpeg, which is not installed (pip install pylibjpeg pylibjpeg-libjpeg)"
+    )

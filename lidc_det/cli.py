@@ -89,7 +89,9 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scans", nargs="*", default=None, help="patient ids or SeriesInstanceUIDs (default: all found)")
     p.add_argument("--spacing", nargs=3, type=float, default=(1.0, 1.0, 1.0), metavar=("Z", "Y", "X"), help="mm (default 1 1 1)")
     p.add_argument("--min-readers", type=int, default=3)
-    p.add_argument("--workers", type=int, default=1, help="parallel scans (processes)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="parallel scans: 1 = in this process, N = a Dask LocalCluster of N (same as --scheduler local:N)")
+    p.add_argument("--scheduler", default=None, help=SCHEDULER_HELP + " (default: from --workers)")
     p.add_argument("--folds", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
 
@@ -106,7 +108,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
             n_folds=a.folds,
             seed=a.seed,
         )
-        report = prepare_dataset(cfg)
+        report = prepare_dataset(cfg, scheduler=a.scheduler)
         print(report.summary())
         return 0 if not report.failed else 1
 

@@ -33,7 +33,6 @@ import json
 import time
 import traceback
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -263,14 +262,16 @@ def _worker(args: tuple[Path, str, PrepareConfig]) -> tuple[str, dict[str, Any] 
         return uid, None, f"{type(err).__name__}: {err}{where}"
 
 
-def prepare_dataset(cfg: PrepareConfig, *, progress: bool = True) -> PrepareReport:
+def prepare_dataset(cfg: PrepareConfig, *, progress: bool = True, scheduler: str | None = None) -> PrepareReport:
     """Prepare every selected scan, then write the data-set level files.
 
     Re-running with the same settings skips finished scans; scans whose files
     were left half-written by a killed run are redone.
-    """
-    import multiprocessing
 
+    ``scheduler`` (:mod:`lidc_det.cluster`: ``serial``, ``local[:N]``, ``tcp://host:8786``)
+    runs each scan as a Dask task (a failing scan is tried twice, then reported);
+    None: ``cfg.workers`` 1 runs in this process, N > 1 on a ``LocalCluster`` of N.
+    """
     from tqdm import tqdm
 
     t0 = time.perf_counter()
@@ -290,20 +291,19 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: bool = True) -> PrepareRepo
     skipped = tuple(sorted(metas))
     failed: dict[str, str] = {}
     done: list[str] = []
-    bar = tqdm(total=len(todo), desc="prepare", unit="scan", disable=not progress or not todo)
-    if cfg.workers <= 1 or len(todo) <= 1:
-        results = (_worker(t) for t in todo)
-        for uid, meta, err in results:
+    if scheduler is None and (cfg.workers <= 1 or len(todo) <= 1):
+        bar = tqdm(total=len(todo), desc="prepare", unit="scan", disable=not progress or not todo)
+        for uid, meta, err in (_worker(t) for t in todo):
             _collect(uid, meta, err, metas, done, failed)
             bar.update(1)
-    else:
-        ctx = multiprocessing.get_context("spawn")  # pylidc's SQLite session must not be forked
-        with ProcessPoolExecutor(max_workers=cfg.workers, mp_context=ctx) as pool:
-            futures = [pool.submit(_worker, t) for t in todo]
-            for fut in as_completed(futures):
-                _collect(*fut.result(), metas, done, failed)
-                bar.update(1)
-    bar.close()
+        bar.close()
+    else:  # Dask worker processes are spawned: pylidc's SQLite session is never forked
+        from lidc_det.cluster import run_tasks
+
+        run = run_tasks(prepare_scan, [(uid, (folder, uid, c)) for folder, uid, c in todo],
+                        scheduler=scheduler or f"local:{cfg.workers}", desc="prepare", progress=progress)
+        for o in run.outcomes:
+            _collect(o.key, o.value, o.error, metas, done, failed)
     _write_dataset_files(cfg, metas, failed)
     warned = {uid: tuple(metas[uid].get("warnings", ())) for uid in done if metas[uid].get("warnings")}
     return PrepareReport(out_dir, tuple(sorted(done)), skipped, failed, time.perf_counter() - t0, warned)

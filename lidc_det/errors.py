@@ -105,3 +105,28 @@ class AnnotationError(LidcDetError):
 
 class DatasetError(LidcDetError):
     """A prepared data set folder is missing files or was made by another version."""
+
+
+class ConfigError(LidcDetError, ValueError):
+    """A config file or mapping is invalid: missing file, not YAML, unknown / missing /
+    mistyped key or a bad value. The message starts with the file (and key) at fault."""
+
+
+class CheckpointError(LidcDetError):
+    """A checkpoint file is missing, unreadable, or not of the expected kind.
+
+    ``str(err)`` is ``"<path>: <reason>"``; ``err.path`` and ``err.reason`` hold the parts.
+    """
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+    def __reduce__(self) -> tuple[type, tuple[Path, str]]:
+        return (type(self), (self.path, self.reason))
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint holds pickled Python objects other than tensors and plain types, whose
+    loading could run arbitrary code; it is refused, not unpickled."""

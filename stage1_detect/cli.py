@@ -10,11 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lidc_det.errors import LidcDetError
+from lidc_det.errors import CheckpointError
 from lidc_det.results import Detections
 
 
-class UnknownCheckpointError(LidcDetError):
+class UnknownCheckpointError(CheckpointError):
     """A ``--model`` file is not a checkpoint of a known stage-1 detector."""
 
 
@@ -23,12 +23,16 @@ def load_detector(model: str | Path, *, device: str | None = None, progress: boo
     (:class:`~stage1_detect.export.OnnxDetector`; ``device`` "cuda" picks the CUDA provider), or a
     training checkpoint chosen by its ``format``: :class:`~stage1_detect.detector.Retina3DDetector`
     (``stage1_detect.retina3d/*``) or :class:`~stage1_detect.monai_baseline.MonaiRetinaNetDetector`
-    (``stage1_detect.monai_retinanet/*``)."""
-    import torch
+    (``stage1_detect.monai_retinanet/*``).
+
+    A checkpoint is read with the weights-only loader (:func:`lidc_det.checkpoint.load_checkpoint`):
+    a file holding other pickled Python objects raises :class:`~lidc_det.errors.UnsafeCheckpointError`
+    and is never unpickled."""
+    from lidc_det.checkpoint import load_checkpoint
 
     path = Path(model)
     if not path.is_file():
-        raise UnknownCheckpointError(f"{path}: no such checkpoint file")
+        raise UnknownCheckpointError(path, "no such checkpoint file")
     if path.suffix == ".onnx":
         from stage1_detect.export import OnnxDetector
 
@@ -36,21 +40,18 @@ def load_detector(model: str | Path, *, device: str | None = None, progress: boo
             ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
         )
         return OnnxDetector(path, providers=providers, progress=progress)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for bad files
-        raise UnknownCheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
-    fmt = state.get("format", "") if isinstance(state, dict) else ""
-    if fmt.startswith("stage1_detect.retina3d/"):
+    state = load_checkpoint(path, kind="checkpoint")
+    fmt = state.get("format", "")
+    if isinstance(fmt, str) and fmt.startswith("stage1_detect.retina3d/"):
         from stage1_detect.detector import Retina3DDetector
 
         return Retina3DDetector(checkpoint=path, device=device, progress=progress)
-    if fmt.startswith("stage1_detect.monai_retinanet/"):
+    if isinstance(fmt, str) and fmt.startswith("stage1_detect.monai_retinanet/"):
         from stage1_detect.monai_baseline import MonaiRetinaNetDetector
 
         return MonaiRetinaNetDetector(checkpoint=path, device=device, progress=progress)
     raise UnknownCheckpointError(
-        f"{path}: not a stage-1 detector checkpoint (format {fmt!r}; expected best.pt/last.pt from training)"
+        path, f"not a stage-1 detector checkpoint (format {fmt!r}; expected best.pt/last.pt from training)"
     )
 
 

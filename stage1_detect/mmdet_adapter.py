@@ -292,9 +292,9 @@ class Mmdet2p5dDetector:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         state = None
         if checkpoint is not None:
-            state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-            if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-                raise LidcDetError(f"{checkpoint}: not an mmdet 2.5D detector checkpoint")
+            from lidc_det.checkpoint import load_checkpoint
+
+            state = load_checkpoint(checkpoint, formats=(CHECKPOINT_FORMAT,), kind="mmdet 2.5D detector checkpoint")
             config = state["config"]
         if config is None:
             config = Mmdet2p5dConfig()
@@ -376,7 +376,9 @@ class Mmdet2p5dDetector:
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         step = 0
         if resume and last.is_file():
-            state = torch.load(last, map_location="cpu", weights_only=False)
+            from lidc_det.checkpoint import load_checkpoint
+
+            state = load_checkpoint(last, formats=(CHECKPOINT_FORMAT,), kind="mmdet 2.5D detector checkpoint")
             self.model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             step = int(state["step"])

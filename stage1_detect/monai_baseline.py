@@ -389,20 +389,10 @@ class MonaiRetinaNetDetector:
 
 
 def _load_checkpoint(path: str | Path) -> dict[str, Any]:
-    import torch
+    """A MONAI baseline checkpoint, read with the weights-only loader (:func:`lidc_det.checkpoint.load_checkpoint`)."""
+    from lidc_det.checkpoint import load_checkpoint
 
-    from stage1_detect.train import CheckpointError
-
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt files
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a MONAI baseline checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
-    return state
+    return load_checkpoint(path, formats=(CHECKPOINT_FORMAT,), kind="MONAI baseline checkpoint")
 
 
 def _lr_factor(config: MonaiRetinaNetConfig, step: int) -> float:
@@ -459,9 +449,9 @@ def train_monai_retinanet(
     if resume and last_path.is_file():
         state = _load_checkpoint(last_path)
         if state["config"] != cfg.to_dict():
-            from stage1_detect.train import CheckpointError
+            from lidc_det.errors import CheckpointError
 
-            raise CheckpointError(f"{last_path}: saved with a different config; use another out_dir or resume=False")
+            raise CheckpointError(last_path, "saved with a different config; use another out_dir or resume=False")
         net.network.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -49,16 +49,12 @@ import numpy as np
 import torch
 
 from lidc_det import atomic
-from lidc_det.errors import LidcDetError
+from lidc_det.errors import CheckpointError
 from lidc_det.results import Detections
 from stage1_detect.config import DetectorConfig, config_from_dict, save_config
 
 CHECKPOINT_FORMAT = "stage1_detect.retina3d/1"
 ValidationMetric = Callable[[list[Detections]], float]
-
-
-class CheckpointError(LidcDetError):
-    """A checkpoint file is missing, unreadable or not a stage-1 detector checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -164,17 +160,12 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`train_detector` (raises :class:`CheckpointError`)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for corrupt files
-        raise CheckpointError(f"{path}: unreadable checkpoint ({type(err).__name__}: {err})") from err
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise CheckpointError(f"{path}: not a stage-1 detector checkpoint (format {CHECKPOINT_FORMAT!r} expected)")
-    return state
+    """Read a checkpoint written by :func:`train_detector` with the weights-only loader
+    (:func:`lidc_det.checkpoint.load_checkpoint`; raises :class:`CheckpointError`, or
+    :class:`~lidc_det.errors.UnsafeCheckpointError` for a file holding other Python objects)."""
+    from lidc_det.checkpoint import load_checkpoint as load_safely
+
+    return load_safely(path, map_location=map_location, formats=(CHECKPOINT_FORMAT,), kind="stage-1 detector checkpoint")
 
 
 def config_of_checkpoint(state: dict[str, Any], path: Path | str = "<checkpoint>") -> DetectorConfig:
@@ -326,7 +317,7 @@ def train_detector(
     if resume and last_path.is_file():
         state = load_checkpoint(last_path, map_location=dev)
         if config_of_checkpoint(state, last_path) != config:
-            raise CheckpointError(f"{last_path}: saved with a different config; use another out_dir or resume=False")
+            raise CheckpointError(last_path, "saved with a different config; use another out_dir or resume=False")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

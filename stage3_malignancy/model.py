@@ -55,6 +55,8 @@ __all__ = [
 ]
 
 MODEL_FORMAT = 1
+#: File of an outside ``embedder``'s weights in a saved model folder (state dict + class name).
+EMBEDDER_STATE_FILE = "embedder_state.pt"
 
 
 class ModelError(LidcDetError):
@@ -318,8 +320,10 @@ class MalignancyModel:
 
     # --------------------------------------------------------------- persistence
     def save(self, folder: str | Path) -> Path:
-        """Write ``model.json``, ``booster.txt`` and the CNN (``cnn.pt`` state dict, or
-        ``embedder.pt`` for a given module, pickled whole) to ``folder`` (atomic files)."""
+        """Write ``model.json``, ``booster.txt`` and the CNN (``cnn.pt``: state dict and sizes, or
+        ``embedder_state.pt``: the state dict of a given ``embedder`` module) to ``folder``
+        (atomic files). The files hold only tensors and plain values, so :meth:`load` reads them
+        with the weights-only loader."""
         from lidc_det.atomic import write_json, write_text
         from lidc_det.provenance import provenance
 
@@ -334,8 +338,10 @@ class MalignancyModel:
             from lidc_det.atomic import write_with
 
             if self.embedder is not None:
-                embed_file = "embedder.pt"
-                write_with(folder / embed_file, lambda p: torch.save(self.embedder, p))
+                embed_file = EMBEDDER_STATE_FILE
+                cls_name = f"{type(self.embedder).__module__}.{type(self.embedder).__qualname__}"
+                embed_state = {"state_dict": self.embedder.state_dict(), "class": cls_name}
+                write_with(folder / embed_file, lambda p: torch.save(embed_state, p))
             else:
                 embed_file = "cnn.pt"
                 state = {"state_dict": self.cnn.state_dict(), "in_channels": self.cnn.in_channels,
@@ -358,11 +364,19 @@ class MalignancyModel:
         return folder
 
     @classmethod
-    def load(cls, folder: str | Path) -> MalignancyModel:
+    def load(cls, folder: str | Path, *, embedder: Any = None) -> MalignancyModel:
         """Read a model written by :meth:`save`.
 
+        Args:
+            folder: the model folder.
+            embedder: for a model saved with an outside ``embedder`` module: a module of the
+                same architecture; its weights are loaded from ``embedder_state.pt``.
+
         Raises:
-            ModelError: missing or unreadable files, or another format version.
+            ModelError: missing or unreadable files, another format version, or an outside
+                embedder's weights without ``embedder``.
+            lidc_det.errors.CheckpointError / UnsafeCheckpointError: a network file that is not
+                readable, or that holds pickled Python objects (refused, not unpickled).
         """
         import lightgbm as lgb
 
@@ -383,7 +397,7 @@ class MalignancyModel:
         m.fit_info = dict(meta.get("fit_info", {}))
         ef = meta.get("embedding_file")
         if ef:
-            import torch
+            from lidc_det.checkpoint import load_checkpoint
 
             path = folder / ef
             if not path.is_file():
@@ -391,12 +405,26 @@ class MalignancyModel:
             if ef == "cnn.pt":
                 from stage3_malignancy.embeddings import SmallCNN3D
 
-                st = torch.load(path, map_location="cpu", weights_only=True)
+                st = load_checkpoint(path, kind="embedding network")
                 m.cnn = SmallCNN3D(in_channels=int(st["in_channels"]), width=int(st["width"]))
                 m.cnn.load_state_dict(st["state_dict"])
                 m.cnn.eval()
+            elif ef == EMBEDDER_STATE_FILE:
+                st = load_checkpoint(path, kind="embedding network")
+                if embedder is None:
+                    raise ModelError(
+                        f"{folder}: saved with an outside embedding network ({st.get('class')}); pass a module of "
+                        "the same architecture as MalignancyModel.load(folder, embedder=...)"
+                    )
+                embedder.load_state_dict(st["state_dict"])
+                m.embedder = embedder.eval()
             else:
-                m.embedder = torch.load(path, map_location="cpu", weights_only=False)
+                raise ModelError(
+                    f"{path}: a whole pickled module (the format of older versions), which is not loaded because "
+                    "unpickling can run code. If you trust the file, convert it: torch.save({'state_dict': "
+                    f"torch.load(path, weights_only=False).state_dict()}}, folder / '{EMBEDDER_STATE_FILE}'), set "
+                    f"embedding_file to {EMBEDDER_STATE_FILE!r} in model.json and load with embedder=<the module>"
+                )
         return m
 
 

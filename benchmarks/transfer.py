@@ -621,3 +621,50 @@ def _write_report(rec: dict[str, Any], out_dir: Path) -> None:
             rep.add(Image(r["png"], f"REAL {r['patient_id']}: stage-2 mask (red) and the readers' consensus (green)"))
     rep.add(Paragraph("Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in rec["seconds"].items())))
     rep.write(out_dir)
+
+
+# ------------------------------------------------------------------ ablation table
+def ablation_table(records: list[dict[str, Any]]) -> str:
+    """One Markdown row per transfer run (config, twin test CPM, yardstick CPM, real ranks, Dice)."""
+    head = ("| config | protocol | twin test CPM (SYNTHETIC) | semi-real yardstick CPM [95% CI] (nodules) | "
+            "real nodules: first-hit rank (FPs above) | real FP/scan at twin-val 80% | real stage-2 Dice: consensus / in a reader's place (readers) | "
+            "git | wall s |")
+    lines = [head, "|" + "---|" * 9]
+    for r in records:
+        y, t = r["yardstick"], r["twin_test"]
+        ranks = "; ".join(
+            f"{n['patient_id']} {n['diameter_mm']} mm ({n['scored_region']}): "
+            + (f"{n['rank']} ({n['fps_above']})" if n["rank"] else f"not hit ({n['fps_above']})")
+            for n in r["real"]["nodules"]
+        ) or "-"
+        dice = "-"
+        if r.get("stage2"):
+            dice = "; ".join(
+                f"{s['true_centre']['dice_consensus']:.2f} / {s['true_centre'].get('dice_model_loo', float('nan')):.2f} "
+                f"({np.mean(s['true_centre'].get('dice_human_loo', [np.nan])):.2f})"
+                for s in r["stage2"]["real"]
+            )
+        lines.append(
+            f"| `{Path(r['config_path']).name}` | {r['protocol']['label']} | {t['cpm']:.3f} | "
+            f"{y['cpm']:.3f} [{y['cpm_ci'][0]:.2f}, {y['cpm_ci'][1]:.2f}] ({y['n_nodules']}) | {ranks} | "
+            f"{r['operating_point']['real_fp_per_scan']} | {dice} | {str(r['provenance'].get('git_revision'))[:7]} | {r['wall_seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m benchmarks.transfer table RUN/transfer.json ...``: the ablation table in Markdown."""
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.transfer", description=main.__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("table", help="Markdown ablation table of transfer runs")
+    t.add_argument("records", nargs="+", type=Path, help="transfer.json files")
+    a = p.parse_args(argv)
+    print(ablation_table([json.loads(Path(f).read_text()) for f in a.records]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

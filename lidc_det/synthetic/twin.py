@@ -415,17 +415,19 @@ def write_twin(tv: TwinVolume, out_root: Path, *, seconds_so_far: float = 0.0) -
 
     The series is written into ``out_root/.twin-tmp/<series_uid>-<random>/``,
     renamed into place, then the sidecar is written (atomically): a killed run
-    leaves either nothing, a temporary folder, or a folder without sidecar,
-    none of which counts as complete.
+    leaves either nothing, a temporary folder, or a folder without sidecar
+    (perhaps with a hidden ``.<sidecar>.tmp-*`` file), none of which counts as
+    complete; the next run removes the leftovers.
     """
     from lidc_det import __version__
-    from lidc_det.atomic import write_json
+    from lidc_det.atomic import remove_leftovers, write_json
     from lidc_det.provenance import provenance
 
     t0 = time.perf_counter()
     spec = tv.spec
     out_root = Path(out_root)
     final = twin_folder(out_root, spec)
+    remove_leftovers(final.parent, [_sidecar_path(final).name])  # a killed run's half-written sidecar
     tmp_root = out_root / TMP_DIR_NAME
     tmp = tmp_root / f"{spec.series_uid}-{uuid.uuid4().hex[:8]}"
     tmp.mkdir(parents=True)  # parents: another worker may remove an empty tmp_root meanwhile

@@ -450,7 +450,8 @@ def train_detector(
                     {"epoch": epoch, "step": step, "train_loss": float(np.mean(recent)), "val_metric": metric, "seconds": time.perf_counter() - epoch_t0}
                 )
                 epoch_t0 = time.perf_counter()
-                if metric is not None and np.isfinite(metric) and (best_metric is None or metric > best_metric):
+                # ties go to the later epoch: with a flat metric (e.g. 0 early on) the longest-trained model is kept
+                if metric is not None and np.isfinite(metric) and (best_metric is None or metric >= best_metric):
                     best_metric, best_epoch = metric, epoch
                     save_checkpoint(best_path, state_dict())
             if (epoch_end or step % config.checkpoint_every == 0 or step == total) and main_rank:

@@ -603,7 +603,7 @@ def prepare_lung_pet_ct_dx(cfg: LungPetCtDxPrepareConfig, *, progress: bool = Tr
     """
     from tqdm import tqdm
 
-    from lidc_det.data.prepare import read_finished_meta
+    from lidc_det.data.prepare import read_finished_meta, remove_temp_leftovers
 
     t0 = time.perf_counter()
     out_dir = Path(cfg.out_dir)
@@ -617,6 +617,7 @@ def prepare_lung_pet_ct_dx(cfg: LungPetCtDxPrepareConfig, *, progress: bool = Tr
     if not patients:
         raise DatasetError(f"{cfg.root}: no patient folder with an annotation folder")
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_temp_leftovers(out_dir)  # what a killed run left
     h = cfg.settings_hash()
     done_index = _done_index(out_dir)
     metas: dict[str, dict[str, Any]] = {}

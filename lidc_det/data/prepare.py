@@ -277,7 +277,7 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: bool = True, scheduler: str
     t0 = time.perf_counter()
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _remove_leftovers(out_dir)
+    remove_temp_leftovers(out_dir)
     series = _select_series(cfg)
     h = cfg.settings_hash()
     metas: dict[str, dict[str, Any]] = {}
@@ -309,7 +309,7 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: bool = True, scheduler: str
     return PrepareReport(out_dir, tuple(sorted(done)), skipped, failed, time.perf_counter() - t0, warned)
 
 
-def _remove_leftovers(out_dir: Path) -> None:
+def remove_temp_leftovers(out_dir: Path) -> None:
     """Delete the temporary files a killed run left (data-set files and every scan's files)."""
     remove_leftovers(out_dir, DATASET_FILES)
     scans = out_dir / "scans"

@@ -472,8 +472,13 @@ def _run_stage2(
     from stage2_segment.metrics import nodule_scores, summarize
     from stage2_segment.segmenter import NnUnetSegmenter
 
+    import fcntl
+
+    work_dir.mkdir(parents=True, exist_ok=True)
     seg = NnUnetSegmenter(work_dir, seg_cfg)
-    fit = seg.fit(train_cases, val_cases, progress=progress)
+    with open(work_dir / ".lock", "w") as lock:  # runs sharing --data-dir train one model, one at a time
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        fit = seg.fit(train_cases, val_cases, progress=progress)
     real: list[dict[str, Any]] = []
     for e, det in zip(evals, real_dets):
         vol = read_series(e.folder, series_uid=e.series_uid)

@@ -7,9 +7,11 @@ in these coordinates. IoU, centre distances and the box code do not depend on
 the half-voxel convention, and MONAI's "StandardMode" (``xyzxyz``, spatial axes
 in array order) has the same layout, so MONAI's box functions apply directly.
 
-**Anchors.** Cubic. FPN level ``l`` has stride ``s_l`` (4, 8, 16) and the edge
-lengths ``anchor_sizes_mm[l]`` (default 4, 6 | 9, 13 | 19, 28 voxels = mm at 1 mm
-spacing; a geometric series of ratio ~1.47 covering nodules of 3-30 mm). The
+**Anchors.** Cubic in mm. FPN level ``l`` has stride ``s_l`` (4, 8, 16) and the edge
+lengths ``anchor_sizes_mm[l]`` (default 4, 6 | 9, 13 | 19, 28 mm; a geometric series of
+ratio ~1.47 covering nodules of 3-30 mm), which are ``anchor_sizes_mm / spacing_mm``
+voxels on each axis of the training grid (``DetectorConfig.anchor_sizes_vox``; equal to
+the mm values at 1 mm spacing). The
 anchor of feature voxel ``(i, j, k)`` is centred on the input block it summarises:
 centre ``(i + 1/2) * s_l`` (box coordinates) on each axis. Anchors are ordered
 level by level, then position (z, y, x, C order), then anchor size, matching the
@@ -42,14 +44,21 @@ BOX_CODE_CLIP = math.log(1000.0 / 16.0)
 
 
 def level_anchors(
-    feature_shape: Sequence[int], stride: int, sizes: Sequence[float], *, device: torch.device | str = "cpu"
+    feature_shape: Sequence[int],
+    stride: int,
+    sizes: Sequence[float] | Sequence[Sequence[float]],
+    *,
+    device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Anchors of one FPN level, ``(d * h * w * A, 6)`` float32 boxes (see module docstring)."""
+    """Anchors of one FPN level, ``(d * h * w * A, 6)`` float32 boxes (see module docstring).
+
+    ``sizes``: ``A`` edge lengths in voxels (cubic anchors) or ``A`` ``(z, y, x)`` voxel sizes."""
     d, h, w = (int(v) for v in feature_shape)
     axes = [(torch.arange(n, device=device, dtype=torch.float32) + 0.5) * stride for n in (d, h, w)]
     cz, cy, cx = torch.meshgrid(*axes, indexing="ij")
     centres = torch.stack([cz, cy, cx], dim=-1).reshape(-1, 1, 3)  # (P, 1, 3)
-    half = torch.as_tensor(list(sizes), dtype=torch.float32, device=device).reshape(1, -1, 1) / 2.0  # (1, A, 1)
+    half = torch.as_tensor(sizes, dtype=torch.float32, device=device)
+    half = half.reshape(1, half.shape[0], -1) / 2.0  # (1, A, 1) or (1, A, 3)
     boxes = torch.cat([centres - half, centres + half], dim=-1)  # (P, A, 6)
     return boxes.reshape(-1, 6)
 
@@ -57,7 +66,7 @@ def level_anchors(
 def anchors_for_shapes(
     feature_shapes: Sequence[Sequence[int]],
     strides: Sequence[int],
-    anchor_sizes: Sequence[Sequence[float]],
+    anchor_sizes: Sequence[Sequence[float]] | Sequence[Sequence[Sequence[float]]],
     *,
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, list[int]]:

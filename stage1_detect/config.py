@@ -10,9 +10,18 @@ Built-in configs live in ``stage1_detect/configs/<name>.yaml``:
 * ``tiny``: a small CPU model for tests and the demo (64^3 patches).
 * ``default``: the GPU model (96^3 patches, larger channels, longer schedule).
 
-Geometry conventions: all sizes are in voxels *of the training grid*, which
-is ``spacing_mm`` (z, y, x) = 1 mm isotropic by default, so voxels and mm
-coincide. Shapes are ``(z, y, x)``.
+The fields fall in three parts (:data:`MODEL_FIELDS`, :data:`INFERENCE_FIELDS`,
+the rest training): the *model* part defines the trained network and what its
+outputs mean (input grid and HU window, architecture, anchors). It is frozen
+into every checkpoint (``model_config``); a detector built from a checkpoint
+refuses a change to it (:class:`ModelOverrideError`), while training and
+inference fields may be changed (fine-tuning, another window or threshold).
+
+Geometry conventions: ``patch_size``, ``window_zyx`` and ``window_margin`` are
+in voxels *of the training grid* (``spacing_mm``, z, y, x; 1 mm isotropic by
+default). ``anchor_sizes_mm`` are in mm and become voxel sizes per axis through
+``spacing_mm`` (:attr:`DetectorConfig.anchor_sizes_vox`), so an anchor covers the
+same physical size at any training spacing. Shapes are ``(z, y, x)``.
 """
 
 from __future__ import annotations
@@ -32,8 +41,24 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 LEVEL_STRIDES: tuple[int, int, int] = (4, 8, 16)
 
 
+#: Fields that define the trained network: its input grid and HU window, architecture and anchors.
+MODEL_FIELDS: tuple[str, ...] = (
+    "name", "spacing_mm", "hu_window", "channels", "blocks", "fpn_channels", "head_convs", "anchor_sizes_mm",
+)
+#: Fields that only change how a trained network is run on a scan.
+INFERENCE_FIELDS: tuple[str, ...] = (
+    "window_zyx", "window_margin", "window_batch", "score_thresh", "pre_nms_topk", "nms_iou", "max_detections",
+    "use_body_mask", "lung_restrict", "lung_margin_mm",
+)
+
+
 class ConfigError(LidcDetError):
     """A detector config file or mapping is invalid (unknown key, wrong type, bad value)."""
+
+
+class ModelOverrideError(ConfigError):
+    """A change to a field that defines a trained model (:data:`MODEL_FIELDS`) was asked
+    for a detector built from a checkpoint."""
 
 
 @dataclass(frozen=True)
@@ -47,14 +72,17 @@ class DetectorConfig:
         blocks: residual blocks in each of the three stages.
         fpn_channels: width of the FPN levels and the heads.
         head_convs: 3x3 conv + ReLU layers in each head tower (shared over levels).
-        anchor_sizes_mm: cubic anchor edge lengths per FPN level (strides 4, 8, 16);
-            the same number of anchors on every level.
+        anchor_sizes_mm: anchor edge lengths in mm per FPN level (strides 4, 8, 16), the same
+            number of anchors on every level; cubic in mm, so ``size / spacing_mm`` voxels per axis.
+
+    Training (losses and matching):
         atss_candidates: ATSS matcher: closest anchor positions per level per box.
         focal_alpha, focal_gamma: sigmoid focal loss parameters.
-        box_loss: "giou" (on decoded boxes) or "smooth_l1" (on encoded deltas).
+        box_loss: "smooth_l1" (on encoded deltas, the default and the built-in configs' choice) or
+            "giou" (on decoded boxes; diverged on twin data, see docs/stage1.md).
         box_loss_weight: weight of the box loss relative to the focal loss.
 
-    Training:
+    Training (patches and schedule):
         patch_size: training patch (z, y, x) voxels, multiples of 16.
         batch_size: patches per step.
         pos_fraction: probability that a patch is centred on a nodule (with jitter).
@@ -106,7 +134,7 @@ class DetectorConfig:
     atss_candidates: int = 4
     focal_alpha: float = 0.25
     focal_gamma: float = 2.0
-    box_loss: str = "giou"
+    box_loss: str = "smooth_l1"
     box_loss_weight: float = 1.0
     # training
     patch_size: tuple[int, int, int] = (64, 64, 64)
@@ -187,8 +215,52 @@ class DetectorConfig:
         return len(self.anchor_sizes_mm[0])
 
     @property
+    def anchor_sizes_vox(self) -> tuple[tuple[tuple[float, float, float], ...], ...]:
+        """Anchor edge lengths in voxels of the training grid: per level, per anchor, ``(z, y, x)``
+        (``anchor_sizes_mm / spacing_mm``)."""
+        sz, sy, sx = (float(s) for s in self.spacing_mm)
+        return tuple(tuple((float(a) / sz, float(a) / sy, float(a) / sx) for a in level) for level in self.anchor_sizes_mm)
+
+    @property
     def total_steps(self) -> int:
         return self.epochs * self.steps_per_epoch
+
+    def model_part(self) -> dict[str, Any]:
+        """The :data:`MODEL_FIELDS` as a plain dict (what a checkpoint freezes)."""
+        d = self.to_dict()
+        return {k: d[k] for k in MODEL_FIELDS}
+
+    def inference_part(self) -> dict[str, Any]:
+        """The :data:`INFERENCE_FIELDS` as a plain dict."""
+        d = self.to_dict()
+        return {k: d[k] for k in INFERENCE_FIELDS}
+
+    def training_part(self) -> dict[str, Any]:
+        """Every other field (losses, matching, patches, augmentation, optimiser, schedule) as a plain dict."""
+        return {k: v for k, v in self.to_dict().items() if k not in MODEL_FIELDS and k not in INFERENCE_FIELDS}
+
+    def changed_model_fields(self, other: DetectorConfig | dict[str, Any]) -> list[str]:
+        """Names of the :data:`MODEL_FIELDS` whose values differ in ``other`` (a config or a model part)."""
+        theirs = other.model_part() if isinstance(other, DetectorConfig) else dict(other)
+        mine = self.model_part()
+        return [k for k in MODEL_FIELDS if k in theirs and theirs[k] != mine[k]]
+
+    def with_overrides_of_trained(self, source: str, **overrides: Any) -> DetectorConfig:
+        """A copy of a *trained* model's config with training / inference fields changed.
+
+        Raises:
+            ModelOverrideError: an override changes a :data:`MODEL_FIELDS` value (naming
+                ``source``, the checkpoint, and the fields).
+        """
+        new = self.replace(**overrides) if overrides else self
+        changed = self.changed_model_fields(new)
+        if changed:
+            detail = ", ".join(f"{k}: {self.model_part()[k]} -> {new.model_part()[k]}" for k in changed)
+            raise ModelOverrideError(
+                f"{source}: cannot change {detail}: these fields define the trained model; train a new "
+                "model for them (only training and inference fields may be overridden)"
+            )
+        return new
 
     def replace(self, **changes: Any) -> DetectorConfig:
         """A copy with some fields changed (values are coerced like YAML values)."""

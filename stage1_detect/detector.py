@@ -43,8 +43,11 @@ class Retina3DDetector:
         checkpoint: a ``.pt`` written by training (``best.pt`` / ``last.pt``).
         device: "cpu", "cuda", ...; default CUDA when available.
         progress: show a tqdm bar over sliding windows in :meth:`predict`.
-        overrides: config fields to change (e.g. ``window_zyx``, ``score_thresh``);
-            only inference fields should be changed for a trained model.
+        overrides: config fields to change (e.g. ``window_zyx``, ``score_thresh``). With a
+            ``checkpoint``, a change to a field that defines the trained model
+            (:data:`~stage1_detect.config.MODEL_FIELDS`: spacing, HU window, architecture,
+            anchors) raises :class:`~stage1_detect.config.ModelOverrideError`; training and
+            inference fields may change (fine-tuning, sliding window, thresholds).
     """
 
     def __init__(
@@ -65,11 +68,12 @@ class Retina3DDetector:
         state = None
         if checkpoint is not None:
             state = load_checkpoint(checkpoint, map_location="cpu")
-            config = config_of_checkpoint(state, checkpoint)
-        elif not isinstance(config, DetectorConfig):
-            config = load_config(config)
-        if overrides:
-            config = config.replace(**overrides)
+            config = config_of_checkpoint(state, checkpoint).with_overrides_of_trained(str(checkpoint), **overrides)
+        else:
+            if not isinstance(config, DetectorConfig):
+                config = load_config(config)
+            if overrides:
+                config = config.replace(**overrides)
         self.config: DetectorConfig = config
         self.checkpoint = None if checkpoint is None else Path(checkpoint)
         self.progress = progress

@@ -170,7 +170,7 @@ def _core_candidates(
     (``cls_maps[l]``: ``[A, d, h, w]``; ``box_maps[l]``: ``[A * 6, d, h, w]``)."""
     scores_all, codes_all, anchors_all = [], [], []
     offset = torch.tensor([*core_start, *core_start], dtype=torch.float32)
-    for cls, box, stride, sizes in zip(cls_maps, box_maps, LEVEL_STRIDES, config.anchor_sizes_mm):
+    for cls, box, stride, sizes in zip(cls_maps, box_maps, LEVEL_STRIDES, config.anchor_sizes_vox):
         lo = plan.margin // stride
         core = [s // stride for s in plan.step_zyx]
         a = cls.shape[0]

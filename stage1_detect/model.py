@@ -75,7 +75,7 @@ class Retina3D(nn.Module):
         f = config.fpn_channels
         a = config.anchors_per_location
         self.strides = LEVEL_STRIDES
-        self.anchor_sizes = tuple(tuple(float(s) for s in lvl) for lvl in config.anchor_sizes_mm)
+        self.anchor_sizes = config.anchor_sizes_vox  # per level, per anchor, (z, y, x) voxels
         self.num_anchors = a
         self.stem = nn.Sequential(nn.Conv3d(1, c0, 3, 2, 1, bias=False), nn.BatchNorm3d(c0), nn.ReLU(inplace=True))
 

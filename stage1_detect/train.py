@@ -169,7 +169,15 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
 
 
 def config_of_checkpoint(state: dict[str, Any], path: Path | str = "<checkpoint>") -> DetectorConfig:
-    return config_from_dict(state["config"], source=f"{path} [config]")
+    """The :class:`DetectorConfig` saved in a checkpoint; its model part must equal the frozen
+    ``model_config`` (checkpoints from before that entry have only ``config``)."""
+    config = config_from_dict(state["config"], source=f"{path} [config]")
+    frozen = state.get("model_config")
+    if frozen is not None:
+        changed = config.changed_model_fields(frozen)
+        if changed or set(frozen) != set(config.model_part()):
+            raise CheckpointError(path, f"its config disagrees with its frozen model config on {changed or sorted(frozen)}")
+    return config
 
 
 def _lr_lambda(config: DetectorConfig) -> Callable[[int], float]:
@@ -330,7 +338,11 @@ def train_detector(
         history = list(state["history"])
         best_metric, best_epoch = state["best_metric"], state["best_epoch"]
     elif init_checkpoint is not None:
-        model.load_state_dict(load_checkpoint(init_checkpoint, map_location=dev)["model"])
+        init_state = load_checkpoint(init_checkpoint, map_location=dev)
+        config_of_checkpoint(init_state, init_checkpoint).with_overrides_of_trained(
+            f"{init_checkpoint} (fine-tuning)", **config.model_part()
+        )
+        model.load_state_dict(init_state["model"])
 
     if main_rank:
         save_config(
@@ -346,6 +358,7 @@ def train_detector(
         return {
             "format": CHECKPOINT_FORMAT,
             "config": config.to_dict(),
+            "model_config": config.model_part(),
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),

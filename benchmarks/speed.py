@@ -277,10 +277,10 @@ def m_pipeline(cfg: SpeedConfig, work: str) -> dict[str, Any]:
     out["stage2_s_per_crop"] = float(np.median([q["seconds"]["segment_s"] / max(1, q["n_crops"]) for q in pipes]))
     # stage 3 per nodule: the real scan's reader-consensus nodule masks plus the non-empty stage-2 masks
     labels = np.asarray(real_case.labels)
-    nodule_masks = [labels == n.label for n in real_case.nodules]
-    samples = samples_from_volume(np.asarray(real_case.image_hu, dtype=np.float32), real_case.geometry, nodule_masks,
-                                  series_uid=real_case.series_uid, patient_id=cfg.patient_id,
-                                  nodule_ids=[n.nodule_id for n in real_case.nodules])
+    nodules = [n for n in real_case.nodules if n.label is not None]
+    samples = samples_from_volume(np.asarray(real_case.image_hu, dtype=np.float32), real_case.geometry,
+                                  [labels == n.label for n in nodules], series_uid=real_case.series_uid,
+                                  patient_id=cfg.patient_id, nodule_ids=[n.nodule_id for n in nodules])
     samples = samples * max(1, 8 // max(1, len(samples)))  # >= 8 nodules for a stable per-nodule figure
     t0 = time.perf_counter()
     model.predict(samples)

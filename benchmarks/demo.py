@@ -107,6 +107,12 @@ def run_demo(
         seed=cfg.data.seed,
     )
 
+    # 3b. lung fields of the test scans: what the candidate restriction would drop, and a 3D render
+    from benchmarks.lungs import demo_lung_step
+
+    lungs = timer.run("lung fields: restriction figures and a 3D render (test scans)", demo_lung_step, ds, split,
+                      list(det_run.detections), out_dir / "lungs", synthetic=cfg.data.synthetic)
+
     # 4. stage 2
     seg_run = None
     if cfg.segmentation is not None:
@@ -161,6 +167,7 @@ def run_demo(
         "froc": det_run.froc.to_dict(),
         "detector_train_seconds": det_run.train_seconds,
         "detector_seconds_per_scan": det_run.infer_seconds_per_scan,
+        "lungs": lungs,
         "segmentation": None if seg_run is None else seg_run.record,
         "second_look": second_look,
         "malignancy": malignancy,
@@ -258,6 +265,24 @@ def write_models_manifest(
     )
 
 
+def _lungs_section(rep: Any, lungs: dict[str, Any]) -> None:
+    """Lung fields of the test scans (classical, lidc_det.lungs) and the restriction's effect on stage 1."""
+    from benchmarks.report import Heading, Image, Paragraph, Table
+
+    rows = [[r["patient"], r["right_ml"], r["left_ml"], r["candidates"], r["dropped"], f"{r['targets_lost']} of {r['targets']}", r["seconds"]]
+            for r in lungs["scans"]]
+    rep.add(
+        Heading("Lung fields"),
+        Table(["patient", "right lung (ml)", "left lung (ml)", "stage-1 candidates",
+               f"outside the lung field + {lungs['margin_mm']:g} mm", "target nodules among them", "seconds"], rows),
+        Paragraph("Classical lung fields (lidc_det.lungs). Stage 1's candidates are not restricted in this report; the "
+                  "columns show what the detector option lung_restrict would drop (docs/lungs.md has the measured effect)."),
+    )
+    if lungs.get("render"):
+        rep.add(Image(lungs["render"], "Surface render: translucent lungs, reader nodules (red), top-10 stage-1 candidates "
+                                       "(green: hit, orange: false positive)"))
+
+
 def _write_report(
     cfg: DemoConfig, ds: Any, split: Any, record: dict[str, Any], detections: list[Any], out_dir: Path
 ) -> Path:
@@ -312,6 +337,8 @@ def _write_report(
         Image("stage1/froc/froc.png", "FROC curve with bootstrap 95% CI band (test fold)"),
     )
 
+    if record.get("lungs"):
+        _lungs_section(rep, record["lungs"])
     if record.get("segmentation"):
         _segmentation_section(rep, record["segmentation"], synthetic)
     if record.get("second_look"):

@@ -286,3 +286,55 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ------------------------------------------------------------------ the demo's hook
+def demo_lung_step(ds: Any, split: Any, detections: Sequence[Any], out_dir: Path, *, synthetic: bool,
+                   margin_mm: float = 10.0) -> dict[str, Any]:
+    """Lung fields of the demo's test scans: what the restriction would drop, and one surface render.
+
+    For each test scan: the classical lung field, the candidates outside it dilated by
+    ``margin_mm`` (dropped / hits lost), and for the first scan a render
+    (``out_dir/render_<patient>.png``) of the lungs, the reader nodules and the top-10 candidates.
+    Stage 1's own output is not changed. Returns a JSON-friendly record.
+    """
+    from lidc_det.lungs import lung_fields, restrict_detections
+    from lidc_det.render3d import Sphere, Surface, render_surfaces
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    by_uid = {d.series_uid: d for d in detections}
+    rows, render = [], None
+    for i, uid in enumerate(split.test):
+        case = ds.load_case(uid)
+        hu = np.asarray(case.image_hu, dtype=np.float32)
+        lf = lung_fields(hu, case.geometry)
+        d = by_uid.get(uid)
+        targets, _ = case.luna_findings()
+        if d is None:
+            continue
+        r = restrict_detections(d, lf, margin_mm)
+        lost = sum(a and not b for a, b in zip(_hits(targets, d), _hits(targets, r.detections)))
+        rows.append({"patient": case.patient_id, "right_ml": round(lf.volumes_ml["right"]), "left_ml": round(lf.volumes_ml["left"]),
+                     "candidates": len(d), "dropped": len(r.dropped), "targets": len(targets), "targets_lost": int(lost),
+                     "seconds": round(lf.seconds, 2)})
+        if i == 0:
+            top = d.top_k(10)
+            hit = _hits_per_candidate(targets, top)
+            spheres = [Sphere(tuple(c), float(dm) if dm > 0 else 6.0, "#2ca02c" if h else "#ff8c00",
+                              "top-10 candidate: hit" if h else "top-10 candidate: false positive")
+                       for c, dm, h in zip(top.centers_xyz_mm, top.diameters_mm, hit)]
+            surfaces = [Surface(case.nodule_mask(n), "#d62728", "reader nodules") for n in case.nodules]
+            tag = "SYNTHETIC twin" if synthetic else "real"
+            render = render_surfaces(out_dir / f"render_{case.patient_id}.png", case.geometry, lung_labels=lf.labels,
+                                     surfaces=surfaces, spheres=spheres, title=f"{case.patient_id} ({tag}): lungs, nodules, top-10 candidates")
+    rec = {"margin_mm": margin_mm, "scans": rows, "render": None if render is None else str(render.relative_to(out_dir.parent))}
+    write_json(out_dir / "lungs.json", rec)
+    return rec
+
+
+def _hits_per_candidate(targets: Sequence[Any], dets: Any) -> list[bool]:
+    c = np.asarray(dets.centers_xyz_mm).reshape(-1, 3)
+    if not len(c) or not targets:
+        return [False] * len(c)
+    return list(np.stack([np.linalg.norm(c - np.asarray(t.center_xyz_mm), axis=1) < t.diameter_mm / 2 for t in targets]).any(axis=0))

@@ -208,3 +208,46 @@ def test_cli_lungs_on_the_real_scan(tmp_path: Path) -> None:
     rec = json.loads((tmp_path / "lungs.json").read_text())
     assert 3000 < rec["volumes_ml"]["total"] < 5000
     assert len(rec["nodules"]) == 1 and (tmp_path / "lungs_render.png").is_file()
+
+
+def test_dice_and_hd95() -> None:
+    from lidc_det.metrics.overlap import dice, hd95
+
+    a = np.zeros((20, 20, 20), dtype=bool)
+    a[5:15, 5:15, 5:15] = True
+    b = np.roll(a, 2, axis=2)  # shifted 2 voxels in x
+    assert dice(a, a) == 1.0 and dice(a, b) == pytest.approx(0.8)
+    assert hd95(a, a, (1.0, 1.0, 1.0)) == 0.0
+    assert hd95(a, b, (1.0, 1.0, 3.0)) == pytest.approx(6.0)  # 2 voxels of 3 mm
+    assert np.isnan(hd95(a, np.zeros_like(a), (1.0, 1.0, 1.0)))
+
+
+def test_demo_lung_step_render_and_restriction_counts(twin: _Case, tmp_path: Path) -> None:
+    from benchmarks.lungs import demo_lung_step
+    from lidc_det.data.luna import LunaFinding
+    from lidc_det.results import Detections
+
+    g = twin.geometry
+    centres = [g.voxel_to_world(np.argwhere(twin.nodule_label == i).mean(axis=0)) for i in (1, 2)]
+    far = g.voxel_to_world(np.array([g.shape_zyx[0] / 2, 5.0, 5.0]))
+
+    class _Case2:
+        image_hu, geometry, patient_id, series_uid = twin.hu, g, "TWIN", "uid"
+        nodules = (1, 2)
+
+        def luna_findings(self) -> tuple[list[LunaFinding], list[LunaFinding]]:
+            return [LunaFinding("uid", tuple(c), 8.0) for c in centres], []
+
+        def nodule_mask(self, n: int) -> np.ndarray:
+            return twin.nodule_label == n
+
+    class _Ds:
+        def load_case(self, uid: str) -> _Case2:
+            return _Case2()
+
+    split = type("S", (), {"test": ("uid",)})()
+    dets = Detections("uid", np.array([*centres, far]), np.array([8.0, 8.0, 6.0]), np.array([0.9, 0.5, 0.7]))
+    rec = demo_lung_step(_Ds(), split, [dets], tmp_path / "lungs", synthetic=True)
+    row = rec["scans"][0]
+    assert row["candidates"] == 3 and row["dropped"] == 1 and row["targets_lost"] == 0 and row["targets"] == 2
+    assert (tmp_path / rec["render"]).read_bytes()[:4] == b"\x89PNG"

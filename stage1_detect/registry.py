@@ -73,13 +73,6 @@ class Detector(Protocol):
         ...
 
 
-@runtime_checkable
-class TrainableDetector(Detector, Protocol):
-    """A detector that can also be trained through the common code path."""
-
-    def fit(self, train_cases: Any, val_cases: Any, out_dir: Any) -> Any: ...
-
-
 class DetectorRegistryError(LidcDetError):
     """Base class of registry errors."""
 
@@ -98,7 +91,8 @@ class UnknownDetectorError(DetectorRegistryError, KeyError):
 _REGISTRY: dict[str, DetectorFactory] = {}
 #: Names registered by loading an entry point, with the entry point's value ("module:attr").
 _FROM_ENTRY_POINT: dict[str, str] = {}
-_builtins_loaded = False
+#: Built-in modules imported successfully (a failed import is retried on the next lookup).
+_loaded_builtins: set[str] = set()
 
 
 def register_detector(name: str) -> Callable[[DetectorFactory], DetectorFactory]:
@@ -128,11 +122,23 @@ def _describe(factory: DetectorFactory) -> str:
 
 
 def _load_builtins() -> None:
-    global _builtins_loaded
-    if not _builtins_loaded:
-        _builtins_loaded = True
-        for module in BUILTIN_MODULES:
+    """Import the :data:`BUILTIN_MODULES` not imported yet. A module counts as loaded only once
+    its import succeeded: a failure raises :class:`DetectorRegistryError` naming the module (and
+    forgets the names it registered before failing), and the next lookup tries it again."""
+    for module in BUILTIN_MODULES:
+        if module in _loaded_builtins:
+            continue
+        before = set(_REGISTRY)
+        try:
             importlib.import_module(module)
+        except Exception as err:  # noqa: BLE001 - any import failure hides the module's detectors
+            for name in set(_REGISTRY) - before:
+                unregister_detector(name)
+            raise DetectorRegistryError(
+                f"built-in detector module {module} failed to import ({type(err).__name__}: {err}); "
+                "its detectors are unavailable"
+            ) from err
+        _loaded_builtins.add(module)
 
 
 def _entry_points() -> dict[str, Any]:

@@ -120,3 +120,34 @@ def test_listing_detectors_does_not_import_torch() -> None:
     code = "import sys; from stage1_detect.registry import list_detectors; list_detectors(); print(sorted(m for m in ('torch', 'monai') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_a_builtin_that_fails_to_import_is_reported_and_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A built-in module whose import fails raises a named error (its detector does not silently
+    vanish from list_detectors), forgets what it registered, and is imported again next time."""
+    (tmp_path / "flaky_builtin.py").write_text(
+        "import os\n"
+        "from stage1_detect.registry import register_detector\n\n"
+        "@register_detector('flaky')\n"
+        "class Flaky:\n"
+        "    def predict(self, hu, geometry, *, series_uid):\n"
+        "        raise NotImplementedError\n\n"
+        "if os.environ.get('FLAKY_FAIL') == '1':\n"
+        "    raise ImportError('a dependency is broken')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "BUILTIN_MODULES", (*registry.BUILTIN_MODULES, "flaky_builtin"))
+    monkeypatch.setenv("FLAKY_FAIL", "1")
+    try:
+        for _ in range(2):  # not marked loaded after the failure: the second call imports it again
+            with pytest.raises(DetectorRegistryError, match="flaky_builtin failed to import.*dependency is broken"):
+                list_detectors()
+            assert "flaky" not in registry._REGISTRY
+            sys.modules.pop("flaky_builtin", None)
+        monkeypatch.setenv("FLAKY_FAIL", "0")
+        assert "flaky" in list_detectors() and "retina3d" in list_detectors()
+        assert "flaky_builtin" in registry._loaded_builtins
+    finally:
+        unregister_detector("flaky")
+        registry._loaded_builtins.discard("flaky_builtin")
+        sys.modules.pop("flaky_builtin", None)

@@ -507,19 +507,23 @@ def _run_stage2(
             row["png"] = str(p.relative_to(png_dir.parent))
             real.append(row)
 
-    def dice_of(ds: Any, uids: Any) -> list[float]:
+    def dice_of(ds: Any, uids: Any, *, inserted_only: bool = False) -> list[float]:
         out = []
         for u in uids:
             case = ds.load_case(u)
             masks = seg.segment_nodules(case)
             kept = [n for n in case.nodules if n.box_voxel is not None]
-            out += [nodule_scores(m, case.nodule_mask(n))["dice_consensus"] for m, n in zip(masks, kept)]
+            out += [
+                nodule_scores(m, case.nodule_mask(n))["dice_consensus"]
+                for m, n in zip(masks, kept)
+                if not inserted_only or ":inserted" in n.nodule_id
+            ]
         return out
 
     return {
         "fit": {k: v for k, v in fit.items() if k in ("n_crops", "n_nodule_crops", "n_negative_crops", "times", "final_pseudo_dice")},
         "real": real,
-        "yardstick_dice": _rounded(summarize(dice_of(ds_yard, ds_yard.series_uids))),
+        "yardstick_dice": _rounded(summarize(dice_of(ds_yard, ds_yard.series_uids, inserted_only=True))),
         "twin_test_dice": _rounded(summarize(dice_of(ds_twin, split.test))),
     }
 

@@ -4,8 +4,10 @@
 
 Field types drive the conversion: nested dataclasses are built from mappings,
 ``tuple[...]`` fields from lists, ``Path`` fields from strings. Everything else
-is passed through as YAML gave it. :func:`config_hash` is the short, stable hash
-recorded next to results.
+is passed through as YAML gave it. Every error, from the file, the keys or the
+dataclass's own checks (``__post_init__`` raising ValueError / TypeError), is one
+:class:`~lidc_det.errors.ConfigError` whose message starts with the file and key.
+:func:`config_hash` is the short, stable hash recorded next to results.
 """
 
 from __future__ import annotations
@@ -19,13 +21,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from lidc_det.errors import LidcDetError
+from lidc_det.errors import ConfigError
 
 T = TypeVar("T")
 
-
-class ConfigFileError(LidcDetError):
-    """A config file is missing, not YAML, or has unknown / missing / mistyped keys."""
+#: The former name of :class:`~lidc_det.errors.ConfigError` (the same class).
+ConfigFileError = ConfigError
 
 
 def _convert(value: Any, hint: Any, where: str) -> Any:
@@ -37,57 +38,89 @@ def _convert(value: Any, hint: Any, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _convert(value, inner[0], where) if len(inner) == 1 else value
     if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        if value is None:  # an empty YAML section: all defaults
+            value = {}
         if not isinstance(value, Mapping):
-            raise ConfigFileError(f"{where}: expected a mapping, got {type(value).__name__}")
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
         return from_mapping(hint, value, where)
+    if origin in (dict, Mapping) or hint is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        value_hint = args[1] if len(args) == 2 else Any
+        return {k: _convert(v, value_hint, f"{where}.{k}") for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigFileError(f"{where}: expected a list, got {type(value).__name__}")
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
         if args and len(args) != len(value):
-            raise ConfigFileError(f"{where}: expected {len(args)} values, got {len(value)}")
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
         return tuple(_convert(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args or [Any] * len(value))))
     if hint is Path:
         return Path(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint in (int, float, str, bool) and not isinstance(value, hint):
-        raise ConfigFileError(f"{where}: expected {hint.__name__}, got {value!r}")
+    if hint is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if hint in (int, float, str, bool) and (not isinstance(value, hint) or (hint is not bool and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
     return value
 
 
 def from_mapping(cls: type[T], data: Mapping[str, Any], where: str = "<config>") -> T:
     """Build the dataclass ``cls`` from ``data``; unknown or missing keys raise ConfigFileError."""
     if not isinstance(data, Mapping):
-        raise ConfigFileError(f"{where}: expected a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise ConfigFileError(f"{where}: unknown keys {unknown}; known: {sorted(fields)}")
+        raise ConfigError(f"{where}: unknown keys {unknown}; known: {sorted(fields)}")
     missing = [
         n for n, f in fields.items()
         if n not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
-        raise ConfigFileError(f"{where}: missing keys {missing}")
+        raise ConfigError(f"{where}: missing keys {missing}")
     kwargs = {k: _convert(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        if str(err).startswith(where):
+            raise
+        raise ConfigError(f"{where}: {err}") from err
+    except (ValueError, TypeError) as err:  # a dataclass's own checks
+        raise ConfigError(f"{where}: {err}") from err
 
 
-def load_yaml_config(cls: type[T], path: str | Path) -> T:
-    """Read a YAML file into the dataclass ``cls`` (see :func:`from_mapping`)."""
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The top-level mapping of a YAML file (empty file: ``{}``); ConfigError otherwise."""
     import yaml
 
     path = Path(path)
     if not path.is_file():
-        raise ConfigFileError(f"{path}: no such config file")
+        raise ConfigError(f"{path}: no such config file")
     try:
         data = yaml.safe_load(path.read_text()) or {}
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read the config ({err})") from err
     except yaml.YAMLError as err:
-        raise ConfigFileError(f"{path}: not valid YAML ({err})") from err
-    return from_mapping(cls, data, str(path))
+        raise ConfigError(f"{path}: not valid YAML ({err})") from err
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+    return dict(data)
+
+
+def load_yaml_config(cls: type[T], path: str | Path, key: str | None = None) -> T:
+    """Read a YAML file (or its top-level section ``key``) into the dataclass ``cls``
+    (see :func:`from_mapping`)."""
+    data: Any = read_yaml_mapping(path)
+    where = str(path)
+    if key is not None:
+        if key not in data:
+            raise ConfigError(f"{path}: no section {key!r} (sections: {sorted(data)})")
+        data, where = data[key] or {}, f"{path}.{key}"
+    return from_mapping(cls, data, where)
 
 
 def to_plain(obj: Any) -> Any:

@@ -27,12 +27,12 @@ same physical size at any training spacing. Shapes are ``(z, y, x)``.
 from __future__ import annotations
 
 import dataclasses
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lidc_det.errors import LidcDetError
+from lidc_det.config import from_mapping, read_yaml_mapping
+from lidc_det.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -50,10 +50,6 @@ INFERENCE_FIELDS: tuple[str, ...] = (
     "window_zyx", "window_margin", "window_batch", "score_thresh", "pre_nms_topk", "nms_iou", "max_detections",
     "use_body_mask", "lung_restrict", "lung_margin_mm",
 )
-
-
-class ConfigError(LidcDetError):
-    """A detector config file or mapping is invalid (unknown key, wrong type, bad value)."""
 
 
 class ModelOverrideError(ConfigError):
@@ -279,65 +275,21 @@ class DetectorConfig:
         return {f.name: plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Convert a YAML value to the dataclass field type ``hint`` (lists -> tuples)."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if hint in (int, float, str):
-        if hint is str and not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        if hint in (int, float) and (isinstance(value, bool) or not isinstance(value, int | float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if hint is int and float(value) != int(value):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return hint(value)
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], key) for v in value)
-        if len(value) != len(args):
-            raise ConfigError(f"{key}: expected {len(args)} values, got {list(value)}")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
-    return value
-
-
 def config_from_dict(d: dict[str, Any], *, source: str = "<dict>") -> DetectorConfig:
-    """Build a :class:`DetectorConfig` from a mapping; unknown keys raise :class:`ConfigError`."""
-    hints = typing.get_type_hints(DetectorConfig)
-    names = {f.name for f in dataclasses.fields(DetectorConfig)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ConfigError(f"{source}: unknown config keys {unknown}")
-    try:
-        return DetectorConfig(**{k: _coerce(v, hints[k], f"{source}: {k}") for k, v in d.items()})
-    except ConfigError as err:
-        if str(err).startswith(source):
-            raise
-        raise ConfigError(f"{source}: {err}") from err
+    """Build a :class:`DetectorConfig` from a mapping (:func:`lidc_det.config.from_mapping`):
+    unknown keys, wrong types and bad values raise :class:`~lidc_det.errors.ConfigError`."""
+    return from_mapping(DetectorConfig, d, source)
 
 
 def load_config(name_or_path: str | Path) -> DetectorConfig:
     """A built-in config by name (``"tiny"``, ``"default"``) or a YAML file path."""
-    import yaml
-
     path = Path(name_or_path)
     if not path.suffix and not path.exists():
         path = CONFIG_DIR / f"{name_or_path}.yaml"
     if not path.is_file():
         builtin = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
         raise ConfigError(f"{name_or_path}: no such config file (built-in configs: {builtin})")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML ({err})") from err
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return config_from_dict(data, source=str(path))
+    return config_from_dict(read_yaml_mapping(path), source=str(path))
 
 
 def save_config(config: DetectorConfig, path: Path, extra: dict[str, Any] | None = None) -> None:

@@ -36,7 +36,7 @@ then 3D NMS (:func:`stage1_detect.inference.nms_3d`) and the 100 cap.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -298,9 +298,13 @@ class Mmdet2p5dDetector:
             config = state["config"]
         if config is None:
             config = Mmdet2p5dConfig()
+        from lidc_det.config import from_mapping
+
         if isinstance(config, dict):
-            config = Mmdet2p5dConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
-        self.config: Mmdet2p5dConfig = replace(config, **overrides) if overrides else config
+            config = from_mapping(Mmdet2p5dConfig, config, f"{checkpoint} [config]" if checkpoint else "<dict>")
+        if overrides:
+            config = from_mapping(Mmdet2p5dConfig, {**config.to_dict(), **overrides}, "<overrides>")
+        self.config: Mmdet2p5dConfig = config
         self.progress = progress
         self.model = _build_model(self.config, self.device)
         if state is not None:

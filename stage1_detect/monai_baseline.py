@@ -45,7 +45,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import time
-import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +52,7 @@ from typing import Any
 
 import numpy as np
 
-from lidc_det.errors import LidcDetError
+from lidc_det.errors import ConfigError
 from lidc_det.geometry import VolumeGeometry
 from lidc_det.results import Detections
 from stage1_detect.registry import register_detector
@@ -61,8 +60,8 @@ from stage1_detect.registry import register_detector
 CHECKPOINT_FORMAT = "stage1_detect.monai_retinanet/1"
 
 
-class MonaiConfigError(LidcDetError):
-    """Invalid MONAI baseline configuration (unknown key, wrong value)."""
+#: Invalid MONAI baseline configuration: the project's one :class:`~lidc_det.errors.ConfigError`.
+MonaiConfigError = ConfigError
 
 
 @dataclass(frozen=True)
@@ -176,25 +175,11 @@ class MonaiRetinaNetConfig:
 
 
 def monai_config_from_dict(d: dict[str, Any], *, source: str = "<dict>") -> MonaiRetinaNetConfig:
-    """:class:`MonaiRetinaNetConfig` from a mapping (lists -> tuples; unknown keys raise)."""
-    hints = typing.get_type_hints(MonaiRetinaNetConfig)
-    unknown = sorted(set(d) - set(hints))
-    if unknown:
-        raise MonaiConfigError(f"{source}: unknown MONAI baseline config keys {unknown}")
+    """:class:`MonaiRetinaNetConfig` from a mapping (:func:`lidc_det.config.from_mapping`: lists ->
+    tuples; unknown keys, wrong types and bad values raise :class:`~lidc_det.errors.ConfigError`)."""
+    from lidc_det.config import from_mapping
 
-    def coerce(v: Any, hint: Any) -> Any:
-        if typing.get_origin(hint) is tuple:
-            args = typing.get_args(hint)
-            inner = args[0] if len(args) == 2 and args[1] is Ellipsis else None
-            return tuple(coerce(x, inner if inner is not None else a) for x, a in zip(v, args if inner is None else v))
-        if hint is float and isinstance(v, int | float) and not isinstance(v, bool):
-            return float(v)
-        return v
-
-    try:
-        return MonaiRetinaNetConfig(**{k: coerce(v, hints[k]) for k, v in d.items()})
-    except TypeError as err:
-        raise MonaiConfigError(f"{source}: {err}") from err
+    return from_mapping(MonaiRetinaNetConfig, d, source)
 
 
 # ----------------------------------------------------------------- model

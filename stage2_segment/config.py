@@ -129,34 +129,19 @@ class SegmenterConfig:
     rejection: RejectionConfig = field(default_factory=RejectionConfig)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> SegmenterConfig:
-        """Build from a (YAML) dict; unknown keys raise ``ValueError`` naming them."""
-        subs = {"crop": CropConfig, "train": TrainConfig, "predict": PredictConfig, "rejection": RejectionConfig}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"SegmenterConfig: unknown keys {unknown}; known: {sorted(known)}")
-        kwargs: dict[str, Any] = {}
-        for k, v in d.items():
-            if k in subs:
-                sub_known = {f.name for f in fields(subs[k])}
-                bad = sorted(set(v or {}) - sub_known)
-                if bad:
-                    raise ValueError(f"SegmenterConfig.{k}: unknown keys {bad}; known: {sorted(sub_known)}")
-                vals = dict(v or {})
-                if k == "predict" and "folds" in vals:
-                    vals["folds"] = tuple(vals["folds"])
-                kwargs[k] = subs[k](**vals)
-            else:
-                kwargs[k] = v
-        return cls(**kwargs)
+    def from_dict(cls, d: dict[str, Any], where: str = "SegmenterConfig") -> SegmenterConfig:
+        """Build from a (YAML) dict (:func:`lidc_det.config.from_mapping`); unknown keys, wrong
+        types and bad values raise :class:`~lidc_det.errors.ConfigError` naming ``where`` and the key."""
+        from lidc_det.config import from_mapping
+
+        return from_mapping(cls, d, where)
 
     @classmethod
     def from_yaml(cls, path: Path | str) -> SegmenterConfig:
-        import yaml
+        """Read a YAML file (:func:`lidc_det.config.load_yaml_config`; ConfigError naming the file and key)."""
+        from lidc_det.config import load_yaml_config
 
-        text = Path(path).read_text()
-        return cls.from_dict(yaml.safe_load(text) or {})
+        return load_yaml_config(cls, path)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

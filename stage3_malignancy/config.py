@@ -6,29 +6,17 @@ does not import torch.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from lidc_det.errors import LidcDetError
+from lidc_det.config import from_mapping, load_yaml_config
+from lidc_det.errors import ConfigError
 
 __all__ = ["FEATURE_GROUPS", "ConfigError", "EmbeddingConfig", "MalignancyModelConfig"]
 
 #: Feature groups a model can use, in column order.
 FEATURE_GROUPS: tuple[str, ...] = ("diameter", "shape", "radiomics", "embeddings")
-
-
-class ConfigError(LidcDetError, ValueError):
-    """A stage-3 config file or mapping is invalid (names the file and the key)."""
-
-
-def _strict(cls: type, d: dict[str, Any] | None, where: str) -> dict[str, Any]:
-    d = dict(d or {})
-    known = {f.name for f in fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-        raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
-    return d
 
 
 @dataclass(frozen=True)
@@ -132,33 +120,11 @@ class MalignancyModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None, where: str = "MalignancyModelConfig") -> MalignancyModelConfig:
-        """Build from a mapping (YAML); unknown keys raise :class:`ConfigError`."""
-        d = _strict(cls, d, where)
-        try:
-            if "embedding" in d:
-                d["embedding"] = EmbeddingConfig(**_strict(EmbeddingConfig, d["embedding"], f"{where}: embedding"))
-            if "features" in d:
-                d["features"] = tuple(d["features"])
-            if "lgbm_params" in d:
-                d["lgbm_params"] = dict(d["lgbm_params"] or {})
-            return cls(**d)
-        except (TypeError, ValueError) as err:
-            if isinstance(err, ConfigError):
-                raise
-            raise ConfigError(f"{where}: {err}") from err
+        """Build from a mapping (YAML) with :func:`lidc_det.config.from_mapping`: unknown keys,
+        wrong types and bad values raise :class:`~lidc_det.errors.ConfigError` naming ``where``."""
+        return from_mapping(cls, dict(d or {}), where)
 
     @classmethod
     def from_yaml(cls, path: str | Path, key: str | None = None) -> MalignancyModelConfig:
-        """Read a YAML file (or its ``key`` section)."""
-        import yaml
-
-        path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text()) or {}
-        except (OSError, yaml.YAMLError) as err:
-            raise ConfigError(f"{path}: cannot read the config: {err}") from err
-        if key is not None:
-            raw = raw.get(key, {}) if isinstance(raw, dict) else None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: the config{f' section {key!r}' if key else ''} must be a mapping")
-        return cls.from_dict(raw, where=str(path) + (f": {key}" if key else ""))
+        """Read a YAML file (or its ``key`` section) with :func:`lidc_det.config.load_yaml_config`."""
+        return load_yaml_config(cls, path, key)

@@ -24,7 +24,7 @@ calibrator. LightGBM runs deterministically (``deterministic=True``,
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -80,14 +80,12 @@ class CVConfig:
             raise ValueError(f"CVConfig.calibration must be isotonic, platt or none, got {self.calibration!r}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> CVConfig:
-        """Build from a config mapping; unknown keys raise ValueError."""
-        d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"CVConfig: unknown keys {sorted(unknown)} (known: {sorted(known)})")
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any] | None, where: str = "CVConfig") -> CVConfig:
+        """Build from a config mapping (:func:`lidc_det.config.from_mapping`); unknown keys and bad
+        values raise :class:`~lidc_det.errors.ConfigError` (a ValueError) naming ``where``."""
+        from lidc_det.config import from_mapping
+
+        return from_mapping(cls, dict(d or {}), where)
 
     def params(self) -> dict[str, Any]:
         """The LightGBM parameter dict actually used."""

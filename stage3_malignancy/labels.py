@@ -56,14 +56,12 @@ class LabelProtocol:
             raise ValueError(f"LabelProtocol.min_readers must be >= 1, got {self.min_readers}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any] | None) -> LabelProtocol:
-        """Build from a config mapping; unknown keys raise ValueError."""
-        d = dict(d or {})
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"LabelProtocol: unknown keys {sorted(unknown)} (known: {sorted(known)})")
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any] | None, where: str = "LabelProtocol") -> LabelProtocol:
+        """Build from a config mapping (:func:`lidc_det.config.from_mapping`); unknown keys and bad
+        values raise :class:`~lidc_det.errors.ConfigError` (a ValueError) naming ``where``."""
+        from lidc_det.config import from_mapping
+
+        return from_mapping(cls, dict(d or {}), where)
 
 
 def aggregate_ratings(ratings: Sequence[float], how: Aggregate = "median") -> float:

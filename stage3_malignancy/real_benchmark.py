@@ -19,13 +19,13 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lidc_det.errors import LidcDetError
+from lidc_det.errors import ConfigError
 from stage3_malignancy.cv import CVConfig, CVResult, cross_validate_lgbm, patient_folds
 from stage3_malignancy.labels import LabelProtocol, label_from_ratings
 from stage3_malignancy.lidc_shape import RealShapeExtraction, extract_real_shape_table
@@ -133,48 +133,17 @@ class RealShapeBenchmarkConfig:
         return replace(self, cache_dir=self.cache_dir if cache_dir is None else str(cache_dir), extraction=ex)
 
 
-class BenchmarkConfigError(LidcDetError, ValueError):
-    """The benchmark YAML cannot be read or holds unknown / invalid settings (names the file)."""
-
-
-def _strict(cls: type, d: dict[str, Any] | None, where: str) -> dict[str, Any]:
-    d = dict(d or {})
-    known = {f.name for f in fields(cls)}
-    unknown = set(d) - known
-    if unknown:
-        raise ValueError(f"{where}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
-    return d
+#: The benchmark YAML cannot be read or holds unknown / invalid settings: the project's one
+#: :class:`~lidc_det.errors.ConfigError` (names the file and the key).
+BenchmarkConfigError = ConfigError
 
 
 def load_config(path: str | Path) -> RealShapeBenchmarkConfig:
-    """Read the benchmark YAML (unknown keys are errors, naming the file)."""
-    import yaml
+    """Read the benchmark YAML (:func:`lidc_det.config.load_yaml_config`: unknown keys and bad
+    values raise :class:`~lidc_det.errors.ConfigError` naming the file and the key)."""
+    from lidc_det.config import load_yaml_config
 
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise BenchmarkConfigError(f"{path}: cannot read the config: {err}") from err
-    if not isinstance(raw, dict):
-        raise BenchmarkConfigError(f"{path}: the config must be a mapping, got {type(raw).__name__}")
-    try:
-        d = _strict(RealShapeBenchmarkConfig, raw, str(path))
-        if "extraction" in d:
-            d["extraction"] = RealShapeExtraction(**_strict(RealShapeExtraction, d["extraction"], f"{path}: extraction"))
-        if "labels" in d:
-            d["labels"] = LabelProtocol.from_dict(d["labels"])
-        if "cv" in d:
-            d["cv"] = CVConfig.from_dict(d["cv"])
-        if "bootstrap" in d:
-            d["bootstrap"] = BootstrapConfig(**_strict(BootstrapConfig, d["bootstrap"], f"{path}: bootstrap"))
-        if "feature_sets" in d:
-            d["feature_sets"] = {str(k): tuple(v) for k, v in d["feature_sets"].items()}
-        for key in ("strata_mm", "single_scores"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return RealShapeBenchmarkConfig(**d)
-    except (TypeError, ValueError) as err:
-        raise BenchmarkConfigError(f"{path}: {err}") from err
+    return load_yaml_config(RealShapeBenchmarkConfig, path)
 
 
 def label_table(table: Any, protocol: LabelProtocol) -> tuple[Any, dict[str, int]]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import argparse
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,33 +85,11 @@ class ImageBenchmarkConfig:
 
 
 def load_image_benchmark_config(path: str | Path) -> ImageBenchmarkConfig:
-    """Read the benchmark YAML; unknown keys raise :class:`ConfigError` naming the file."""
-    import yaml
+    """Read the benchmark YAML (:func:`lidc_det.config.load_yaml_config`): unknown keys and bad
+    values raise :class:`ConfigError` naming the file and the key."""
+    from lidc_det.config import load_yaml_config
 
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as err:
-        raise ConfigError(f"{path}: cannot read the config: {err}") from err
-    known = {f.name for f in fields(ImageBenchmarkConfig)}
-    unknown = set(raw) - known
-    if unknown:
-        raise ConfigError(f"{path}: unknown keys {sorted(unknown)} (known: {sorted(known)})")
-    try:
-        d = dict(raw)
-        if "labels" in d:
-            d["labels"] = LabelProtocol.from_dict(d["labels"])
-        if "model" in d:
-            d["model"] = MalignancyModelConfig.from_dict(d["model"], where=f"{path}: model")
-        if "bootstrap" in d:
-            d["bootstrap"] = BootstrapConfig(**d["bootstrap"])
-        if "feature_sets" in d:
-            d["feature_sets"] = {str(k): tuple(v) for k, v in d["feature_sets"].items()}
-        if "strata_mm" in d:
-            d["strata_mm"] = tuple(float(v) for v in d["strata_mm"])
-        return ImageBenchmarkConfig(**d)
-    except (TypeError, ValueError) as err:  # ConfigError included: prefix the file
-        raise ConfigError(f"{path}: {err}") from err
+    return load_yaml_config(ImageBenchmarkConfig, path)
 
 
 def run_image_benchmark(

@@ -25,13 +25,14 @@ skipped; every file is written atomically, so a killed run goes on where it stop
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import html
 import io
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,22 @@ class PredictReport:
                  f"summary {self.out_dir / 'summary.csv'}, index {self.out_dir / 'index.html'}"]
         lines += [f"FAILED {u}: {e}" for u, e in self.failed.items()]
         return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` inside the block (unchanged when falsy), restored after."""
+    if not n:
+        yield
+        return
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def scan_out_dir(out_dir: Path, series_uid: str) -> Path:
@@ -162,12 +179,9 @@ def predict_scan(
     if done is not None:
         return {**done["row"], "status": "skipped"}
     t0 = time.perf_counter()
-    if options.torch_threads:
-        import torch
-
-        torch.set_num_threads(int(options.torch_threads))
-    pipe = _pipeline(models_dir, options.device)
-    result = pipe.run(Path(series_folder), series_uid=series_uid)
+    with _torch_threads(options.torch_threads):
+        pipe = _pipeline(models_dir, options.device)
+        result = pipe.run(Path(series_folder), series_uid=series_uid)
     d = scan_out_dir(Path(out_dir), result.series_uid)
     d.mkdir(parents=True, exist_ok=True)
     files = write_scan_outputs(result, d, options, Path(series_folder), synthetic=pipe.synthetic_training)

@@ -4,7 +4,8 @@ atomic checkpoints with exact resume, per-epoch validation and best-checkpoint s
 Outputs in ``out_dir``:
 
 * ``last.pt``: the latest state (model, optimiser, scheduler, grad scaler, step,
-  RNG state, per-step log, per-epoch history); written atomically every
+  per-step log, per-epoch history; no RNG state: training draws from no global
+  generator, so resuming neither needs nor changes torch's global RNG); written atomically every
   ``checkpoint_every`` steps and at each epoch end. A run started again with the
   same ``out_dir`` resumes from it (``resume=True``) and, because patches are a
   function of (seed, index) (:class:`stage1_detect.data.PatchDataset`), ends in the
@@ -330,9 +331,6 @@ def train_detector(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if dev.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], dev)
         step = int(state["step"])
         step_log = list(state["step_log"])
         history = list(state["history"])
@@ -364,7 +362,6 @@ def train_detector(
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict(),
             "step": step,
-            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None},
             "step_log": step_log,
             "history": history,
             "best_metric": best_metric,

@@ -43,7 +43,20 @@ from benchmarks.segmentation import SegmentationStepConfig
 from lidc_det.atomic import write_json
 from lidc_det.config import ConfigFileError, config_hash, load_yaml_config, to_plain
 
-DEFAULT_LEADERBOARD_DIR = Path(__file__).resolve().parent / "results"
+
+def default_leaderboard_dir(package_dir: Path | None = None, cwd: Path | None = None) -> Path:
+    """Where ``lidc-det bench`` appends its leaderboard rows by default: ``benchmarks/results``
+    of the source checkout when this package runs from one (the committed leaderboard; the
+    checkout has ``setup.cfg`` and ``.git`` beside ``benchmarks/``), else ``lidc-det-leaderboard``
+    in the current folder, never inside an installed package's folder (site-packages)."""
+    package_dir = Path(package_dir or Path(__file__).resolve().parent)
+    root = package_dir.parent
+    if (root / "setup.cfg").is_file() and (root / ".git").exists():
+        return package_dir / "results"
+    return Path(cwd or Path.cwd()) / "lidc-det-leaderboard"
+
+
+DEFAULT_LEADERBOARD_DIR = default_leaderboard_dir()
 
 
 @dataclass(frozen=True)

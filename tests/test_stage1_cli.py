@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 from lidc_det.cli import main  # noqa: E402
 from lidc_det.data.luna import read_candidates  # noqa: E402

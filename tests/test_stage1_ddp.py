@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 import torch.distributed as dist  # noqa: E402
 
 from stage1_detect.config import DetectorConfig  # noqa: E402

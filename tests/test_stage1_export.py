@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-torch = pytest.importorskip("torch")
+import torch
 
 from stage1_detect.detector import Retina3DDetector  # noqa: E402
 from stage1_detect.export import OnnxDetector, OnnxExportError, compare_detections, export_onnx  # noqa: E402

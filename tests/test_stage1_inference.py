@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 import torch.nn.functional as F  # noqa: E402
 
 from lidc_det.boxes import boxes_to_world  # noqa: E402

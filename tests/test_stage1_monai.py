@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("monai")
+import torch
+import monai  # noqa: F401  (a required dependency: a broken install fails)
 
 from lidc_det.boxes import mask_to_box, to_monai_boxes  # noqa: E402
 from stage1_detect.monai_baseline import (  # noqa: E402

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch
 
 from lidc_det.results import Detections  # noqa: E402
 from stage1_detect.config import DetectorConfig, load_config  # noqa: E402

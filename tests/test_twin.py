@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("pylidc")
+import pylidc  # noqa: F401  (a required dependency: a broken install fails)
 
 from lidc_det.data.lidc import consensus_mask, lidc_scan, load_annotations, pylidc_dicom_root, reader_masks  # noqa: E402
 from lidc_det.io.dicom import read_series  # noqa: E402

@@ -137,17 +137,18 @@ class LungFields:
 
         The same as asking whether the point is inside the lung field dilated
         by a ball of ``margin_mm`` (voxel centres, physical spacing), without
-        dilating the whole volume. Points outside the volume are False.
+        dilating the whole volume; a point in a lung voxel is near at any margin
+        (0 included). Points outside the volume are False.
         """
         pts = np.atleast_2d(np.asarray(points_xyz_mm, dtype=float))
         vox = np.atleast_2d(self.geometry.world_to_voxel(pts)) if len(pts) else np.zeros((0, 3))
         sp = np.asarray(self.geometry.spacing_zyx)
         half = np.floor(max(0.0, margin_mm) / sp).astype(int)
         shape = np.asarray(self.labels.shape)
-        out = np.zeros(len(vox), dtype=bool)
+        out = self.label_at(pts) > 0 if len(pts) else np.zeros(0, dtype=bool)
         for i, v in enumerate(vox):
             c = np.rint(v).astype(int)
-            if np.any(c < 0) or np.any(c >= shape):
+            if out[i] or np.any(c < 0) or np.any(c >= shape):
                 continue
             lo, hi = np.maximum(c - half, 0), np.minimum(c + half + 1, shape)
             win = self.labels[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] > 0

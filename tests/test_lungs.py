@@ -81,6 +81,7 @@ def test_near_and_label_at(twin: _Case) -> None:
     k = np.argwhere(lf.labels == LEFT)[0]
     p = lf.geometry.voxel_to_world(k.astype(float))
     assert lf.label_at(p[None])[0] == LEFT
+    assert lf.near((p + 0.2)[None], 0.0)[0]  # inside a lung voxel, off its centre: near at margin 0
     outside = lf.geometry.voxel_to_world(np.array([0.0, 0.0, 0.0]))
     assert lf.label_at(outside[None])[0] == 0
     assert not lf.near(outside[None], 5.0)[0]

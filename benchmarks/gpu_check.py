@@ -49,13 +49,14 @@ SIZES = {
     "full": dict(chest_zyx=(332, 360, 360), monai_chest_zyx=(266, 512, 512), matched_window_zyx=(128, 128, 128),
                  train_patch_zyx=(64, 96, 96), train_batch=2, timed_steps=5, default_train=True,
                  monai_overrides={}, case_zyx=(96, 128, 128), n_train_cases=24, n_test_cases=8,
-                 train_steps=400, steps_per_epoch=200, ours_patch=(64, 64, 64), ours_batch=4,
+                 train_steps=400, steps_per_epoch=200, ours_patch=(64, 64, 64), ours_batch=4, diameter_range=(5.0, 20.0),
                  monai_patch_xyz=(96, 96, 64), monai_batch=4, ours_config="default"),
     "smoke": dict(chest_zyx=(48, 64, 64), monai_chest_zyx=(32, 64, 64), matched_window_zyx=(64, 64, 64),
                   train_patch_zyx=(32, 32, 32), train_batch=1, timed_steps=1, default_train=False,
                   monai_overrides={"resnet_layers": [1, 1, 1, 1], "block_inplanes": [8, 16, 32, 64],
                                    "val_patch_size_xyz": [64, 64, 32]},
                   case_zyx=(32, 48, 48), n_train_cases=2, n_test_cases=1, train_steps=2, steps_per_epoch=2,
+                  diameter_range=(4.0, 8.0),
                   ours_patch=(32, 32, 32), ours_batch=1, monai_patch_xyz=(32, 32, 32), monai_batch=1,
                   ours_config="tiny"),
 }
@@ -113,7 +114,8 @@ def speed_table(device: str, size: dict[str, Any], rec: Recorder) -> list[dict[s
         return {"s": time.perf_counter() - t0, "n": len(d), "cuda_peak_mib": mem}
 
     def ours_scan(config: str, case: Any, overrides: dict[str, Any]) -> dict[str, Any]:
-        r = time_retina3d_inference(config, case.image_hu, case.geometry, device=device, repeats=2, warmup=True,
+        r = time_retina3d_inference(config, case.image_hu, case.geometry, device=device,
+                                    repeats=1 if size is SIZES["smoke"] else 3, warmup=device.startswith("cuda"),
                                     overrides={"score_thresh": 0.0, **overrides}, series_uid=case.series_uid)
         r.pop("detections")
         return r
@@ -172,7 +174,7 @@ def equal_steps_training(device: str, size: dict[str, Any], work: Path, rec: Rec
     from stage1_detect.monai_baseline import MonaiRetinaNetDetector
     from stage1_detect.toydata import random_sphere_cases
 
-    kw = dict(shape_zyx=size["case_zyx"], spheres_per_case=2, diameter_range=(5.0, 20.0))
+    kw = dict(shape_zyx=size["case_zyx"], spheres_per_case=2, diameter_range=size["diameter_range"])
     train = random_sphere_cases(size["n_train_cases"], seed=1, prefix="train", **kw)
     val = random_sphere_cases(max(1, size["n_test_cases"] // 2), seed=2, prefix="val", **kw)
     test = random_sphere_cases(size["n_test_cases"], seed=3, prefix="test", **kw)

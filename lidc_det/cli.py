@@ -16,8 +16,6 @@ from pathlib import Path
 from lidc_det import __version__
 from lidc_det.errors import LidcDetError
 
-Handler = Callable[[argparse.Namespace], int]
-
 SCHEDULER_HELP = ("where the per-scan tasks run: local (a Dask LocalCluster, one process per core), local:N "
                   "(N processes), tcp://host:8786 (an existing Dask cluster; workers must see the same paths) "
                   "or serial (in this process)")

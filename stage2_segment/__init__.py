@@ -1,4 +1,4 @@
-"""Stage 2: nnU-Net v2 segmentation of crops around stage-1 candidates (issue #6).
+"""Stage 2: nnU-Net v2 segmentation of crops around stage-1 candidates.
 
 Consumes :class:`lidc_det.results.Detections`, produces :class:`lidc_det.results.NoduleMask`;
 never imports ``stage1_detect``. Modules (nnU-Net and torch are imported lazily,

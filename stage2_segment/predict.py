@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 
 from lidc_det.errors import LidcDetError
-from lidc_det.geometry import VolumeGeometry
 from lidc_det.results import NoduleMask
 from stage2_segment.crops import Crop
 
@@ -279,19 +278,3 @@ def masks_from_probabilities(
         mask = nearest_component(np.asarray(prob) > threshold, center)
         out.append(nodule_mask_from_crop(crop, mask, hu, source=source))
     return out
-
-
-def segment_detections(
-    predictor: CropPredictor,
-    hu: np.ndarray,
-    geometry: VolumeGeometry,
-    detections: object,
-    crop_cfg: object,
-) -> tuple[list[NoduleMask], float]:
-    """Crops around every detection, segmented; returns the masks (detection order) and seconds."""
-    from stage2_segment.crops import detection_crops
-
-    t0 = time.perf_counter()
-    crops = detection_crops(hu, geometry, detections, crop_cfg)  # type: ignore[arg-type]
-    masks = predictor.segment_crops(crops, hu, source="detection")
-    return masks, time.perf_counter() - t0

@@ -634,15 +634,3 @@ def generate_twins(
     scans = tuple(o.value for o in run.outcomes if o.ok)
     failed = tuple((o.key, o.error or "unknown error") for o in run.outcomes if not o.ok)
     return TwinBatch(scans=scans, failed=failed, seconds=time.perf_counter() - t0)
-
-
-def painted_summary(scans: Sequence[TwinScan]) -> dict[str, Any]:
-    """Counts over the painted nodules of some twins (for reports)."""
-    nods = [n for s in scans for n in s.nodules]
-    return {
-        "scans": len(scans),
-        "nodules": len(nods),
-        "nodules_3plus_readers": sum(1 for n in nods if n.n_readers >= 3),
-        "texture_counts": {str(t): sum(1 for n in nods if n.texture == t) for t in range(1, 6)},
-        "calcified": sum(1 for n in nods if n.calcification != 6),
-    }

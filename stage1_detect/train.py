@@ -56,6 +56,10 @@ from stage1_detect.config import DetectorConfig, config_from_dict, save_config
 
 CHECKPOINT_FORMAT = "stage1_detect.retina3d/1"
 ValidationMetric = Callable[[list[Detections]], float]
+#: Files :func:`train_detector` writes atomically in its run folder (their temp leftovers are removed on start).
+RUN_FILES: tuple[str, ...] = (
+    "last.pt", "best.pt", "config.yaml", "config.provenance.json", "train_log.csv", "history.csv", "loss_curve.png",
+)
 
 
 @dataclass(frozen=True)
@@ -299,6 +303,8 @@ def train_detector(
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if int(os.environ.get("RANK", "0")) == 0:  # a killed run's half-written temp files (never read)
+        atomic.remove_leftovers(out_dir, RUN_FILES)
     dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     world, rank = init_distributed(dev)
     if world > 1 and dev.type == "cuda" and dev.index is None:

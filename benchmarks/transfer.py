@@ -84,6 +84,13 @@ class BackgroundSpec:
     copies: int = 4
     nodules_per_copy: int = 6
 
+    def semireal(self, sources: PatientRange, seed: int, spacing_zyx: tuple[float, float, float]) -> Any:
+        """The :class:`~lidc_det.synthetic.semireal.SemiRealSpec` of this background, nodules from ``sources``."""
+        from lidc_det.synthetic.semireal import SemiRealSpec
+
+        return SemiRealSpec(self.name, Path(self.dicom), self.region, self.crop_to_region, self.copies,
+                            self.nodules_per_copy, tuple(sources.series_uids()), seed, spacing_zyx)
+
 
 @dataclass(frozen=True)
 class TransferConfig:
@@ -323,9 +330,9 @@ def run_transfer(
     from lidc_det.data.luna import LunaFinding
     from lidc_det.io.dicom import read_series
     from lidc_det.metrics.froc import evaluate_detections
-    from lidc_det.metrics.ranks import candidate_kinds, nodule_ranks, score_at_sensitivity
+    from lidc_det.metrics.ranks import nodule_ranks, score_at_sensitivity
     from lidc_det.provenance import device_info, provenance
-    from lidc_det.synthetic.semireal import SemiRealSpec, make_semireal_dataset
+    from lidc_det.synthetic.semireal import make_semireal_dataset
     from stage1_detect.registry import build_detector
 
     t_start = time.perf_counter()
@@ -350,20 +357,15 @@ def run_transfer(
 
     # -- semi-real training scans and the yardstick
     t0 = time.perf_counter()
+    spacing = cfg.twins.spacing_zyx
     semi = [
-        make_semireal_dataset(
-            [SemiRealSpec(b.name, Path(b.dicom), b.region, b.crop_to_region, b.copies, b.nodules_per_copy,
-                          tuple(cfg.train_sources.series_uids()), cfg.seed, cfg.twins.spacing_zyx)],
-            data_dir / "semireal" / b.name, progress=progress,
-        )
+        make_semireal_dataset([b.semireal(cfg.train_sources, cfg.seed, spacing)], data_dir / "semireal" / b.name, progress=progress)
         for b in cfg.backgrounds
         if cfg.train_sources is not None
     ]
     y = cfg.yardstick
     ds_yard = make_semireal_dataset(
-        [SemiRealSpec(y.name, Path(y.dicom), y.region, y.crop_to_region, y.copies, y.nodules_per_copy,
-                      tuple(cfg.yardstick_sources.series_uids()), cfg.seed + 1000, cfg.twins.spacing_zyx)],
-        data_dir / "yardstick" / y.name, progress=progress,
+        [y.semireal(cfg.yardstick_sources, cfg.seed + 1000, spacing)], data_dir / "yardstick" / y.name, progress=progress
     )
     lap("semi-real data", t0)
 
@@ -405,20 +407,22 @@ def run_transfer(
     for e in evals:
         vol = read_series(e.folder, series_uid=e.series_uid)
         ann = load_annotations(vol.series_uid, vol.geometry)
-        tg = _findings_in([LunaFinding(vol.series_uid, n.center_xyz_mm, n.equivalent_diameter_mm) for n in ann.nodules], e.region)
+        scored = _findings_in(list(ann.nodules), e.region)
+        tg = [LunaFinding(vol.series_uid, n.center_xyz_mm, n.equivalent_diameter_mm) for n in scored]
         ir = [LunaFinding(vol.series_uid, n.center_xyz_mm, n.equivalent_diameter_mm) for n in ann.irrelevant]
         det = _restrict(detector.predict(vol.hu, vol.geometry, series_uid=vol.series_uid), e.region).top_k(100)
         real_d.append(det)
         real_t += tg
         real_i += ir
-        for r in nodule_ranks(det, tg, ir):
+        ranks = nodule_ranks(det, tg, ir)
+        for r in ranks:
             real_rows.append({
                 "series_uid": vol.series_uid, "patient_id": vol.patient_id, "scored_region": e.region,
                 "center_xyz_mm": [round(v, 1) for v in r.center_xyz_mm], "diameter_mm": round(r.diameter_mm, 1),
                 "rank": r.rank, "score": None if r.score is None else round(r.score, 4), "fps_above": r.fps_above,
                 "distance_mm": r.distance_mm,
             })
-        pngs += _real_pngs(vol, ann, det, tg, ir, out_dir / "png", cfg.n_fp_pngs, e.region)
+        pngs += _real_pngs(vol, scored, ranks, det, tg, ir, out_dir / "png", cfg.n_fp_pngs)
     real_froc = (
         evaluate_detections(real_t, real_d, excluded=real_i, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed) if real_t else None
     )
@@ -494,7 +498,7 @@ def _run_stage2(
     real: list[dict[str, Any]] = []
     for e, det in zip(evals, real_dets):
         vol = read_series(e.folder, series_uid=e.series_uid)
-        hu, g = resample_image(vol.hu, vol.geometry, seg_cfg_spacing(train_cases))
+        hu, g = resample_image(vol.hu, vol.geometry, train_cases[0].geometry.spacing_zyx)  # the segmenter's grid
         ann = load_annotations(vol.series_uid, vol.geometry)
         for n in ann.nodules:
             if not _findings_in([n], e.region):
@@ -540,11 +544,6 @@ def _run_stage2(
     }
 
 
-def seg_cfg_spacing(cases: list[Any]) -> tuple[float, float, float]:
-    """The grid the segmenter was trained on (that of the training cases)."""
-    return tuple(float(v) for v in cases[0].geometry.spacing_zyx)  # type: ignore[return-value]
-
-
 def _rounded(d: dict[str, Any]) -> dict[str, Any]:
     def r(v: Any) -> Any:
         if isinstance(v, float):
@@ -556,16 +555,18 @@ def _rounded(d: dict[str, Any]) -> dict[str, Any]:
     return {k: r(v) for k, v in d.items()}
 
 
-def _real_pngs(vol: Any, ann: Any, det: Any, targets: list[Any], irrelevant: list[Any], folder: Path, n_fp: int, region: str) -> list[dict[str, Any]]:
-    """3-plane PNGs of every real target (with its consensus and first hit) and the top false positives."""
+def _real_pngs(
+    vol: Any, nodules: list[Any], ranks: list[Any], det: Any, targets: list[Any], irrelevant: list[Any], folder: Path, n_fp: int
+) -> list[dict[str, Any]]:
+    """3-plane PNGs of every scored real nodule (``nodules``, their ``ranks``; with the consensus) and the top
+    false positives of ``det``."""
     from lidc_det.data.lidc import consensus_mask
-    from lidc_det.metrics.ranks import candidate_kinds, nodule_ranks
+    from lidc_det.metrics.ranks import candidate_kinds
     from lidc_det.overlays import three_plane_png
 
     folder.mkdir(parents=True, exist_ok=True)
     out: list[dict[str, Any]] = []
-    ranks = nodule_ranks(det, targets, irrelevant)
-    for i, (n, r) in enumerate(zip([n for n in ann.nodules if any(np.allclose(n.center_xyz_mm, t.center_xyz_mm) for t in targets)], ranks)):
+    for i, (n, r) in enumerate(zip(nodules, ranks)):
         p = folder / f"{vol.patient_id}_nodule{i + 1}.png"
         title = (f"REAL {vol.patient_id} nodule {n.equivalent_diameter_mm:.1f} mm: "
                  + (f"first hit rank {r.rank} (score {r.score:.2f}), {r.fps_above} FP above" if r.rank else "not hit"))

@@ -11,11 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("distributed")
-pytest.importorskip("pylidc")
-
-from lidc_det.cluster import SchedulerError, parse_scheduler, run_tasks  # noqa: E402
-from lidc_det.synthetic.twin import generate_twins, scan_spec  # noqa: E402
+from lidc_det.cluster import SchedulerError, parse_scheduler, run_tasks
+from lidc_det.synthetic.twin import generate_twins, scan_spec
 
 PATIENTS = ("LIDC-IDRI-0078", "LIDC-IDRI-0003", "LIDC-IDRI-0005")
 COMPARED = ("candidates.csv", "stage1_candidates.csv", "findings.csv", "malignancy.csv")

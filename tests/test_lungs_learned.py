@@ -10,14 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("monai")
-
-from lidc_det.errors import CheckpointError, LidcDetError  # noqa: E402
-from lidc_det.geometry import VolumeGeometry  # noqa: E402
-from lidc_det.lungs_learned.data import LungScan, load_scan, normalize, save_scan, to_work_grid  # noqa: E402
-from lidc_det.lungs_learned.infer import Inferencer, labels_from_probabilities, tune_threshold  # noqa: E402
-from lidc_det.lungs_learned.train import LungNetConfig, Trainer, load_state  # noqa: E402
+from lidc_det.errors import CheckpointError, LidcDetError
+from lidc_det.geometry import VolumeGeometry
+from lidc_det.lungs_learned.data import LungScan, load_scan, normalize, save_scan, to_work_grid
+from lidc_det.lungs_learned.infer import Inferencer, labels_from_probabilities, tune_threshold
+from lidc_det.lungs_learned.train import LungNetConfig, Trainer, load_state
 
 
 def _phantom(seed: int, shape: tuple[int, int, int] = (12, 32, 32)) -> tuple[np.ndarray, np.ndarray]:

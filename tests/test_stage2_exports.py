@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from lidc_det.geometry import VolumeGeometry
 from lidc_det.results import NoduleMask
@@ -40,7 +39,8 @@ def test_merged_label_map_first_mask_wins_and_files(tmp_path: Path) -> None:
 
 
 def test_dicom_seg_roundtrip(tmp_path: Path) -> None:
-    hd = pytest.importorskip("highdicom")
+    import highdicom as hd
+
     from lidc_det.io.dicom_write import write_ct_series
     from stage2_segment.exports import export_dicom_seg
 

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-__all__ = ["CVConfig", "CVResult", "cross_validate_lgbm", "patient_folds"]
+__all__ = ["CVConfig", "CVResult", "Calibrator", "cross_validate_lgbm", "inner_split", "patient_folds"]
 
 Calibration = Literal["isotonic", "platt", "none"]
 
@@ -152,8 +152,14 @@ def patient_folds(y: Sequence[int] | np.ndarray, groups: Sequence[str], n_folds:
     return folds
 
 
-def _inner_split(y: np.ndarray, g: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) positions of a patient-grouped, stratified hold-out of about ``fraction``."""
+def inner_split(y: np.ndarray, g: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train, val) positions of a patient-grouped, stratified hold-out of about ``fraction``.
+
+    The first split of ``StratifiedGroupKFold(round(1 / fraction), shuffle=True,
+    random_state=seed)`` (at least 2 splits, at most one per patient): the
+    inner split of :func:`cross_validate_lgbm`, shared with the final model of
+    :mod:`stage3_malignancy.model` so both early-stop and calibrate alike.
+    """
     from sklearn.model_selection import StratifiedGroupKFold
 
     k = max(2, int(round(1.0 / fraction)))
@@ -163,8 +169,14 @@ def _inner_split(y: np.ndarray, g: np.ndarray, fraction: float, seed: int) -> tu
     return tr, va
 
 
-class _Calibrator:
-    """Isotonic / Platt / identity map from raw probability to calibrated probability."""
+class Calibrator:
+    """Isotonic / Platt / identity map from raw probability to calibrated probability.
+
+    ``Calibrator(kind).fit(p, y)`` on validation probabilities, then
+    ``calibrator(p)``; :meth:`to_dict` / :meth:`from_dict` store the fitted map
+    as JSON (used by :mod:`stage3_malignancy.model` to save a classifier).
+    A ``fit`` on one class only falls back to ``"none"`` (identity).
+    """
 
     def __init__(self, kind: Calibration) -> None:
         self.kind = kind
@@ -175,7 +187,7 @@ class _Calibrator:
         p = np.clip(p, 1e-6, 1 - 1e-6)
         return np.log(p / (1 - p)).reshape(-1, 1)
 
-    def fit(self, p: np.ndarray, y: np.ndarray) -> _Calibrator:
+    def fit(self, p: np.ndarray, y: np.ndarray) -> Calibrator:
         if self.kind == "none" or len(set(y.tolist())) < 2:
             self.kind = "none"
             return self
@@ -198,7 +210,7 @@ class _Calibrator:
         return {"kind": "none"}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> _Calibrator:
+    def from_dict(cls, d: dict[str, Any]) -> Calibrator:
         """Inverse of :meth:`to_dict` (the fitted map, without scikit-learn objects)."""
         c = cls(d["kind"])
         c.model = d
@@ -265,7 +277,7 @@ def cross_validate_lgbm(
     for k in sorted(set(folds.tolist())):
         test = np.flatnonzero(folds == k)
         train = np.flatnonzero(folds != k)
-        tr_pos, va_pos = _inner_split(y[train], g[train], cfg.inner_val_fraction, cfg.seed + 1 + k)
+        tr_pos, va_pos = inner_split(y[train], g[train], cfg.inner_val_fraction, cfg.seed + 1 + k)
         tr, va = train[tr_pos], train[va_pos]
         dtrain = lgb.Dataset(Xa[tr], label=y[tr], feature_name=list(names), free_raw_data=False)
         dval = lgb.Dataset(Xa[va], label=y[va], reference=dtrain)
@@ -278,7 +290,7 @@ def cross_validate_lgbm(
         )
         it = booster.best_iteration or booster.current_iteration()
         best.append(int(it))
-        calib = _Calibrator(cfg.calibration).fit(booster.predict(Xa[va], num_iteration=it), y[va])
+        calib = Calibrator(cfg.calibration).fit(booster.predict(Xa[va], num_iteration=it), y[va])
         p = booster.predict(Xa[test], num_iteration=it)
         prob_raw[test] = p
         prob_cal[test] = calib(p)

@@ -41,7 +41,7 @@ import numpy as np
 from lidc_det.errors import LidcDetError
 from lidc_det.results import MalignancyScore
 from stage3_malignancy.config import MalignancyModelConfig
-from stage3_malignancy.cv import CVConfig, _Calibrator, _inner_split, patient_folds
+from stage3_malignancy.cv import Calibrator, CVConfig, inner_split, patient_folds
 from stage3_malignancy.samples import MalignancySample
 
 __all__ = [
@@ -169,7 +169,7 @@ class MalignancyModel:
         self.cnn: Any = None
         self.booster: Any = None
         self.best_iteration: int = 0
-        self.calibrator: _Calibrator | None = None
+        self.calibrator: Calibrator | None = None
         self.feature_names: tuple[str, ...] = ()
         self.fit_info: dict[str, Any] = {}
 
@@ -240,7 +240,7 @@ class MalignancyModel:
 
         t0 = time.perf_counter()
         y, g = _labels(samples)
-        tr, va = _inner_split(y, g, self.cfg.inner_val_fraction, self.cfg.seed)
+        tr, va = inner_split(y, g, self.cfg.inner_val_fraction, self.cfg.seed)
         self.feature_names = ()
         static_groups = [x for x in self.cfg.features if x != "embeddings"]
         if precomputed is None:
@@ -270,7 +270,7 @@ class MalignancyModel:
             callbacks=[lgb.early_stopping(self.cfg.early_stopping_rounds, verbose=False)],
         )
         self.best_iteration = int(self.booster.best_iteration or self.booster.current_iteration())
-        self.calibrator = _Calibrator(self.cfg.calibration).fit(
+        self.calibrator = Calibrator(self.cfg.calibration).fit(
             self.booster.predict(Xa[va], num_iteration=self.best_iteration), y[va]
         )
         self.feature_names = tuple(names)
@@ -392,7 +392,7 @@ class MalignancyModel:
         m = cls(cfg, embedder_layer=meta.get("embedder_layer"), embedder_channels=meta.get("embedder_channels"))
         m.booster = booster
         m.best_iteration = int(meta["best_iteration"])
-        m.calibrator = _Calibrator.from_dict(meta["calibrator"])
+        m.calibrator = Calibrator.from_dict(meta["calibrator"])
         m.feature_names = tuple(meta["feature_names"])
         m.fit_info = dict(meta.get("fit_info", {}))
         ef = meta.get("embedding_file")

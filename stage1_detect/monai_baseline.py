@@ -35,7 +35,7 @@ transposes volumes to ``[x, y, z]`` before the network and maps boxes with
 axis permutation, so every tutorial setting (spacing, anchor shapes, strides, patch sizes)
 keeps its x, y, z meaning.
 
-**Cost on the 2-core CPU** (GUIDE §5): about 45 s per training step at 2 x 96 x 96 x 64 and
+**Cost on a 2-core CPU** (measured with the LUNA16 tutorial config): about 45 s per training step at 2 x 96 x 96 x 64 and
 minutes per scan at inference, so CPU runs use overrides (smaller patches, fewer steps,
 a smaller ResNet) and are smoke runs only; the real baseline needs a GPU.
 """

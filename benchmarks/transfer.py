@@ -8,8 +8,9 @@ scans? One run:
    anatomy, real reader contours), plus optional *semi-real* scans: real readers'
    nodules inserted into real chest backgrounds (:mod:`lidc_det.synthetic.semireal`),
    a background either a scan that is not evaluated (``whole``) or one lung of an
-   evaluated scan, cut at x = 0 (``crop_to_region``), whose other lung is then the only
-   region scored on that scan (GUIDE section 8).
+   evaluated scan, cut at x = 0 or its other side replaced by the mirror image of the
+   trained lung (``other_side: cut`` / ``mirror``), whose other lung is then the only region
+   scored on that scan.
 2. **Stage 1** (any registered detector) is trained on the twin training scans plus the
    semi-real scans, its checkpoint chosen on the twin validation scans.
 3. **Scoring on real DICOM** (``--dicom-root``, default ``../shared/data/lidc-idri``):
@@ -37,7 +38,7 @@ finished twins, semi-real scans and training.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,16 +81,20 @@ class BackgroundSpec:
     name: str
     dicom: Path
     region: str = "whole"
-    crop_to_region: bool = False
+    other_side: str = "keep"
     copies: int = 4
     nodules_per_copy: int = 6
+    crop_margin_mm: float | None = 15.0
 
     def semireal(self, sources: PatientRange, seed: int, spacing_zyx: tuple[float, float, float]) -> Any:
         """The :class:`~lidc_det.synthetic.semireal.SemiRealSpec` of this background, nodules from ``sources``."""
         from lidc_det.synthetic.semireal import SemiRealSpec
 
-        return SemiRealSpec(self.name, Path(self.dicom), self.region, self.crop_to_region, self.copies,
-                            self.nodules_per_copy, tuple(sources.series_uids()), seed, spacing_zyx)
+        return SemiRealSpec(
+            self.name, Path(self.dicom), region=self.region, other_side=self.other_side, copies=self.copies,
+            nodules_per_copy=self.nodules_per_copy, source_scans=tuple(sources.series_uids()), seed=seed,
+            spacing_zyx=spacing_zyx, crop_margin_mm=self.crop_margin_mm,
+        )
 
 
 @dataclass(frozen=True)
@@ -130,8 +135,11 @@ class TransferConfig:
     def __post_init__(self) -> None:
         if self.backgrounds and self.train_sources is None:
             raise ConfigFileError("backgrounds need train_sources (the patients whose nodules are inserted)")
-        if self.yardstick.region == "whole" and self.yardstick.crop_to_region:
-            raise ConfigFileError("yardstick: crop_to_region needs region left or right")
+        for b in (self.yardstick, *self.backgrounds):
+            if b.other_side not in ("keep", "cut", "mirror"):
+                raise ConfigFileError(f"{b.name}: other_side must be keep, cut or mirror, got {b.other_side!r}")
+            if b.region == "whole" and b.other_side != "keep":
+                raise ConfigFileError(f"{b.name}: other_side {b.other_side!r} needs region left or right")
         if not 0.0 < self.operating_sensitivity <= 1.0:
             raise ConfigFileError(f"operating_sensitivity must be in (0, 1], got {self.operating_sensitivity}")
 
@@ -174,7 +182,7 @@ def plan_protocol(cfg: TransferConfig, dicom_root: Path, twin_patients: list[str
     trained: dict[str, str] = {}  # series uid -> region trained on
     for b in cfg.backgrounds:
         uid, _ = _series_uid_of(b.dicom)
-        trained[uid] = "whole" if not b.crop_to_region else b.region
+        trained[uid] = "whole" if b.other_side == "keep" else b.region
     evals: list[EvalScan] = []
     for s in series:
         pid = s.patient_id
@@ -189,7 +197,7 @@ def plan_protocol(cfg: TransferConfig, dicom_root: Path, twin_patients: list[str
             if trained[s.series_uid] == "whole":
                 raise TransferProtocolError(
                     f"{s.folder}: this evaluation series is a whole training background; use region right/left "
-                    "with crop_to_region, or evaluate elsewhere"
+                    "with other_side cut or mirror, or evaluate elsewhere"
                 )
             region = _OPPOSITE[trained[s.series_uid]]
         evals.append(EvalScan(Path(s.folder), s.series_uid, pid, region))
@@ -221,7 +229,8 @@ def _protocol_label(cfg: TransferConfig, trained: dict[str, str]) -> str:
         return "procedural only: twins, no real pixels in training"
     parts = []
     for b in cfg.backgrounds:
-        parts.append(f"{b.name} ({'one lung: ' + b.region if b.crop_to_region else 'whole scan'})")
+        how = {"cut": ", cut at x = 0", "mirror": ", mirrored onto the other side"}
+        parts.append(f"{b.name} ({'one lung: ' + b.region + how[b.other_side] if b.other_side != 'keep' else 'whole scan'})")
     return "twins + real-background insertion: " + ", ".join(parts)
 
 
@@ -300,6 +309,14 @@ def _fp_at(dets: list[Any], targets: list[Any], irrelevant: list[Any], threshold
     return round(n / len(dets), 2)
 
 
+def _cases_key(cases: list[Any]) -> list[tuple[str, str]]:
+    """``(series uid, sha256 of meta.json)`` per case, sorted: regenerated data under the same
+    uids (other insertion settings) gives another key, so a shared stage-2 model is never stale."""
+    import hashlib
+
+    return sorted((c.series_uid, hashlib.sha256((Path(c.folder) / "meta.json").read_bytes()).hexdigest()) for c in cases)
+
+
 def _detect_prepared(detector: Any, ds: Any, uids: Any, progress: bool) -> tuple[list[Any], list[Any], list[Any]]:
     from benchmarks.detection import detect_scans
 
@@ -315,12 +332,15 @@ def run_transfer(
     dicom_root: Path | None = None,
     data_dir: Path | None = None,
     progress: bool = True,
+    train_seed: int | None = None,
 ) -> dict[str, Any]:
     """Run the transfer benchmark of ``config_path`` into ``out_dir``; return the record.
 
     ``data_dir`` (default ``out_dir``) holds the generated data (twins, semi-real scans,
     yardstick), so runs of several configs (an ablation) can share what they have in common:
     every scan there is keyed by its settings and regenerated when they differ.
+    ``train_seed`` replaces the detector's ``seed`` (its initialisation and patch sampling;
+    the data stay the same), and the record's config says so.
     """
     from benchmarks.data import materialize
     from benchmarks.harness import _quiet
@@ -337,6 +357,9 @@ def run_transfer(
 
     t_start = time.perf_counter()
     cfg = load_transfer_config(Path(config_path))
+    if train_seed is not None:
+        det = cfg.detector
+        cfg = replace(cfg, detector=replace(det, kwargs={**det.kwargs, "seed": int(train_seed)}))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dicom_root = Path(dicom_root) if dicom_root is not None else DEFAULT_DICOM_ROOT
@@ -432,7 +455,7 @@ def run_transfer(
     if cfg.segmentation is not None:
         t0 = time.perf_counter()
         stage2 = _run_stage2(cfg.segmentation, train_cases, val_cases, ds_twin, split, ds_yard, evals, real_d,
-                             data_dir / "stage2_model" / config_hash([cfg.segmentation, sorted(c.series_uid for c in train_cases + val_cases)]),
+                             data_dir / "stage2_model" / config_hash([cfg.segmentation, _cases_key(train_cases + val_cases)]),
                              out_dir / "png", progress)
         lap("stage 2", t0)
 

@@ -633,7 +633,11 @@ def _add_insert(sub: argparse._SubParsersAction) -> None:
                    help="LIDC patients whose nodules are inserted, FIRST:LAST (default LIDC-IDRI-0300:LIDC-IDRI-0499)")
     p.add_argument("--region", choices=("whole", "right", "left"), default="whole",
                    help="lung(s) to insert into; right = patient's right, world x < 0 (default whole)")
-    p.add_argument("--crop-to-region", action="store_true", help="cut the written volumes at x = 0 (right/left only)")
+    p.add_argument("--other-side", choices=("keep", "cut", "mirror"), default="keep",
+                   help="with --region right/left: keep the other side, cut the volume at x = 0, or replace the other "
+                        "side by the mirror image of the region (default keep)")
+    p.add_argument("--crop-margin-mm", type=float, default=15.0,
+                   help="write the lungs' box plus this margin in mm; a negative value keeps the whole field of view (default 15)")
     p.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("Z", "Y", "X"),
                    help="voxel size of the written volumes in mm (default 1 1 1)")
     p.add_argument("--name", default="insert", help="name used in the written series ids (default insert)")
@@ -647,7 +651,11 @@ def _add_insert(sub: argparse._SubParsersAction) -> None:
         if not sep:
             raise LidcDetError(f"--sources must be FIRST:LAST patient ids, got {a.sources!r}")
         uids = tuple(u for pid, u in list_scans(max_slice_thickness_mm=2.5) if first <= pid <= last)
-        spec = SemiRealSpec(a.name, a.dicom, a.region, a.crop_to_region, a.copies, a.nodules, uids, a.seed, tuple(a.spacing))
+        spec = SemiRealSpec(
+            a.name, a.dicom, region=a.region, other_side=a.other_side, copies=a.copies, nodules_per_copy=a.nodules,
+            source_scans=uids, seed=a.seed, spacing_zyx=tuple(a.spacing),
+            crop_margin_mm=None if a.crop_margin_mm < 0 else a.crop_margin_mm,
+        )
         ds = make_semireal_dataset([spec], a.out)
         n = sum(len(ds.load_case(u).nodules) for u in ds.series_uids)
         print(f"{len(ds.series_uids)} semi-real scans with {n} target nodules in {a.out}")
@@ -675,13 +683,17 @@ def _add_transfer(sub: argparse._SubParsersAction) -> None:
                    help="real DICOM to score, TCIA layout (default: ../shared/data/lidc-idri)")
     p.add_argument("--data-dir", type=Path, default=None,
                    help="folder for the generated data, shareable between configs (default: --out)")
+    p.add_argument("--train-seed", type=int, default=None,
+                   help="seed of stage-1 training (initialisation, patches), recorded in the config: repeat a "
+                        "config over seeds with the same data (default: the config's)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     def run(a: argparse.Namespace) -> int:
         from benchmarks.transfer import run_transfer
 
         out = a.out or Path(f"transfer-{a.config.stem}")
-        rec = run_transfer(a.config, out, dicom_root=a.dicom_root, data_dir=a.data_dir, progress=not a.no_progress)
+        rec = run_transfer(a.config, out, dicom_root=a.dicom_root, data_dir=a.data_dir, progress=not a.no_progress,
+                           train_seed=a.train_seed)
         for r in rec["real"]["nodules"]:
             rank = f"rank {r['rank']}, {r['fps_above']} FP above" if r["rank"] else f"not hit ({r['fps_above']} FP)"
             print(f"REAL {r['patient_id']} nodule {r['diameter_mm']} mm ({r['scored_region']}): {rank}")

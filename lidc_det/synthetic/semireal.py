@@ -10,10 +10,21 @@ overlays) exactly like prepared LIDC scans.
 Regions (world LPS x; the patient's right is x < 0):
 
 * ``whole``: both lungs;
-* ``right`` / ``left``: one lung only. With ``crop_to_region`` the written volume is
-  also cut at x = 0, so not one voxel of the other side is in it: this is how a
-  background may be trained on while its other lung is scored (GUIDE section 8: the
-  shared LIDC scan's nodule is in its left lung, its right lung may be trained on).
+* ``right`` / ``left``: one lung only. What happens to the other side of the chest is
+  ``other_side``:
+
+  - ``keep``: the written volume holds both sides (only the insertions keep to the region);
+  - ``cut``: the volume is cut at x = 0, so not one voxel of the other side is in it;
+  - ``mirror``: the other side is replaced by the mirror image of the region about the
+    plane x = 0, so the volume is a whole chest again (no cut edge through the mediastinum
+    for a detector to learn) made of the region's voxels only; nodules are inserted on both
+    sides.
+
+  ``cut`` and ``mirror`` are how a background may be trained on while its other lung is
+  scored (the shared LIDC scan's nodule is in its left lung, its right lung may be trained on).
+
+The written volume is the lungs' box plus ``crop_margin_mm`` (``None``: the whole field of
+view, so no patch ever meets a cut through the body).
 
 Targets of each written scan: the inserted nodules (label = 50 % consensus of the
 source readers' transformed masks, as ``prepare`` labels real scans), plus the
@@ -38,10 +49,11 @@ import numpy as np
 from lidc_det.errors import LidcDetError
 from lidc_det.geometry import VolumeGeometry
 
-__all__ = ["REGIONS", "SemiRealSpec", "make_semireal_dataset", "region_mask", "in_region"]
+__all__ = ["OTHER_SIDES", "REGIONS", "SemiRealSpec", "make_semireal_dataset", "mirror_columns", "region_mask", "in_region"]
 
 REGIONS = ("whole", "right", "left")
-_CROP_MARGIN_MM = 15.0
+OTHER_SIDES = ("keep", "cut", "mirror")
+_OUTSIDE_HU = -1000.0  # what a mirrored column without a source column (outside the scan) becomes
 
 
 class SemiRealError(LidcDetError):
@@ -56,31 +68,39 @@ class SemiRealSpec:
         name: short name used in the written series UIDs (``semireal-<name>-<k>``).
         dicom: folder of the real CT series (any layout :func:`read_series` reads).
         region: ``whole``, ``right`` or ``left`` (see the module doc).
-        crop_to_region: cut the written volumes at x = 0 (``right`` / ``left`` only).
+        other_side: ``keep``, ``cut`` or ``mirror``: the other side of the chest for ``right`` /
+            ``left`` (see the module doc); must be ``keep`` for ``whole``.
         copies: scans to write.
         nodules_per_copy: nodules to insert in each.
         source_scans: LIDC scans (patient ids or series UIDs) the nodules come from.
         seed: seed of everything random.
         spacing_zyx: voxel size of the written volumes (mm).
         placement_weights: parenchymal, juxtapleural, juxtavascular probabilities.
+        crop_margin_mm: the written volume is the lungs' box plus this margin (mm);
+            ``None`` keeps the whole field of view.
     """
 
     name: str
     dicom: Path
     region: str = "whole"
-    crop_to_region: bool = False
+    other_side: str = "keep"
     copies: int = 4
     nodules_per_copy: int = 6
     source_scans: tuple[str, ...] = ()
     seed: int = 0
     spacing_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0)
     placement_weights: tuple[float, float, float] = (0.4, 0.3, 0.3)
+    crop_margin_mm: float | None = 15.0
 
     def __post_init__(self) -> None:
         if self.region not in REGIONS:
             raise SemiRealError(f"{self.name}: region must be one of {REGIONS}, got {self.region!r}")
-        if self.crop_to_region and self.region == "whole":
-            raise SemiRealError(f"{self.name}: crop_to_region needs region right or left")
+        if self.other_side not in OTHER_SIDES:
+            raise SemiRealError(f"{self.name}: other_side must be one of {OTHER_SIDES}, got {self.other_side!r}")
+        if self.other_side != "keep" and self.region == "whole":
+            raise SemiRealError(f"{self.name}: other_side {self.other_side!r} needs region right or left")
+        if self.crop_margin_mm is not None and self.crop_margin_mm < 0:
+            raise SemiRealError(f"{self.name}: crop_margin_mm must be >= 0 or None, got {self.crop_margin_mm}")
         if self.copies < 1 or self.nodules_per_copy < 1:
             raise SemiRealError(f"{self.name}: copies and nodules_per_copy must be >= 1")
         if not self.source_scans:
@@ -118,18 +138,58 @@ def region_mask(geometry: VolumeGeometry, region: str) -> np.ndarray:
     return np.broadcast_to(x_ok[None, None, :], (nz, ny, nx))
 
 
-def _crop_box(lung: np.ndarray, geometry: VolumeGeometry, region: str, crop_to_region: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Voxel box ``(lo, hi)`` of the lungs (+ margin), cut at x = 0 when cropping to a region."""
+def mirror_columns(geometry: VolumeGeometry, region: str) -> tuple[np.ndarray, np.ndarray]:
+    """Column map that mirrors ``region`` (``right`` / ``left``) onto the other side about x = 0.
+
+    Returns ``(source, valid)``, both ``(nx,)``: ``volume[..., source]`` keeps every column of
+    ``region`` and fills each column of the other side with the column at world ``-x``;
+    ``valid`` is False where that column lies outside the scan (fill it with air). Needs an
+    axis-aligned geometry.
+    """
+    if region not in ("right", "left"):
+        raise SemiRealError(f"mirroring needs region right or left, got {region!r}")
+    if not geometry.is_axis_aligned:
+        raise SemiRealError("mirroring needs an axis-aligned scan")
+    nx = geometry.shape_zyx[2]
+    cols = np.zeros((nx, 3))
+    cols[:, 2] = np.arange(nx)
+    world = geometry.voxel_to_world(cols)
+    own = in_region(world, region)
+    if not own.any():
+        raise SemiRealError(f"no column of the scan lies in region {region!r}")
+    flipped = world.copy()
+    flipped[:, 0] *= -1.0
+    src = np.rint(geometry.world_to_voxel(flipped)[:, 2]).astype(int)
+    valid = own | ((src >= 0) & (src < nx))
+    src = np.where(own, np.arange(nx), np.clip(src, 0, nx - 1))
+    # a column on the plane (or rounded onto it) takes the region's column nearest the plane
+    nearest = int(np.flatnonzero(own)[np.argmin(np.abs(world[own, 0]))])
+    src = np.where(own[src], src, nearest)
+    return src, valid
+
+
+def _mirrored(a: np.ndarray, src: np.ndarray, valid: np.ndarray, fill: float | bool) -> np.ndarray:
+    """``a[..., src]`` with the invalid columns set to ``fill`` (see :func:`mirror_columns`)."""
+    out = a[..., src]
+    out[..., ~valid] = fill
+    return out
+
+
+def _crop_box(lung: np.ndarray, geometry: VolumeGeometry, region: str, cut: bool, margin_mm: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel box ``(lo, hi)`` of the lungs + ``margin_mm`` (``None``: the whole volume), cut at x = 0 when ``cut``."""
     from lidc_det.boxes import mask_to_box
 
-    keep = lung & region_mask(geometry, region) if crop_to_region else lung
+    keep = lung & region_mask(geometry, region) if cut else lung
     if not keep.any():
         raise SemiRealError(f"no lung voxel in region {region!r}")
-    box = mask_to_box(keep).astype(int)
-    margin = np.ceil(_CROP_MARGIN_MM / np.asarray(geometry.spacing_zyx)).astype(int)
-    lo = np.maximum(box[:3] - margin, 0)
-    hi = np.minimum(box[3:] + margin, np.asarray(geometry.shape_zyx))
-    if crop_to_region:  # never a column of the other side, margin or not
+    if margin_mm is None:
+        lo, hi = np.zeros(3, dtype=int), np.asarray(geometry.shape_zyx, dtype=int)
+    else:
+        box = mask_to_box(keep).astype(int)
+        margin = np.ceil(margin_mm / np.asarray(geometry.spacing_zyx)).astype(int)
+        lo = np.maximum(box[:3] - margin, 0)
+        hi = np.minimum(box[3:] + margin, np.asarray(geometry.shape_zyx))
+    if cut:  # never a column of the other side, margin or not
         cols = np.flatnonzero(region_mask(geometry, region)[0, 0])
         lo[2] = max(lo[2], int(cols.min()))
         hi[2] = min(hi[2], int(cols.max()) + 1)
@@ -170,6 +230,54 @@ def _record(nodule_id: str, label: int | None, center: Sequence[float], volume_m
         "mask_voxels": int(mask_voxels),
         **extra,
     }
+
+
+def _background_findings(
+    real_t: list[Any], real_i: list[Any], geometry: VolumeGeometry, spec: SemiRealSpec,
+    src: np.ndarray | None, valid: np.ndarray | None,
+) -> tuple[list[tuple[dict[str, Any], np.ndarray]], list[dict[str, Any]], list[tuple[tuple[float, float, float], float]]]:
+    """The background's own findings in the written volume.
+
+    Returns ``(targets, irrelevant, avoid)``: target records with their consensus masks
+    (full-volume bool ``[z, y, x]``: real nodules in the region stay targets), irrelevant
+    records, and ``((x, y, z) mm, diameter mm)`` of every finding insertions keep clear of.
+    With ``other_side == "mirror"`` (``src`` / ``valid`` from :func:`mirror_columns`) the
+    findings of the region come twice (the mirror copy at world ``-x``, id ``...:mirrored``)
+    and those of the other side are gone with its voxels.
+    """
+    from lidc_det.data.lidc import consensus_mask
+
+    def rec(n: Any, centre: Sequence[float], extra: dict[str, Any]) -> dict[str, Any]:
+        return _record(n.nodule_id + extra.pop("suffix", ""), None, centre, n.volume_mm3, n.n_readers,
+                       dict(n.characteristics), None, 0, {"inserted": None, **extra})
+
+    def inside(n: Any) -> bool:
+        return bool(in_region(np.asarray([n.center_xyz_mm]), spec.region)[0])
+
+    if spec.other_side != "mirror":
+        targets = [(rec(n, n.center_xyz_mm, {}), consensus_mask(n, geometry)) for n in real_t if inside(n)]
+        irrelevant = [rec(n, n.center_xyz_mm, {}) for n in real_i + [t for t in real_t if not inside(t)]]
+        avoid = [(tuple(n.center_xyz_mm), n.equivalent_diameter_mm) for n in real_t + real_i]
+        return targets, irrelevant, avoid
+    assert src is not None and valid is not None
+    other = ~region_mask(geometry, spec.region)[0, 0]
+
+    def flip(c: Sequence[float]) -> tuple[float, float, float]:
+        return (-float(c[0]), float(c[1]), float(c[2]))
+
+    targets = []
+    for n in filter(inside, real_t):
+        m = consensus_mask(n, geometry)
+        mirror = _mirrored(m, src, valid, False) & other[None, None, :]
+        targets.append((rec(n, n.center_xyz_mm, {}), m))
+        targets.append((rec(n, flip(n.center_xyz_mm), {"suffix": ":mirrored", "mirrored_from": n.nodule_id}), mirror))
+    own_i = [n for n in real_i if inside(n)]
+    irrelevant = [rec(n, n.center_xyz_mm, {}) for n in own_i]
+    irrelevant += [rec(n, flip(n.center_xyz_mm), {"suffix": ":mirrored", "mirrored_from": n.nodule_id}) for n in own_i]
+    own = [n for n in real_t + real_i if inside(n)]
+    avoid = [(tuple(n.center_xyz_mm), n.equivalent_diameter_mm) for n in own]
+    avoid += [(flip(n.center_xyz_mm), n.equivalent_diameter_mm) for n in own]
+    return targets, irrelevant, avoid
 
 
 def _write_copy(
@@ -256,17 +364,27 @@ def make_semireal_dataset(specs: Sequence[SemiRealSpec], out_dir: Path, *, progr
         todo = [u for u in uids if u not in metas]
         if todo:
             vol = read_series(Path(spec.dicom))
-            lungs = lung_fields(vol.hu, vol.geometry)
+            hu, geometry = vol.hu, vol.geometry
+            real_t, real_i = _real_findings(vol.series_uid, geometry)
+            if spec.other_side == "mirror":
+                src, valid = mirror_columns(geometry, spec.region)
+                hu = _mirrored(np.asarray(hu, dtype=np.float32), src, valid, _OUTSIDE_HU)
+                allowed = None  # both sides hold the region's voxels only
+            else:
+                src = valid = None
+                allowed = region_mask(geometry, spec.region)
+            lungs = lung_fields(hu, geometry)
             if not lungs.mask.any():
                 raise SemiRealError(f"{spec.dicom}: no lung field found")
-            allowed = region_mask(vol.geometry, spec.region)
-            real_t, real_i = _real_findings(vol.series_uid, vol.geometry)
+            targets, irr, avoid = _background_findings(real_t, real_i, geometry, spec, src, valid)
             sources = nodule_sources(list(spec.source_scans))
             if not sources:
                 raise SemiRealError(f"{spec.name}: the source scans hold no insertable nodule")
-            lo, hi = _crop_box(lungs.mask, vol.geometry, spec.region, spec.crop_to_region)
-            sub_geom = _sub_geometry(vol.geometry, lo, hi)
+            lo, hi = _crop_box(lungs.mask, geometry, spec.region, spec.other_side == "cut", spec.crop_margin_mm)
+            sub_geom = _sub_geometry(geometry, lo, hi)
             sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+            targets = [(rec, m) for rec, m in targets if m[sl].any()]
+            vox_mm3 = float(np.prod(geometry.spacing_zyx))
             for k, uid in enumerate(uids):
                 if uid not in todo:
                     continue
@@ -274,19 +392,17 @@ def make_semireal_dataset(specs: Sequence[SemiRealSpec], out_dir: Path, *, progr
                 rng = np.random.default_rng([spec.seed, k, int.from_bytes(spec.name.encode()[:8].ljust(8, b"\0"), "little")])
                 picks = rng.choice(len(sources), size=min(spec.nodules_per_copy, len(sources)), replace=False)
                 res = insert_nodules(
-                    vol.hu, vol.geometry, lungs.mask, [sources[int(i)] for i in picks], rng,
-                    slice_thickness_mm=vol.slice_thickness_mm, allowed=allowed,
-                    avoid_xyz_mm=[(n.center_xyz_mm, n.equivalent_diameter_mm) for n in real_t + real_i],
+                    hu, geometry, lungs.mask, [sources[int(i)] for i in picks], rng,
+                    slice_thickness_mm=vol.slice_thickness_mm, allowed=allowed, avoid_xyz_mm=avoid,
                     placement_weights=spec.placement_weights,
                 )
                 image, geom = resample_image(res.hu[sl], sub_geom, spec.spacing_zyx)
                 masks: list[tuple[dict[str, Any], np.ndarray]] = []
-                vox_mm3 = float(np.prod(vol.geometry.spacing_zyx))
                 for n in res.nodules:
                     full = res.consensus_mask(n.label)
                     if not full.any():  # readers disjoint at 50 %: the painted reader's mask
                         full = res.labels == n.label
-                    centre = vol.geometry.voxel_to_world(np.argwhere(full).mean(axis=0)[None])[0]
+                    centre = geometry.voxel_to_world(np.argwhere(full).mean(axis=0)[None])[0]
                     cons = full[sl]
                     info = {f.name: getattr(n, f.name) for f in fields(n) if f.name != "characteristics"}
                     rec = _record(
@@ -294,18 +410,7 @@ def make_semireal_dataset(specs: Sequence[SemiRealSpec], out_dir: Path, *, progr
                         dict(n.characteristics), None, 0, {"inserted": info},
                     )
                     masks.append((rec, resample_mask(cons, sub_geom, geom)))
-                for n in real_t:
-                    if in_region(np.asarray([n.center_xyz_mm]), spec.region)[0] and (
-                        not spec.crop_to_region or sub_geom.contains_voxel(sub_geom.world_to_voxel(np.asarray([n.center_xyz_mm])))[0]
-                    ):
-                        cons = consensus_mask(n, vol.geometry)[sl]
-                        rec = _record(n.nodule_id, None, n.center_xyz_mm, n.volume_mm3, n.n_readers,
-                                      dict(n.characteristics), None, 0, {"inserted": None})
-                        masks.append((rec, resample_mask(cons, sub_geom, geom)))
-                irr = [
-                    _record(n.nodule_id, None, n.center_xyz_mm, n.volume_mm3, n.n_readers, dict(n.characteristics), None, 0, {"inserted": None})
-                    for n in real_i + [t for t in real_t if not in_region(np.asarray([t.center_xyz_mm]), spec.region)[0]]
-                ]
+                masks += [(rec, resample_mask(m[sl], sub_geom, geom)) for rec, m in targets]
                 metas[uid] = _write_copy(
                     out_dir, uid, vol.patient_id or spec.name, image, geom, masks, irr,
                     {
@@ -313,7 +418,7 @@ def make_semireal_dataset(specs: Sequence[SemiRealSpec], out_dir: Path, *, progr
                         "background_series_uid": vol.series_uid,
                         "background_folder": str(vol.source),
                         "region": spec.region,
-                        "crop_to_region": spec.crop_to_region,
+                        "other_side": spec.other_side,
                         "crop_box_voxel": [int(v) for v in (*lo, *hi)],
                         "original_geometry": sub_geom.to_dict(),
                         "slice_thickness_mm": vol.slice_thickness_mm,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from lidc_det.errors import LidcDetError
+from lidc_det.measure import max_axial_diameter_mm
 from lidc_det.results import NoduleMask
 from stage2_segment.crops import Crop
 
@@ -185,31 +185,6 @@ def nearest_component(mask: np.ndarray, center_zyx: np.ndarray) -> np.ndarray:
     idx = np.argwhere(lab > 0)
     d = np.sum((idx - np.asarray(center_zyx)) ** 2, axis=1)
     return lab == lab[tuple(idx[int(np.argmin(d))])]
-
-
-def max_axial_diameter_mm(mask: np.ndarray, spacing_zyx: tuple[float, float, float]) -> float:
-    """Largest in-plane (axial) extent of a ``[z, y, x]`` mask, in mm.
-
-    Per slice: the greatest distance between two voxel centres of the mask plus
-    one voxel (so a single voxel measures one voxel width); the maximum over
-    slices. 0 for an empty mask.
-    """
-    from scipy.spatial.distance import pdist
-
-    sy, sx = float(spacing_zyx[1]), float(spacing_zyx[2])
-    best = 0.0
-    for z in np.flatnonzero(np.asarray(mask).any(axis=(1, 2))):
-        pts = np.argwhere(mask[z]).astype(np.float64) * np.array([sy, sx])
-        if len(pts) > 2:
-            try:
-                from scipy.spatial import ConvexHull
-
-                pts = pts[ConvexHull(pts).vertices]
-            except Exception:  # collinear points: QhullError; keep them all
-                pass
-        extent = float(pdist(pts).max()) if len(pts) > 1 else 0.0
-        best = max(best, extent + (sy + sx) / 2.0)
-    return best
 
 
 def nodule_mask_from_crop(

@@ -23,9 +23,10 @@ Conventions (all lengths in mm, volumes in mm^3, areas in mm^2):
   ``flatness = sqrt(l3 / l1)``; axis lengths ``2 sqrt(5 l)`` (the full axes of
   the solid ellipsoid with these moments, exact for an ellipsoid).
 * ``max_3d_diameter_mm``: largest distance between two mesh vertices.
-* ``max_axial_diameter_mm``: largest in-slice distance between the centres of
-  two mask pixels on one z slice (LIDC readers measure diameter in-plane, on
-  the contour, which lies about one pixel outside such a mask).
+* ``max_axial_diameter_mm``: :func:`lidc_det.measure.max_axial_diameter_mm`
+  (the one definition, shared with stage 2): largest in-slice distance between
+  the centres of two mask pixels on one z slice, plus one pixel width (LIDC
+  readers measure diameter in-plane, on the contour, outside the pixel centres).
 * ``extent``: voxel count / voxel count of the axis-aligned bounding box.
 """
 
@@ -35,6 +36,8 @@ import math
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
+
+from lidc_det.measure import max_axial_diameter_mm
 
 __all__ = ["SHAPE_FEATURE_NAMES", "ShapeFeatures", "shape_features"]
 
@@ -57,7 +60,7 @@ class ShapeFeatures:
         convexity: convex hull area / mesh area.
         extent: voxel count / bounding-box voxel count.
         max_3d_diameter_mm: largest distance between two surface vertices.
-        max_axial_diameter_mm: largest in-slice distance between two mask pixel centres.
+        max_axial_diameter_mm: largest in-slice pixel-centre distance + one pixel width (lidc_det.measure).
         equivalent_diameter_mm: diameter of the sphere of volume ``volume_mm3``.
         n_components: 26-connected components of the mask.
     """
@@ -104,22 +107,6 @@ def _mesh_volume(verts: np.ndarray, faces: np.ndarray) -> float:
     tri = verts[faces]
     signed = np.einsum("ij,ij->i", tri[:, 0], np.cross(tri[:, 1], tri[:, 2])).sum() / 6.0
     return float(abs(signed))
-
-
-def _max_axial_diameter(mask: np.ndarray, spacing_yx: tuple[float, float]) -> float:
-    """Largest in-slice distance (mm) between two mask pixel centres, over all z slices."""
-    from scipy.ndimage import binary_erosion
-    from scipy.spatial.distance import pdist
-
-    best = 0.0
-    for sl in mask:
-        if not sl.any():
-            continue
-        edge = sl & ~binary_erosion(sl)  # the farthest pair lies on the boundary
-        pts = np.argwhere(edge) * np.asarray(spacing_yx)
-        if len(pts) >= 2:
-            best = max(best, float(pdist(pts).max()))
-    return best
 
 
 def shape_features(mask: np.ndarray, spacing_zyx: tuple[float, float, float]) -> ShapeFeatures:
@@ -190,7 +177,7 @@ def shape_features(mask: np.ndarray, spacing_zyx: tuple[float, float, float]) ->
         convexity=min(1.0, float(hull.area) / area),
         extent=n_vox / float(mask.size),
         max_3d_diameter_mm=max_3d,
-        max_axial_diameter_mm=_max_axial_diameter(mask, (spacing[1], spacing[2])),
+        max_axial_diameter_mm=max_axial_diameter_mm(mask, spacing),
         equivalent_diameter_mm=float((6 * volume / np.pi) ** (1 / 3)),
         n_components=int(n_comp),
     )

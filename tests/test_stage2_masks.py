@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from lidc_det.geometry import VolumeGeometry
+from lidc_det.measure import max_axial_diameter_mm
 from lidc_det.results import Detections
 from stage2_segment.crops import CropConfig, detection_crops
 from stage2_segment.metrics import (
@@ -18,7 +19,7 @@ from stage2_segment.metrics import (
     nodule_scores,
     summarize,
 )
-from stage2_segment.predict import masks_from_probabilities, max_axial_diameter_mm, nearest_component
+from stage2_segment.predict import masks_from_probabilities, nearest_component
 from stage2_segment.segmenter import passes_rejection, reject_false_positives
 
 GEOM = VolumeGeometry((30, 40, 40), (1.0, 1.0, 1.0), (10.0, 20.0, -30.0))

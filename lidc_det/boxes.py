@@ -7,6 +7,9 @@ coordinates of :mod:`lidc_det.geometry` (voxel centres at integers) the box's
 physical extent along z is ``[z0 - 0.5, z1 - 0.5]`` and its centre is
 ``(z0 + z1 - 1) / 2``.
 
+Masks: :func:`mask_to_box` (one mask), :func:`label_boxes` (every label of a
+label array), :func:`box_slices` (a box, with a margin, as index slices).
+
 Converters:
 
 * :func:`boxes_to_center_size` / :func:`center_size_to_boxes`: voxel centre
@@ -96,11 +99,58 @@ def clip_boxes(boxes: np.ndarray, shape_zyx: tuple[int, int, int]) -> np.ndarray
 
 
 def mask_to_box(mask: np.ndarray) -> np.ndarray:
-    """Tight voxel box ``(6,)`` around the non-zero voxels of a ``[z, y, x]`` mask."""
-    idx = np.argwhere(np.asarray(mask))
-    if idx.size == 0:
-        raise ValueError("mask is empty: no box")
-    return np.concatenate([idx.min(axis=0), idx.max(axis=0) + 1]).astype(np.float64)
+    """Tight voxel box ``(6,)`` (float, ends exclusive) around the non-zero voxels of a ``[z, y, x]`` mask.
+
+    The one mask-to-box of lidc-det; ``array[box_slices(box, array.shape)]`` is the
+    tight crop. (Any number of axes works alike: ``(2 * ndim,)`` for an n-d mask.)
+
+    Raises:
+        ValueError: the mask has no non-zero voxel.
+    """
+    m = np.asarray(mask)
+    lo, hi = [], []
+    for ax in range(m.ndim):
+        nz = np.flatnonzero(m.any(axis=tuple(j for j in range(m.ndim) if j != ax)))
+        if nz.size == 0:
+            raise ValueError("mask is empty: no box")
+        lo.append(int(nz[0]))
+        hi.append(int(nz[-1]) + 1)
+    return np.array(lo + hi, dtype=np.float64)
+
+
+def label_boxes(labels: np.ndarray, n_labels: int | None = None) -> np.ndarray:
+    """Tight voxel boxes ``(N, 6)`` of the labels ``1 .. N`` of an integer ``[z, y, x]`` label array.
+
+    Row ``i`` is the box of label ``i + 1`` (scipy's ``ndimage.find_objects``, one pass
+    for all labels); a label without voxels gets the empty box of zeros. ``N`` is
+    ``n_labels`` or the largest label.
+    """
+    from scipy import ndimage as ndi
+
+    lab = np.asarray(labels)
+    objs = ndi.find_objects(lab, max_label=int(n_labels or 0))
+    n = len(objs) if not n_labels else int(n_labels)
+    out = np.zeros((n, 2 * lab.ndim), dtype=np.float64)
+    for i, o in enumerate(objs):
+        if o is not None:
+            out[i] = [s.start for s in o] + [s.stop for s in o]
+    return out
+
+
+def box_slices(box: np.ndarray, shape: tuple[int, ...], margin: int | tuple[int, ...] = 0) -> tuple[slice, ...]:
+    """Index slices of one voxel box grown by ``margin`` voxels on each side, clipped to ``[0, shape)``.
+
+    ``margin``: an int, or one per axis (z, y, x). Fractional box corners are
+    widened to whole voxels (floor of the start, ceiling of the end).
+    """
+    b = np.asarray(box, dtype=np.float64).ravel()
+    nd = len(b) // 2
+    if len(b) != 2 * nd or nd != len(shape):
+        raise ValueError(f"box_slices: box {b.tolist()} does not fit an array of shape {tuple(shape)}")
+    mg = np.broadcast_to(np.asarray(margin, dtype=int), (nd,))
+    lo = np.floor(b[:nd]).astype(int) - mg
+    hi = np.ceil(b[nd:]).astype(int) + mg
+    return tuple(slice(max(0, int(a)), min(int(n), int(c))) for a, c, n in zip(lo, hi, shape))
 
 
 def box_volume(boxes: np.ndarray) -> np.ndarray:

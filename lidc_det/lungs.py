@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from lidc_det.boxes import box_slices, label_boxes, mask_to_box
 from lidc_det.errors import LidcDetError
 from lidc_det.geometry import VolumeGeometry
 from lidc_det.results import Detections
@@ -226,19 +227,13 @@ _PLANE8 = np.zeros((3, 3, 3), dtype=bool)
 _PLANE8[1] = True  # 8-connected within an axial slice, no connection across slices
 
 
-def _bbox(mask: np.ndarray, margin: int) -> tuple[slice, slice, slice]:
-    """Slices of the bounding box of ``mask`` grown by ``margin`` voxels (clipped to the array)."""
-    idx = [np.nonzero(mask.any(axis=tuple(j for j in range(3) if j != i)))[0] for i in range(3)]
-    return tuple(slice(max(0, int(v[0]) - margin), min(n, int(v[-1]) + 1 + margin)) for v, n in zip(idx, mask.shape))  # type: ignore[return-value]
-
-
 def _fill_holes_2d(mask: np.ndarray) -> np.ndarray:
     """Fill holes in every axial slice of a ``[z, y, x]`` bool mask."""
     from scipy import ndimage as ndi
 
     if not mask.any():
         return mask.copy()
-    box = _bbox(mask, 1)
+    box = box_slices(mask_to_box(mask), mask.shape, 1)
     out = mask.copy()
     padded = np.pad(mask[box], ((1, 1), (0, 0), (0, 0)))
     out[box] = ndi.binary_fill_holes(padded, structure=_PLANE8)[1:-1]
@@ -265,17 +260,15 @@ def _closing(mask: np.ndarray, radius_mm: float, spacing: tuple[float, float, fl
 
     if radius_mm <= 0 or not mask.any():
         return mask.copy()
-    idx = np.nonzero(mask)
     margin = [int(np.ceil(radius_mm / s)) + 2 for s in spacing]
-    lo = [int(i.min()) for i in idx]
-    hi = [int(i.max()) + 1 for i in idx]
-    sub = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    tight = box_slices(mask_to_box(mask), mask.shape)
+    sub = mask[tight]
     sub = np.pad(sub, [(m, m) for m in margin])
     dil = ndi.distance_transform_edt(~sub, sampling=spacing) <= radius_mm
     closed = ndi.distance_transform_edt(dil, sampling=spacing) > radius_mm
     closed = closed[margin[0] : closed.shape[0] - margin[0], margin[1] : closed.shape[1] - margin[1], margin[2] : closed.shape[2] - margin[2]]
     out = mask.copy()
-    out[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]] |= closed
+    out[tight] |= closed
     return out
 
 
@@ -313,9 +306,9 @@ def _airways(
     if n == 0:
         return airway
     area = np.bincount(lab.ravel(), minlength=n + 1)[1:].astype(float) * px_mm2
-    objs = ndi.find_objects(lab)
-    cz = np.array([o[0].start for o in objs])
-    reach = np.array([max(offset[o[2].start], offset[o[2].stop - 1]) for o in objs])  # farthest from the midline
+    boxes = label_boxes(lab, n).astype(int)
+    cz = boxes[:, 0]
+    reach = np.maximum(offset[boxes[:, 2]], offset[boxes[:, 5] - 1])  # farthest from the midline
     lung_like = (reach >= lateral_mm + 15.0) & (area >= 100.0)
     has_lung = np.zeros(cand.shape[0], dtype=bool)
     has_lung[cz[lung_like]] = True
@@ -349,14 +342,14 @@ def _airways(
     chains, nc = ndi.label(sections, structure=chain_st)
     if nc == 0:
         return airway
-    objs = ndi.find_objects(chains)
-    ext = [(o[0].stop - o[0].start) if o is not None else 0 for o in objs]
+    boxes = label_boxes(chains, nc).astype(int)
+    ext = boxes[:, 3] - boxes[:, 0]  # z extent of each chain (slices)
     best = int(np.argmax(ext)) + 1
     if ext[best - 1] * sz < 20.0:  # no trachea (e.g. the scan starts below the carina)
         return airway
     trachea = chains == best
     airway |= trachea
-    z0, z1 = objs[best - 1][0].start, objs[best - 1][0].stop - 1
+    z0, z1 = int(boxes[best - 1, 0]), int(boxes[best - 1, 3]) - 1
     max_gap = max(1, int(round(5.0 / sz)))
     airway |= _follow(cand, lum, trachea[z0], z0, -1, max(0, z0 - int(np.ceil(max_depth_mm / sz))), px_mm2, max_airway_area_mm2, max_gap)
     airway |= _follow(cand, lum, trachea[z1], z1, +1, cand.shape[0] - 1, px_mm2, max_airway_area_mm2, max_gap)
@@ -431,7 +424,7 @@ def _split_one(
     """
     from scipy import ndimage as ndi
 
-    box = _bbox(comp, 1)
+    box = box_slices(mask_to_box(comp), comp.shape, 1)
     sub = comp[box]
     total = int(sub.sum())
     depth = ndi.distance_transform_edt(sub, sampling=spacing)
@@ -554,7 +547,7 @@ def lung_fields(
     del outside, inside, air
     # from here on, work inside the candidates' bounding box
     full_cand = np.logical_or.reduce(cands)
-    box = _bbox(full_cand, 1)
+    box = box_slices(mask_to_box(full_cand), full_cand.shape, 1)
     cand = full_cand[box]
     del cands, full_cand
     midline_x = midline - box[2].start

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lidc_det.boxes import box_slices, mask_to_box
 from lidc_det.geometry import VolumeGeometry
 
 LUNG_COLOURS = {1: "#4682dc", 2: "#50c878"}  # right, left
@@ -52,10 +53,9 @@ def _mesh(mask: np.ndarray, geometry: VolumeGeometry, step: tuple[int, int, int]
     m = np.asarray(mask, dtype=bool)
     if not m.any():
         return np.zeros((0, 3)), np.zeros((0, 3), dtype=int)
-    idx = np.nonzero(m.any(axis=(1, 2)))[0], np.nonzero(m.any(axis=(0, 2)))[0], np.nonzero(m.any(axis=(0, 1)))[0]
-    lo = [max(0, int(i[0]) - s) for i, s in zip(idx, step)]
-    hi = [min(n, int(i[-1]) + 1 + s) for i, n, s in zip(idx, m.shape, step)]
-    sub = m[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].astype(np.float32)
+    box = box_slices(mask_to_box(m), m.shape, step)
+    lo = [s.start for s in box]
+    sub = m[box].astype(np.float32)
     if step != (1, 1, 1):
         shp = [(n // s) * s for n, s in zip(sub.shape, step)]
         sub = sub[: shp[0], : shp[1], : shp[2]]

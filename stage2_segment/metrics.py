@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from lidc_det.atomic import write_json, write_with
+from lidc_det.boxes import clip_boxes, mask_to_box
 from lidc_det.results import NoduleMask
 
 
@@ -74,13 +75,6 @@ def summarize(values: Sequence[float]) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------ model vs readers
-def _box_of(mask: np.ndarray) -> np.ndarray:
-    idx = np.argwhere(mask)
-    if idx.size == 0:
-        return np.zeros(6, dtype=np.int64)
-    return np.concatenate([idx.min(axis=0), idx.max(axis=0) + 1]).astype(np.int64)
-
-
 def _in_box(full: np.ndarray, box: np.ndarray) -> np.ndarray:
     return np.asarray(full[box[0] : box[3], box[1] : box[4], box[2] : box[5]], dtype=bool)
 
@@ -104,15 +98,14 @@ def nodule_scores(
         ``dice_readers`` (list), ``dice_model_loo`` and ``dice_human_loo`` (list).
     """
     shape = np.asarray(consensus_full.shape)
-    boxes = [_box_of(consensus_full)]
-    if not pred.empty:
-        boxes.append(np.concatenate([np.maximum(pred.box_voxel[:3], 0), np.minimum(pred.box_voxel[3:], shape)]))
     readers = [np.asarray(r, dtype=bool) for r in (reader_full or [])]
-    boxes += [_box_of(r) for r in readers if r.any()]
+    boxes = [mask_to_box(m) for m in (consensus_full, *readers) if m.any()]
+    if not pred.empty:
+        boxes.append(clip_boxes(pred.box_voxel, tuple(shape))[0])
     boxes = [b for b in boxes if np.all(b[3:] > b[:3])]
     if boxes:
         b = np.stack(boxes)
-        box = np.concatenate([b[:, :3].min(axis=0), b[:, 3:].max(axis=0)])
+        box = np.concatenate([b[:, :3].min(axis=0), b[:, 3:].max(axis=0)]).astype(np.int64)
     else:
         box = np.array([0, 0, 0, 1, 1, 1])
     p = _in_box(pred.full_mask(tuple(shape)) if not pred.empty else np.zeros(tuple(shape), bool), box)

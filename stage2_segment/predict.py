@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lidc_det.boxes import box_slices, mask_to_box
 from lidc_det.errors import LidcDetError
 from lidc_det.measure import max_axial_diameter_mm
 from lidc_det.results import NoduleMask
@@ -210,9 +211,9 @@ def nodule_mask_from_crop(
     voxel_mm3 = float(np.prod(geom.spacing_zyx))
     if inside.any():
         idx = np.argwhere(inside)
-        tlo, thi = idx.min(axis=0), idx.max(axis=0) + 1
-        sub = inside[tlo[0] : thi[0], tlo[1] : thi[1], tlo[2] : thi[2]]
-        vbox = np.concatenate([tlo + box[:3], thi + box[:3]])
+        tight = mask_to_box(inside).astype(np.int64)
+        sub = inside[box_slices(tight, inside.shape)]
+        vbox = tight + np.concatenate([box[:3], box[:3]])
         vol_idx = idx + box[:3]
         center = tuple(float(v) for v in geom.voxel_to_world(vol_idx.mean(axis=0)))
         mean_hu = float(np.asarray(hu)[vol_idx[:, 0], vol_idx[:, 1], vol_idx[:, 2]].mean())

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from lidc_det.boxes import mask_to_box
 from lidc_det.errors import LidcDetError
 from lidc_det.geometry import VolumeGeometry
 from stage3_malignancy.labels import LabelProtocol, label_from_ratings
@@ -112,11 +113,6 @@ def crop_around_mask(
     return out[0], out[1], out[2]
 
 
-def _box(mask: np.ndarray) -> np.ndarray:
-    idx = np.argwhere(mask)
-    return np.concatenate([idx.min(axis=0), idx.max(axis=0) + 1])
-
-
 def samples_from_volume(
     image_hu: np.ndarray,
     geometry: VolumeGeometry,
@@ -153,7 +149,7 @@ def samples_from_volume(
             raise SampleError(f"{nid}: mask shape {m.shape} != image shape {image_hu.shape}")
         if not m.any():
             raise SampleError(f"{nid}: empty nodule mask")
-        box = _box(m)
+        box = mask_to_box(m)
         sl = crop_around_mask(image_hu.shape, box, spacing, margin_mm, min_half_mm)
         centroid = np.argwhere(m).mean(axis=0)
         center = tuple(float(v) for v in geometry.voxel_to_world(centroid[None, :])[0])

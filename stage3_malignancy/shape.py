@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
+from lidc_det.boxes import box_slices, mask_to_box
 from lidc_det.measure import max_axial_diameter_mm
 
 __all__ = ["SHAPE_FEATURE_NAMES", "ShapeFeatures", "shape_features"]
@@ -138,9 +139,7 @@ def shape_features(mask: np.ndarray, spacing_zyx: tuple[float, float, float]) ->
         raise ValueError("shape_features: empty mask")
 
     # crop to the bounding box (speed; features are translation invariant)
-    idx = np.argwhere(mask)
-    lo, hi = idx.min(axis=0), idx.max(axis=0) + 1
-    mask = mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+    mask = mask[box_slices(mask_to_box(mask), mask.shape)]
     voxel_mm3 = spacing[0] * spacing[1] * spacing[2]
     volume = n_vox * voxel_mm3
 
@@ -154,7 +153,7 @@ def shape_features(mask: np.ndarray, spacing_zyx: tuple[float, float, float]) ->
     hull_pts = verts[hull.vertices]
     max_3d = float(pdist(hull_pts).max()) if len(hull_pts) >= 2 else 0.0
 
-    coords = (idx - lo) * np.asarray(spacing)
+    coords = np.argwhere(mask) * np.asarray(spacing)  # the cropped mask
     cov = np.cov(coords.T) if n_vox >= 2 else np.zeros((3, 3))
     cov = cov + np.diag(np.square(spacing)) / 12.0
     eig = np.sort(np.clip(np.linalg.eigvalsh(cov), 0.0, None))[::-1]

@@ -75,6 +75,27 @@ def test_box_center_size_round_trip_and_convention() -> None:
     assert B.box_volume(box)[0] == mask.sum()
 
 
+def test_mask_boxes_label_boxes_and_slices() -> None:
+    mask = np.zeros((8, 12, 8), dtype=bool)
+    mask[2:5, 3:9, 4:6] = True
+    mask[3, 10, 7] = True  # a second piece: the box covers both
+    box = B.mask_to_box(mask)
+    np.testing.assert_array_equal(box, [2, 3, 4, 5, 11, 8])
+    sl = B.box_slices(box, mask.shape)
+    assert mask[sl].sum() == mask.sum() and mask[sl].shape == (3, 8, 4)
+    assert B.box_slices(box, mask.shape, 1) == (slice(1, 6), slice(2, 12), slice(3, 8))  # clipped at 12 and 8
+    assert B.box_slices(box, mask.shape, (0, 2, 1)) == (slice(2, 5), slice(1, 12), slice(3, 8))
+    assert B.box_slices([0.5, 1.2, 2.0, 2.5, 3.0, 4.7], (8, 8, 8)) == (slice(0, 3), slice(1, 3), slice(2, 5))
+    with pytest.raises(ValueError, match="empty"):
+        B.mask_to_box(np.zeros((3, 3, 3)))
+    labels = np.zeros((8, 12, 8), dtype=np.int32)
+    labels[2:5, 3:9, 4:6] = 1
+    labels[3, 10, 7] = 3  # label 2 has no voxel
+    lb = B.label_boxes(labels)
+    np.testing.assert_array_equal(lb, [B.mask_to_box(labels == 1), np.zeros(6), B.mask_to_box(labels == 3)])
+    assert B.label_boxes(labels, 4).shape == (4, 6) and not B.label_boxes(labels, 4)[3].any()
+
+
 @pytest.mark.parametrize("geom", [AXIAL, PERMUTED])
 def test_box_world_round_trip(geom: VolumeGeometry) -> None:
     box = np.array([[1, 2, 3, 4, 8, 9], [0, 0, 0, 1, 1, 1]], dtype=float)

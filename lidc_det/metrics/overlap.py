@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from lidc_det.boxes import box_slices, mask_to_box
+
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice coefficient of two bool masks (1.0 when both are empty)."""
@@ -30,12 +32,10 @@ def _surface_mm(mask: np.ndarray, spacing_zyx: Sequence[float]) -> np.ndarray:
     m = np.asarray(mask, dtype=bool)
     if not m.any():
         return np.zeros((0, 3))
-    idx = [np.nonzero(m.any(axis=tuple(j for j in range(3) if j != i)))[0] for i in range(3)]
-    lo = [max(0, int(v[0]) - 1) for v in idx]
-    hi = [min(n, int(v[-1]) + 2) for v, n in zip(idx, m.shape)]
-    sub = m[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    box = box_slices(mask_to_box(m), m.shape, 1)
+    sub = m[box]
     surf = sub & ~ndi.binary_erosion(sub, border_value=0)
-    return (np.argwhere(surf) + np.asarray(lo)) * np.asarray(spacing_zyx, dtype=float)
+    return (np.argwhere(surf) + np.array([s.start for s in box])) * np.asarray(spacing_zyx, dtype=float)
 
 
 def hd95(a: np.ndarray, b: np.ndarray, spacing_zyx: Sequence[float]) -> float:

@@ -84,7 +84,8 @@ class BackgroundSpec:
     other_side: str = "keep"
     copies: int = 4
     nodules_per_copy: int = 6
-    crop_margin_mm: float | None = 15.0
+    crop_margin_mm: float = 15.0
+    crop_in_plane: bool = True
 
     def semireal(self, sources: PatientRange, seed: int, spacing_zyx: tuple[float, float, float]) -> Any:
         """The :class:`~lidc_det.synthetic.semireal.SemiRealSpec` of this background, nodules from ``sources``."""
@@ -93,7 +94,7 @@ class BackgroundSpec:
         return SemiRealSpec(
             self.name, Path(self.dicom), region=self.region, other_side=self.other_side, copies=self.copies,
             nodules_per_copy=self.nodules_per_copy, source_scans=tuple(sources.series_uids()), seed=seed,
-            spacing_zyx=spacing_zyx, crop_margin_mm=self.crop_margin_mm,
+            spacing_zyx=spacing_zyx, crop_margin_mm=self.crop_margin_mm, crop_in_plane=self.crop_in_plane,
         )
 
 

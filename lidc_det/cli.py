@@ -637,7 +637,9 @@ def _add_insert(sub: argparse._SubParsersAction) -> None:
                    help="with --region right/left: keep the other side, cut the volume at x = 0, or replace the other "
                         "side by the mirror image of the region (default keep)")
     p.add_argument("--crop-margin-mm", type=float, default=15.0,
-                   help="write the lungs' box plus this margin in mm; a negative value keeps the whole field of view (default 15)")
+                   help="write the lungs' box plus this margin in mm (default 15)")
+    p.add_argument("--whole-slices", action="store_true",
+                   help="cut only the slices to the lungs (+ margin); every slice keeps its whole field of view")
     p.add_argument("--spacing", type=float, nargs=3, default=(1.0, 1.0, 1.0), metavar=("Z", "Y", "X"),
                    help="voxel size of the written volumes in mm (default 1 1 1)")
     p.add_argument("--name", default="insert", help="name used in the written series ids (default insert)")
@@ -654,7 +656,7 @@ def _add_insert(sub: argparse._SubParsersAction) -> None:
         spec = SemiRealSpec(
             a.name, a.dicom, region=a.region, other_side=a.other_side, copies=a.copies, nodules_per_copy=a.nodules,
             source_scans=uids, seed=a.seed, spacing_zyx=tuple(a.spacing),
-            crop_margin_mm=None if a.crop_margin_mm < 0 else a.crop_margin_mm,
+            crop_margin_mm=a.crop_margin_mm, crop_in_plane=not a.whole_slices,
         )
         ds = make_semireal_dataset([spec], a.out)
         n = sum(len(ds.load_case(u).nodules) for u in ds.series_uids)

@@ -48,7 +48,7 @@ def test_mirrored_background_holds_no_voxel_of_the_other_lung(tmp_path: Path) ->
 
     spec = SemiRealSpec(
         "mirror", REAL_0001, region="right", other_side="mirror", copies=1, nodules_per_copy=2,
-        source_scans=(SOURCE_UID,), spacing_zyx=(2.5, 1.0, 1.0), crop_margin_mm=None,
+        source_scans=(SOURCE_UID,), spacing_zyx=(2.5, 1.0, 1.0), crop_in_plane=False,
     )
     ds = make_semireal_dataset([spec], tmp_path, progress=False)
     case = ds.load_case(ds.series_uids[0])
@@ -74,7 +74,8 @@ def test_mirrored_background_holds_no_voxel_of_the_other_lung(tmp_path: Path) ->
     o_patch = real.hu[z - 1 : z + 2, y - 8 : y + 9, x - 8 : x + 9].astype(np.float32)
     o_mirror = real.hu[zm - 1 : zm + 2, ym - 8 : ym + 9, xm + 8 : xm - 9 : -1].astype(np.float32)
     assert float(np.median(np.abs(o_patch - o_mirror))) > 200.0
-    # whole field of view (crop_margin_mm None): the written volume spans the scan in y
+    # whole slices (crop_in_plane False): the written volume spans the scan in y and x
     assert g.shape_zyx[1] == pytest.approx(real.geometry.shape_zyx[1] * real.geometry.spacing_zyx[1], abs=2)
+    assert g.shape_zyx[2] == pytest.approx(real.geometry.shape_zyx[2] * real.geometry.spacing_zyx[2], abs=2)
     # inserted nodules may sit on both sides; each is a target with a label
     assert len(case.nodules) >= 1 and all(":inserted" in n.nodule_id for n in case.nodules)

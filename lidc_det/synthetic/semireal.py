@@ -23,8 +23,9 @@ Regions (world LPS x; the patient's right is x < 0):
   ``cut`` and ``mirror`` are how a background may be trained on while its other lung is
   scored (the shared LIDC scan's nodule is in its left lung, its right lung may be trained on).
 
-The written volume is the lungs' box plus ``crop_margin_mm`` (``None``: the whole field of
-view, so no patch ever meets a cut through the body).
+The written volume is the lungs' box plus ``crop_margin_mm``; with ``crop_in_plane`` False
+only the slices are cut (the lungs' z range plus the margin) and every slice keeps its whole
+field of view, as a real scan does, so no patch meets a cut through the body.
 
 Targets of each written scan: the inserted nodules (label = 50 % consensus of the
 source readers' transformed masks, as ``prepare`` labels real scans), plus the
@@ -76,8 +77,8 @@ class SemiRealSpec:
         seed: seed of everything random.
         spacing_zyx: voxel size of the written volumes (mm).
         placement_weights: parenchymal, juxtapleural, juxtavascular probabilities.
-        crop_margin_mm: the written volume is the lungs' box plus this margin (mm);
-            ``None`` keeps the whole field of view.
+        crop_margin_mm: the written volume is the lungs' box plus this margin (mm).
+        crop_in_plane: cut y and x to the box too (True), or only z (False: whole slices).
     """
 
     name: str
@@ -90,7 +91,8 @@ class SemiRealSpec:
     seed: int = 0
     spacing_zyx: tuple[float, float, float] = (1.0, 1.0, 1.0)
     placement_weights: tuple[float, float, float] = (0.4, 0.3, 0.3)
-    crop_margin_mm: float | None = 15.0
+    crop_margin_mm: float = 15.0
+    crop_in_plane: bool = True
 
     def __post_init__(self) -> None:
         if self.region not in REGIONS:
@@ -99,8 +101,8 @@ class SemiRealSpec:
             raise SemiRealError(f"{self.name}: other_side must be one of {OTHER_SIDES}, got {self.other_side!r}")
         if self.other_side != "keep" and self.region == "whole":
             raise SemiRealError(f"{self.name}: other_side {self.other_side!r} needs region right or left")
-        if self.crop_margin_mm is not None and self.crop_margin_mm < 0:
-            raise SemiRealError(f"{self.name}: crop_margin_mm must be >= 0 or None, got {self.crop_margin_mm}")
+        if self.crop_margin_mm < 0:
+            raise SemiRealError(f"{self.name}: crop_margin_mm must be >= 0, got {self.crop_margin_mm}")
         if self.copies < 1 or self.nodules_per_copy < 1:
             raise SemiRealError(f"{self.name}: copies and nodules_per_copy must be >= 1")
         if not self.source_scans:
@@ -175,20 +177,21 @@ def _mirrored(a: np.ndarray, src: np.ndarray, valid: np.ndarray, fill: float | b
     return out
 
 
-def _crop_box(lung: np.ndarray, geometry: VolumeGeometry, region: str, cut: bool, margin_mm: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """Voxel box ``(lo, hi)`` of the lungs + ``margin_mm`` (``None``: the whole volume), cut at x = 0 when ``cut``."""
+def _crop_box(
+    lung: np.ndarray, geometry: VolumeGeometry, region: str, cut: bool, margin_mm: float, in_plane: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Voxel box ``(lo, hi)`` of the lungs + ``margin_mm`` (z only unless ``in_plane``), cut at x = 0 when ``cut``."""
     from lidc_det.boxes import mask_to_box
 
     keep = lung & region_mask(geometry, region) if cut else lung
     if not keep.any():
         raise SemiRealError(f"no lung voxel in region {region!r}")
-    if margin_mm is None:
-        lo, hi = np.zeros(3, dtype=int), np.asarray(geometry.shape_zyx, dtype=int)
-    else:
-        box = mask_to_box(keep).astype(int)
-        margin = np.ceil(margin_mm / np.asarray(geometry.spacing_zyx)).astype(int)
-        lo = np.maximum(box[:3] - margin, 0)
-        hi = np.minimum(box[3:] + margin, np.asarray(geometry.shape_zyx))
+    box = mask_to_box(keep).astype(int)
+    margin = np.ceil(margin_mm / np.asarray(geometry.spacing_zyx)).astype(int)
+    lo = np.maximum(box[:3] - margin, 0)
+    hi = np.minimum(box[3:] + margin, np.asarray(geometry.shape_zyx))
+    if not in_plane:
+        lo[1:], hi[1:] = 0, geometry.shape_zyx[1:]
     if cut:  # never a column of the other side, margin or not
         cols = np.flatnonzero(region_mask(geometry, region)[0, 0])
         lo[2] = max(lo[2], int(cols.min()))
@@ -380,7 +383,7 @@ def make_semireal_dataset(specs: Sequence[SemiRealSpec], out_dir: Path, *, progr
             sources = nodule_sources(list(spec.source_scans))
             if not sources:
                 raise SemiRealError(f"{spec.name}: the source scans hold no insertable nodule")
-            lo, hi = _crop_box(lungs.mask, geometry, spec.region, spec.other_side == "cut", spec.crop_margin_mm)
+            lo, hi = _crop_box(lungs.mask, geometry, spec.region, spec.other_side == "cut", spec.crop_margin_mm, spec.crop_in_plane)
             sub_geom = _sub_geometry(geometry, lo, hi)
             sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
             targets = [(rec, m) for rec, m in targets if m[sl].any()]

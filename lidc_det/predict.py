@@ -25,14 +25,13 @@ skipped; every file is written atomically, so a killed run goes on where it stop
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import html
 import io
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ import numpy as np
 
 from lidc_det.atomic import write_json, write_text
 from lidc_det.errors import DatasetError
+from lidc_det.torch_state import torch_threads
 
 __all__ = ["PredictOptions", "PredictReport", "predict_collection", "predict_scan", "scan_out_dir"]
 
@@ -90,22 +90,6 @@ class PredictReport:
                  f"summary {self.out_dir / 'summary.csv'}, index {self.out_dir / 'index.html'}"]
         lines += [f"FAILED {u}: {e}" for u, e in self.failed.items()]
         return "\n".join(lines)
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op thread count set to ``n`` inside the block (unchanged when falsy), restored after."""
-    if not n:
-        yield
-        return
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def scan_out_dir(out_dir: Path, series_uid: str) -> Path:
@@ -179,7 +163,7 @@ def predict_scan(
     if done is not None:
         return {**done["row"], "status": "skipped"}
     t0 = time.perf_counter()
-    with _torch_threads(options.torch_threads):
+    with torch_threads(options.torch_threads):
         pipe = _pipeline(models_dir, options.device)
         result = pipe.run(Path(series_folder), series_uid=series_uid)
     d = scan_out_dir(Path(out_dir), result.series_uid)

@@ -45,6 +45,7 @@ import numpy as np
 from lidc_det.errors import LidcDetError
 from lidc_det.geometry import VolumeGeometry
 from lidc_det.results import Detections
+from lidc_det.torch_state import seeded_torch_rng
 from stage1_detect.registry import register_detector
 
 CHECKPOINT_FORMAT = "stage1_detect.mmdet_retinanet_2p5d/1"
@@ -239,13 +240,11 @@ def mmdet_model_config(config: Mmdet2p5dConfig) -> dict[str, Any]:
 def _build_model(config: Mmdet2p5dConfig, device: Any) -> Any:
     if not mmdet_available():
         raise MmdetUnavailableError(INSTALL_HINT)
-    import torch
     from mmdet.registry import MODELS
     from mmdet.utils import register_all_modules
 
     register_all_modules(init_default_scope=True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
+    with seeded_torch_rng(config.seed):  # mmdet's layers initialise from the global generator
         model = MODELS.build(mmdet_model_config(config))
         model.init_weights()
     return model.to(device)

@@ -55,6 +55,7 @@ import numpy as np
 from lidc_det.errors import ConfigError
 from lidc_det.geometry import VolumeGeometry
 from lidc_det.results import Detections
+from lidc_det.torch_state import seeded_torch_rng
 from stage1_detect.registry import register_detector
 
 CHECKPOINT_FORMAT = "stage1_detect.monai_retinanet/1"
@@ -197,8 +198,7 @@ def build_monai_detector(config: MonaiRetinaNetConfig, device: Any = "cpu") -> A
         feature_map_scales=[2**i for i in range(levels)],
         base_anchor_shapes=[list(s) for s in config.base_anchor_shapes],
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)  # MONAI's layers initialise from the global generator
+    with seeded_torch_rng(config.seed):  # MONAI's layers initialise from the global generator
         backbone = resnet.ResNet(
             block=resnet.ResNetBottleneck if config.block == "bottleneck" else resnet.ResNetBlock,
             layers=list(config.resnet_layers),

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 from torch import nn  # this module is the torch part of stage 3; model.py imports it lazily
 
+from lidc_det.torch_state import seeded_torch_rng, torch_threads
 from stage3_malignancy.config import EmbeddingConfig
 from stage3_malignancy.samples import MalignancySample
 
@@ -146,53 +147,46 @@ def train_small_cnn(
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
-    old_threads = torch.get_num_threads()
     y = np.asarray(labels, dtype=np.float32)
-    try:
-        if cfg.torch_threads > 0:
-            torch.set_num_threads(cfg.torch_threads)
-        # weights and dropout draw from torch's global generator: seed it inside fork_rng, so the
-        # caller's global RNG state is restored afterwards (batch order and augmentation use ``gen``)
-        with torch.random.fork_rng(devices=[] if not device.startswith("cuda") else None):
-            torch.manual_seed(seed)
-            model = SmallCNN3D(in_channels=cubes.shape[1], width=cfg.width).to(device)
-            gen = torch.Generator().manual_seed(seed)
-            pos = float(y.sum())
-            pos_weight = torch.tensor([(len(y) - pos) / pos if 0 < pos < len(y) else 1.0], device=device)
-            loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-            opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-            steps_per_epoch = max(1, int(np.ceil(len(y) / cfg.batch_size)))
-            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps_per_epoch))
-            X = torch.from_numpy(np.ascontiguousarray(cubes))
-            Y = torch.from_numpy(y)
-            last = float("nan")
-            model.train()
-            for _ in tqdm(range(cfg.epochs), desc="train SmallCNN3D", unit="epoch", disable=not progress, leave=False):
-                order = torch.randperm(len(y), generator=gen)
-                total = 0.0
-                for b in range(steps_per_epoch):
-                    idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
-                    if len(idx) == 0:
-                        continue
-                    xb = X[idx]
-                    if cfg.augment:
-                        xb = _augment(xb, gen)
-                    xb, yb = xb.to(device), Y[idx].to(device)
-                    with torch.autocast("cuda", enabled=device.startswith("cuda")):
-                        logits = model(xb)
-                    loss = loss_fn(logits.float(), yb)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    total += float(loss.item()) * len(idx)
-                last = total / max(1, len(y))
-            model.eval()
-            model.to("cpu")
-            return model, {"epochs": cfg.epochs, "final_train_loss": last, "seconds": time.perf_counter() - t0,
-                           "device": device, "n": int(len(y))}
-    finally:
-        torch.set_num_threads(old_threads)
+    # weights and dropout draw from torch's global generator: seeded inside seeded_torch_rng, so the
+    # caller's global RNG state is restored afterwards (batch order and augmentation use ``gen``)
+    with torch_threads(cfg.torch_threads), seeded_torch_rng(seed, device):
+        model = SmallCNN3D(in_channels=cubes.shape[1], width=cfg.width).to(device)
+        gen = torch.Generator().manual_seed(seed)
+        pos = float(y.sum())
+        pos_weight = torch.tensor([(len(y) - pos) / pos if 0 < pos < len(y) else 1.0], device=device)
+        loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+        opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps_per_epoch = max(1, int(np.ceil(len(y) / cfg.batch_size)))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=max(1, cfg.epochs * steps_per_epoch))
+        X = torch.from_numpy(np.ascontiguousarray(cubes))
+        Y = torch.from_numpy(y)
+        last = float("nan")
+        model.train()
+        for _ in tqdm(range(cfg.epochs), desc="train SmallCNN3D", unit="epoch", disable=not progress, leave=False):
+            order = torch.randperm(len(y), generator=gen)
+            total = 0.0
+            for b in range(steps_per_epoch):
+                idx = order[b * cfg.batch_size:(b + 1) * cfg.batch_size]
+                if len(idx) == 0:
+                    continue
+                xb = X[idx]
+                if cfg.augment:
+                    xb = _augment(xb, gen)
+                xb, yb = xb.to(device), Y[idx].to(device)
+                with torch.autocast("cuda", enabled=device.startswith("cuda")):
+                    logits = model(xb)
+                loss = loss_fn(logits.float(), yb)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss.item()) * len(idx)
+            last = total / max(1, len(y))
+        model.eval()
+        model.to("cpu")
+        return model, {"epochs": cfg.epochs, "final_train_loss": last, "seconds": time.perf_counter() - t0,
+                       "device": device, "n": int(len(y))}
 
 
 def _pool(out: Any) -> Any:

@@ -38,6 +38,7 @@ import numpy as np
 
 from lidc_det.errors import CheckpointError, LidcDetError
 from lidc_det.lungs_learned.data import LungScan
+from lidc_det.torch_state import seeded_torch_rng, torch_threads
 
 FORMAT = "lidc_det.lungs_learned/1"
 
@@ -116,15 +117,14 @@ class LungNetConfig:
 
 
 def build_model(config: LungNetConfig) -> Any:
-    """The MONAI ``UNet`` of ``config`` (weights initialised from ``config.seed``)."""
-    import torch
+    """The MONAI ``UNet`` of ``config`` (weights initialised from ``config.seed``; torch's global RNG is left as it was)."""
     from monai.networks.nets import UNet
 
-    torch.manual_seed(config.seed)
-    return UNet(
-        spatial_dims=config.dims, in_channels=1, out_channels=3, channels=config.channels,
-        strides=config.strides, num_res_units=config.num_res_units,
-    )
+    with seeded_torch_rng(config.seed):  # MONAI's layers initialise from the global generator
+        return UNet(
+            spatial_dims=config.dims, in_channels=1, out_channels=3, channels=config.channels,
+            strides=config.strides, num_res_units=config.num_res_units,
+        )
 
 
 def n_parameters(model: Any) -> int:
@@ -254,8 +254,9 @@ class Trainer:
     """Trains one lung network (see the module docstring)."""
 
     def __init__(self, config: LungNetConfig, *, device: str = "cpu", progress: bool = True, threads: int | None = None) -> None:
-        """``threads``: torch CPU threads (``torch.set_num_threads``) for this process; None leaves torch's default
-        (on a shared, loaded CPU one thread per process is much faster than two that wait for each other)."""
+        """``threads``: torch CPU threads (``torch.set_num_threads``) while :meth:`fit` runs, restored after; None
+        leaves torch's count (on a shared, loaded CPU one thread per process is much faster than two that wait
+        for each other)."""
         self.config, self.device, self.progress, self.threads = config, device, progress, threads
 
     def fit(
@@ -277,12 +278,23 @@ class Trainer:
             LidcDetError: ``out_dir`` holds a run made with another config.
             CheckpointError: an unreadable ``last.pt`` or ``init_from``.
         """
+        with torch_threads(self.threads):
+            return self._fit(train, val, Path(out_dir), resume=resume, init_from=init_from, stop_after=stop_after)
+
+    def _fit(
+        self,
+        train: Sequence[LungScan],
+        val: Sequence[LungScan],
+        out_dir: Path,
+        *,
+        resume: bool,
+        init_from: Path | None,
+        stop_after: int | None,
+    ) -> TrainResult:
         import torch
         from monai.losses import DiceCELoss
 
         t0 = time.perf_counter()
-        if self.threads is not None:
-            torch.set_num_threads(int(self.threads))
         c = self.config
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

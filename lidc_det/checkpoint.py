@@ -11,6 +11,11 @@ refused with :class:`~lidc_det.errors.UnsafeCheckpointError` before anything run
 So our checkpoints hold only those types: model / optimiser / scheduler / grad-scaler
 state dicts, the config as a plain dict, step logs as lists of dicts of numbers.
 
+A third-party checkpoint may need a few more globals, allowed by name per call
+(``allow_globals``) and nowhere else: nnU-Net's ``checkpoint_final.pth`` holds its
+training log as numpy scalars (:func:`numpy_scalar_globals`) and a ``torch.device``
+(allowed by torch itself).
+
 >>> state = load_checkpoint("runs/x/best.pt", formats=("stage1_detect.retina3d/",))  # doctest: +SKIP
 """
 
@@ -24,7 +29,7 @@ from typing import Any
 
 from lidc_det.errors import CheckpointError, UnsafeCheckpointError
 
-__all__ = ["CheckpointError", "UnsafeCheckpointError", "load_checkpoint"]
+__all__ = ["CheckpointError", "UnsafeCheckpointError", "load_checkpoint", "numpy_scalar_globals"]
 
 
 def load_checkpoint(
@@ -33,6 +38,7 @@ def load_checkpoint(
     map_location: Any = "cpu",
     formats: Sequence[str] | None = None,
     kind: str = "checkpoint",
+    allow_globals: Sequence[Any] = (),
 ) -> dict[str, Any]:
     """Read the dict saved in ``path`` with torch's weights-only unpickler.
 
@@ -42,6 +48,8 @@ def load_checkpoint(
         formats: accepted prefixes of the dict's ``"format"`` entry (e.g.
             ``("stage1_detect.retina3d/",)``); None accepts any dict.
         kind: what the file should be, for messages ("stage-1 detector checkpoint").
+        allow_globals: classes / functions the unpickler may build besides torch's own
+            allow-list, for this call only (e.g. :func:`numpy_scalar_globals`).
 
     Raises:
         CheckpointError: no such file, unreadable or truncated file, not a dict, wrong format.
@@ -54,7 +62,8 @@ def load_checkpoint(
     if not path.is_file():
         raise CheckpointError(path, f"no such {kind} file")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with torch.serialization.safe_globals(list(allow_globals)):
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         text = str(err)
         if "weights only" in text.lower():
@@ -76,3 +85,22 @@ def load_checkpoint(
         if not isinstance(fmt, str) or not any(fmt.startswith(f) for f in formats):
             raise CheckpointError(path, f"not a {kind} (format {fmt!r}; expected {' or '.join(repr(f + '*') for f in formats)})")
     return state
+
+
+def numpy_scalar_globals() -> list[Any]:
+    """What a pickled numpy scalar (``np.float64(0.5)``, ``np.float32``, ints, bools) needs to load.
+
+    numpy's scalar reconstructor (``numpy._core.multiarray.scalar``), ``numpy.dtype``
+    and the numeric dtype classes: they rebuild a number from its dtype and raw bytes
+    and call nothing else, so allowing them runs no code (an object-dtype "scalar"
+    only hands back an object the restricted unpickler already built).
+    """
+    import numpy as np
+
+    try:
+        from numpy._core.multiarray import scalar  # numpy >= 2
+    except ImportError:  # pragma: no cover - numpy 1.x
+        from numpy.core.multiarray import scalar  # type: ignore[no-redef]
+    kinds = (np.bool_, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16, np.uint32, np.uint64,
+             np.float16, np.float32, np.float64)
+    return [scalar, np.dtype, *{type(np.dtype(k)) for k in kinds}]

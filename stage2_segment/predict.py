@@ -1,7 +1,9 @@
 """In-process nnU-Net prediction of crops, batched, and paste-back as :class:`NoduleMask`.
 
 :class:`CropPredictor` loads a trained model folder with nnU-Net's
-``nnUNetPredictor`` once and then segments every crop of a scan:
+``nnUNetPredictor`` once (after :func:`load_nnunet_checkpoint` has read every
+checkpoint of it with the weights-only unpickler: nnU-Net itself unpickles them
+unrestricted) and then segments every crop of a scan:
 
 1. each crop goes through nnU-Net's own preprocessing for the plan
    (``preprocessor.run_case_npy``: CT clipping and z-scoring, resampling);
@@ -25,6 +27,7 @@ import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,11 +35,44 @@ from lidc_det.boxes import box_slices, mask_to_box
 from lidc_det.errors import LidcDetError
 from lidc_det.measure import max_axial_diameter_mm
 from lidc_det.results import NoduleMask
+from lidc_det.torch_state import torch_threads
 from stage2_segment.crops import Crop
 
 
 class ModelNotFoundError(LidcDetError):
     """A model folder lacks nnU-Net's plans/dataset.json or the requested checkpoint."""
+
+
+#: What nnU-Net's ``nnUNetTrainer.save_checkpoint`` writes (nnunetv2 2.5-2.8); the first three are
+#: what its predictor reads.
+NNUNET_CHECKPOINT_KEYS = ("network_weights", "trainer_name", "init_args")
+
+
+def load_nnunet_checkpoint(path: Path | str) -> dict[str, Any]:
+    """Read an nnU-Net checkpoint (``fold_k/checkpoint_final.pth`` ...) with the project's safe loader.
+
+    nnU-Net's own readers (``nnUNetPredictor.initialize_from_trained_model_folder``,
+    ``nnUNetTrainer.load_checkpoint``) call ``torch.load(weights_only=False)``, which
+    runs whatever code a crafted pickle names. Every checkpoint of a model folder is
+    therefore read here first with torch's weights-only unpickler
+    (:func:`lidc_det.checkpoint.load_checkpoint`), allowing only what nnU-Net's trainer
+    saves: tensors (weights, optimiser state), plain containers and values (plans,
+    dataset.json, fold, trainer name, mirroring axes), ``torch.device`` (its init
+    arguments) and numpy scalars (its training log: losses, pseudo-Dice); nnU-Net is
+    handed the folder only when all of them pass.
+
+    Raises:
+        UnsafeCheckpointError: the file holds any other Python global (nothing of it runs).
+        CheckpointError: no such file, unreadable or truncated, or not an nnU-Net checkpoint.
+    """
+    from lidc_det.checkpoint import load_checkpoint, numpy_scalar_globals
+    from lidc_det.errors import CheckpointError
+
+    state = load_checkpoint(path, kind="nnU-Net checkpoint", allow_globals=numpy_scalar_globals())
+    missing = [k for k in NNUNET_CHECKPOINT_KEYS if k not in state]
+    if missing:
+        raise CheckpointError(path, f"not an nnU-Net checkpoint (no {', '.join(missing)})")
+    return state
 
 
 @dataclass(frozen=True)
@@ -87,6 +123,7 @@ class CropPredictor:
             ck = self.model_dir / f"fold_{k}" / cfg.checkpoint
             if not ck.is_file():
                 raise ModelNotFoundError(f"{ck}: checkpoint missing (training not finished?)")
+            load_nnunet_checkpoint(ck)  # before nnU-Net unpickles it (weights_only=False)
         self.device = torch.device(cfg.device)
         # nnU-Net narrates (CPU notice, the trainer search through nnUNet_extTrainer): keep it quiet
         with nnunet_environment(None), contextlib.redirect_stdout(io.StringIO()):
@@ -115,10 +152,7 @@ class CropPredictor:
         p = self.predictor
         cm, pm = p.configuration_manager, p.plans_manager
         preprocessor = cm.preprocessor_class(verbose=False)
-        old_threads = torch.get_num_threads()
-        if self.cfg.num_threads is not None:
-            torch.set_num_threads(int(self.cfg.num_threads))
-        try:
+        with torch_threads(self.cfg.num_threads):
             prepped = []
             for img in images:
                 data, _, props = preprocessor.run_case_npy(
@@ -152,8 +186,6 @@ class CropPredictor:
                     num_threads_torch=torch.get_num_threads(),
                 )
                 probs.append(np.asarray(prob[1], dtype=np.float32))
-        finally:
-            torch.set_num_threads(old_threads)
         return probs
 
     def segment_crops(self, crops: Sequence[Crop], hu: np.ndarray, *, source: str = "detection") -> list[NoduleMask]:

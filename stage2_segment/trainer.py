@@ -28,8 +28,10 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from lidc_det.atomic import write_json
+from lidc_det.torch_state import torch_threads
 from stage2_segment.config import TrainConfig
 from stage2_segment.nnunet_dataset import CONFIGURATION, NnUnetPaths, nnunet_environment
+from stage2_segment.predict import load_nnunet_checkpoint
 
 #: key of the plans configuration that holds the short schedule
 SCHEDULE_KEY = "lidc_det_schedule"
@@ -133,6 +135,11 @@ def train(
     ``checkpoint_latest.pth`` continues from it. nnU-Net's console output goes
     to ``<model_dir>/lidc_det_train.log`` unless ``verbose``; ``progress`` shows an
     epoch progress bar on stderr (short trainer).
+
+    Raises:
+        CheckpointError: an existing ``checkpoint_final.pth`` / ``checkpoint_latest.pth``
+            is unreadable, or unsafe (:func:`~stage2_segment.predict.load_nnunet_checkpoint`
+            reads it with the weights-only unpickler before nnU-Net does).
     """
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
@@ -144,38 +151,34 @@ def train(
     if final.is_file():
         return TrainResult(out, final, 0.0, -1, _ema_dice(final))
     latest = fold_dir / "checkpoint_latest.pth"
+    if latest.is_file():  # read safely before nnU-Net's load_checkpoint unpickles it (weights_only=False)
+        load_nnunet_checkpoint(latest)
     t0 = time.perf_counter()
-    old_threads = torch.get_num_threads()
     fold_dir.mkdir(parents=True, exist_ok=True)
     import matplotlib
 
     # rc_context: nnU-Net's progress plot calls seaborn.set(font_scale=2.5), which would restyle
     # every later matplotlib figure of this process (our FROC, Dice and overlay PNGs)
     with nnunet_environment(paths, n_proc_da=cfg.n_proc_da), _maybe_quiet(fold_dir / "lidc_det_train.log", verbose), \
-            matplotlib.rc_context():
-        if cfg.num_threads is not None:
-            torch.set_num_threads(int(cfg.num_threads))
-        try:
-            trainer_cls = recursive_find_trainer_class_by_name(cfg.trainer)
-            plans = json.loads((paths.preprocessed / dataset_name / f"{plans_identifier}.json").read_text())
-            if cfg.trainer == "nnUNetTrainerLidcShort":
-                plans["configurations"][CONFIGURATION][SCHEDULE_KEY] = {**cfg.schedule(), "progress": progress}
-            resume = latest.is_file()
-            plans["continue_training"] = resume
-            dataset_json = json.loads((paths.preprocessed / dataset_name / "dataset.json").read_text())
-            trainer = trainer_cls(
-                plans=plans, configuration=CONFIGURATION, fold=cfg.fold, dataset_json=dataset_json,
-                device=torch.device(cfg.device),
-            )
-            start_epoch = 0
-            if resume:
-                trainer.load_checkpoint(str(latest))
-                start_epoch = int(trainer.current_epoch)
-            trainer.run_training()
-            if cfg.final_validation:
-                trainer.perform_actual_validation(False)
-        finally:
-            torch.set_num_threads(old_threads)
+            matplotlib.rc_context(), torch_threads(cfg.num_threads):
+        trainer_cls = recursive_find_trainer_class_by_name(cfg.trainer)
+        plans = json.loads((paths.preprocessed / dataset_name / f"{plans_identifier}.json").read_text())
+        if cfg.trainer == "nnUNetTrainerLidcShort":
+            plans["configurations"][CONFIGURATION][SCHEDULE_KEY] = {**cfg.schedule(), "progress": progress}
+        resume = latest.is_file()
+        plans["continue_training"] = resume
+        dataset_json = json.loads((paths.preprocessed / dataset_name / "dataset.json").read_text())
+        trainer = trainer_cls(
+            plans=plans, configuration=CONFIGURATION, fold=cfg.fold, dataset_json=dataset_json,
+            device=torch.device(cfg.device),
+        )
+        start_epoch = 0
+        if resume:
+            trainer.load_checkpoint(str(latest))
+            start_epoch = int(trainer.current_epoch)
+        trainer.run_training()
+        if cfg.final_validation:
+            trainer.perform_actual_validation(False)
     seconds = time.perf_counter() - t0
     write_json(
         out / f"fold_{cfg.fold}" / "lidc_det_train.json",
@@ -185,12 +188,16 @@ def train(
 
 
 def _ema_dice(checkpoint: Path) -> float | None:
-    """nnU-Net's pseudo-Dice (EMA over epochs, validation patches) at the end of training."""
+    """nnU-Net's pseudo-Dice (EMA over epochs, validation patches) at the end of training.
+
+    Raises:
+        CheckpointError: an unreadable or unsafe checkpoint (read with the weights-only loader).
+    """
+    ck = load_nnunet_checkpoint(checkpoint)
     try:
-        ck = torch.load(checkpoint, map_location="cpu", weights_only=False)
         values = ck["logging"]["ema_fg_dice"] if "ema_fg_dice" in ck["logging"] else None
         if values is None:  # logger checkpoints are nested in newer nnU-Net versions
             values = ck["logging"].get("local", {}).get("ema_fg_dice")
         return float(values[-1]) if values else None
-    except (OSError, KeyError, TypeError, IndexError, RuntimeError):
+    except (KeyError, TypeError, IndexError, AttributeError):
         return None

@@ -169,3 +169,114 @@ def test_our_checkpoints_load_and_broken_files_fail_clearly(tmp_path: Path) -> N
         load_checkpoint(tmp_path / "x.pt", formats=("stage1_detect.retina3d/",))
     with pytest.raises(CheckpointError, match="no such"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+# ------------------------------------------------------------------ nnU-Net model folders (stage 2)
+class _RunsShell:
+    """Unpickling this object calls ``os.system("touch <marker>")``: a shell command run on load."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # noqa: ANN204 - the pickle protocol
+        import os
+
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+def _nnunet_checkpoint(trainer_name: str = "nnUNetTrainerLidcShort") -> dict:
+    """A checkpoint with the content and types of ``nnUNetTrainer.save_checkpoint`` (nnunetv2 2.8), without
+    training: a network and AdamW (AMSGrad) state, nnU-Net's own logger fed the way the trainer feeds it
+    (numpy float32 losses, numpy float64 pseudo-Dice, float timestamps and learning rates), and the init
+    arguments with a ``torch.device``."""
+    import time
+
+    import numpy as np
+    from nnunetv2.training.logging.nnunet_logger import MetaLogger
+
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3), torch.nn.InstanceNorm3d(4, affine=True), torch.nn.Conv3d(4, 2, 1))
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, amsgrad=True)
+    net(torch.zeros(1, 1, 5, 5, 5)).sum().backward()
+    opt.step()
+    logger = MetaLogger(None, False)
+    for epoch in range(2):
+        logger.log("epoch_start_timestamps", time.time(), epoch)
+        logger.log("lrs", opt.param_groups[0]["lr"], epoch)
+        logger.log("train_losses", np.mean([np.array(0.9, dtype=np.float32), np.array(0.7, dtype=np.float32)]), epoch)
+        tp, fp, fn = np.array([30.0]), np.array([5.0]), np.array([8.0])
+        dice = [2 * i / (2 * i + j + k) for i, j, k in zip(tp, fp, fn)]
+        logger.log("mean_fg_dice", np.nanmean(dice), epoch)
+        logger.log("dice_per_class_or_region", dice, epoch)
+        logger.log("val_losses", np.mean([np.array(0.8, dtype=np.float32)]), epoch)
+        logger.log("epoch_end_timestamps", time.time(), epoch)
+    plans = {"dataset_name": "Dataset990_Test", "plans_name": "nnUNetPlans", "configurations": {"3d_lidc": {
+        "patch_size": [16, 16, 16], "spacing": [1.0, 1.0, 1.0], "lidc_det_schedule": {"num_epochs": 2, "progress": False}}}}
+    return {
+        "network_weights": net.state_dict(),
+        "optimizer_state": opt.state_dict(),
+        "grad_scaler_state": None,
+        "logging": logger.get_checkpoint(),
+        "_best_ema": logger.get_value("ema_fg_dice", step=-1),
+        "current_epoch": 2,
+        "init_args": {"plans": plans, "configuration": "3d_lidc", "fold": 0, "dataset_json": {"labels": {"background": 0, "nodule": 1}},
+                      "device": torch.device("cpu")},
+        "trainer_name": trainer_name,
+        "inference_allowed_mirroring_axes": (0, 1, 2),
+    }
+
+
+def _nnunet_model_dir(root: Path, checkpoint: dict | None = None, marker: Path | None = None) -> Path:
+    """nnU-Net's model folder layout: ``plans.json``, ``dataset.json``, ``fold_0/checkpoint_final.pth``."""
+    import json
+
+    d = root / "nnUNet_results" / "Dataset990_Test" / "nnUNetTrainerLidcShort__nnUNetPlans__3d_lidc"
+    (d / "fold_0").mkdir(parents=True)
+    (d / "plans.json").write_text(json.dumps({"dataset_name": "Dataset990_Test", "configurations": {}}))
+    (d / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "nodule": 1}}))
+    if checkpoint is None:
+        checkpoint = {**_nnunet_checkpoint(), "network_weights": {"w": _RunsShell(marker)}}
+    torch.save(checkpoint, d / "fold_0" / "checkpoint_final.pth")
+    return d
+
+
+def test_the_crafted_nnunet_checkpoint_does_run_a_shell_command_without_the_safe_loader(tmp_path: Path, marker: Path) -> None:
+    model = _nnunet_model_dir(tmp_path, marker=marker)
+    torch.load(model / "fold_0" / "checkpoint_final.pth", weights_only=False)  # what nnU-Net does
+    assert marker.exists()
+
+
+def test_stage2_refuses_a_malicious_nnunet_checkpoint_before_nnunet_reads_it(tmp_path: Path, marker: Path) -> None:
+    from stage2_segment.config import TrainConfig
+    from stage2_segment.nnunet_dataset import NnUnetPaths
+    from stage2_segment.predict import CropPredictor, load_nnunet_checkpoint
+    from stage2_segment.trainer import train
+
+    model = _nnunet_model_dir(tmp_path, marker=marker)
+    ck = model / "fold_0" / "checkpoint_final.pth"
+    with pytest.raises(UnsafeCheckpointError, match="refused to load") as err:
+        load_nnunet_checkpoint(ck)
+    assert err.value.path == ck and "system" in str(err.value)
+    with pytest.raises(UnsafeCheckpointError):  # predicting from the folder
+        CropPredictor(model)
+    paths = NnUnetPaths(tmp_path)
+    with pytest.raises(UnsafeCheckpointError):  # a "finished" run is reused only if its checkpoint is safe
+        train(paths, "Dataset990_Test", "nnUNetPlans", TrainConfig())
+    ck.rename(model / "fold_0" / "checkpoint_latest.pth")
+    with pytest.raises(UnsafeCheckpointError):  # resuming from it
+        train(paths, "Dataset990_Test", "nnUNetPlans", TrainConfig())
+    assert not marker.exists()
+
+
+def test_an_nnunet_checkpoint_as_its_trainer_saves_it_passes_the_safe_loader(tmp_path: Path) -> None:
+    from stage2_segment.predict import load_nnunet_checkpoint
+    from stage2_segment.trainer import _ema_dice
+
+    model = _nnunet_model_dir(tmp_path, _nnunet_checkpoint())
+    ck = model / "fold_0" / "checkpoint_final.pth"
+    state = load_nnunet_checkpoint(ck)
+    assert state["trainer_name"] == "nnUNetTrainerLidcShort" and state["init_args"]["device"] == torch.device("cpu")
+    assert set(state["network_weights"]) == set(_nnunet_checkpoint()["network_weights"])
+    assert _ema_dice(ck) == pytest.approx(2 * 30 / (2 * 30 + 13))  # nnU-Net's EMA of a constant pseudo-Dice
+    with pytest.raises(CheckpointError, match="not an nnU-Net checkpoint"):
+        torch.save({"model": {}}, tmp_path / "other.pth")
+        load_nnunet_checkpoint(tmp_path / "other.pth")

@@ -60,10 +60,10 @@ def test_fit_and_segment_on_cpu(tmp_path: Path) -> None:
         assert m.series_uid == case.series_uid and m.source == "detection"
         assert m.mask.shape == tuple(m.box_voxel[3:] - m.box_voxel[:3])
         assert np.all(m.box_voxel[:3] >= 0) and np.all(m.box_voxel[3:] <= 48)
-    # the narrow network and AdamW were used
-    import torch
+    # the narrow network and AdamW were used; the checkpoint nnU-Net wrote passes the safe loader
+    from stage2_segment.predict import load_nnunet_checkpoint
 
-    ck = torch.load(seg.model_dir / "fold_0" / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    ck = load_nnunet_checkpoint(seg.model_dir / "fold_0" / "checkpoint_final.pth")
     assert ck["network_weights"]["encoder.stages.0.0.convs.0.conv.weight"].shape[0] == 4
     assert "amsgrad" in ck["optimizer_state"]["param_groups"][0]
     # a second fit finds the finished model and does not train again

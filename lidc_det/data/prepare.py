@@ -34,6 +34,7 @@ import time
 import traceback
 import warnings
 from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ import numpy as np
 
 from lidc_det.atomic import remove_leftovers, save_npy, write_json, write_with
 from lidc_det.errors import DatasetError
+from lidc_det.geometry import VolumeGeometry
 
 FORMAT_VERSION = 1
 SCAN_FILES = ("image.npy", "labels.npy", "masks.npz", "meta.json")
@@ -150,7 +152,6 @@ def prepare_scan(series_folder: Path, series_uid: str, cfg: PrepareConfig) -> di
     Raises whatever the reader or the annotation lookup raises (the caller
     records it per scan).
     """
-    from lidc_det.boxes import mask_to_box
     from lidc_det.data.lidc import consensus_mask, load_annotations
     from lidc_det.io.dicom import SeriesGeometryWarning, SkippedFileWarning, read_series
     from lidc_det.resample import resample_image, resample_mask
@@ -170,14 +171,48 @@ def prepare_scan(series_folder: Path, series_uid: str, cfg: PrepareConfig) -> di
         vol.series_uid, vol.geometry, min_readers=cfg.min_readers, min_diameter_mm=cfg.min_diameter_mm
     )
     image, geom = resample_image(vol.hu, vol.geometry, cfg.spacing_zyx)
-    labels = np.zeros(geom.shape_zyx, dtype=np.uint8)
-    if len(ann.nodules) > 254:
-        raise DatasetError(f"{series_folder}: {len(ann.nodules)} nodules do not fit a uint8 label map")
+    targets = [
+        (_nodule_record(n, None), resample_mask(consensus_mask(n, vol.geometry), vol.geometry, geom)) for n in ann.nodules
+    ]
+    return write_scan(cfg.out_dir, vol.series_uid, image, geom, targets, {
+        "series_uid": vol.series_uid,
+        "patient_id": vol.patient_id,
+        "study_uid": vol.study_uid,
+        "source_folder": str(vol.source),
+        "slice_thickness_mm": vol.slice_thickness_mm,
+        "original_geometry": vol.geometry.to_dict(),
+        "settings": cfg.scan_settings(),
+        "settings_hash": cfg.settings_hash(),
+        "irrelevant": [_nodule_record(n, None) for n in ann.irrelevant],
+        "warnings": read_warnings,
+        "seconds": round(time.perf_counter() - t0, 3),
+    })
+
+
+def write_scan(
+    out_dir: Path, series_uid: str, image: np.ndarray, geometry: VolumeGeometry,
+    targets: Sequence[tuple[dict[str, Any], np.ndarray]], meta: dict[str, Any],
+) -> dict[str, Any]:
+    """Write one scan in the prepared layout; returns the ``meta.json`` content (written last).
+
+    Args:
+        out_dir: the data set folder (the scan goes to ``scans/<series_uid>``).
+        image: ``[z, y, x]`` HU on ``geometry`` (rounded, stored as int16).
+        targets: per target nodule its record and its bool ``[z, y, x]`` mask on ``geometry``.
+            Nodule ``i`` (1-based, in this order) gets ``label`` i, ``box_voxel`` and
+            ``mask_voxels``; a nodule whose mask is empty (smaller than the voxels) keeps
+            its label and is flagged with ``box_voxel`` None and ``mask_voxels`` 0.
+        meta: everything else of ``meta.json`` (``geometry`` and ``nodules`` are filled in).
+    """
+    from lidc_det.boxes import mask_to_box
+
+    if len(targets) > 254:
+        raise DatasetError(f"{series_uid}: {len(targets)} nodules do not fit a uint8 label map")
+    labels = np.zeros(geometry.shape_zyx, dtype=np.uint8)
     masks: dict[str, np.ndarray] = {}
     nodules = []
-    for label, nodule in enumerate(ann.nodules, start=1):
-        mask = resample_mask(consensus_mask(nodule, vol.geometry), vol.geometry, geom)
-        rec = _nodule_record(nodule, label)
+    for label, (rec, mask) in enumerate(targets, start=1):
+        rec = {**rec, "label": label, "box_voxel": None, "mask_voxels": 0}
         if mask.any():
             box = mask_to_box(mask)
             lo, hi = box[:3].astype(int), box[3:].astype(int)
@@ -187,31 +222,13 @@ def prepare_scan(series_folder: Path, series_uid: str, cfg: PrepareConfig) -> di
             masks[f"box_{label}"] = box
             rec["box_voxel"] = box.tolist()
             rec["mask_voxels"] = int(crop.sum())
-        else:  # a nodule smaller than the new voxels: keep it in the table, flag it
-            rec["box_voxel"] = None
-            rec["mask_voxels"] = 0
         nodules.append(rec)
-
-    out = scan_dir(cfg.out_dir, vol.series_uid)
+    out = scan_dir(out_dir, series_uid)
     out.mkdir(parents=True, exist_ok=True)
     save_npy(out / "image.npy", np.clip(np.rint(image), -32768, 32767).astype(np.int16))
     save_npy(out / "labels.npy", labels)
     write_with(out / "masks.npz", lambda p: np.savez_compressed(p, **masks))
-    meta = {
-        "series_uid": vol.series_uid,
-        "patient_id": vol.patient_id,
-        "study_uid": vol.study_uid,
-        "source_folder": str(vol.source),
-        "slice_thickness_mm": vol.slice_thickness_mm,
-        "original_geometry": vol.geometry.to_dict(),
-        "geometry": geom.to_dict(),
-        "settings": cfg.scan_settings(),
-        "settings_hash": cfg.settings_hash(),
-        "nodules": nodules,
-        "irrelevant": [_nodule_record(n, None) for n in ann.irrelevant],
-        "warnings": read_warnings,
-        "seconds": round(time.perf_counter() - t0, 3),
-    }
+    meta = {**meta, "geometry": geometry.to_dict(), "nodules": nodules}
     write_json(out / "meta.json", meta)  # last: marks the scan finished
     return meta
 

@@ -216,12 +216,13 @@ def _real_findings(series_uid: str, geometry: VolumeGeometry) -> tuple[list[Any]
     return list(ann.nodules), list(ann.irrelevant)
 
 
-def _record(nodule_id: str, label: int | None, center: Sequence[float], volume_mm3: float, n_readers: int,
-            characteristics: dict[str, float], box: np.ndarray | None, mask_voxels: int, extra: dict[str, Any]) -> dict[str, Any]:
+def _record(nodule_id: str, center: Sequence[float], volume_mm3: float, n_readers: int,
+            characteristics: dict[str, float], extra: dict[str, Any]) -> dict[str, Any]:
+    """A nodule record of ``meta.json`` (label, box and voxel count: :func:`~lidc_det.data.prepare.write_scan`)."""
     diam = float((6.0 * volume_mm3 / np.pi) ** (1.0 / 3.0)) if volume_mm3 > 0 else 0.0
     return {
         "nodule_id": nodule_id,
-        "label": label,
+        "label": None,
         "n_readers": int(n_readers),
         "center_xyz_mm": [float(v) for v in center],
         "diameter_mm": diam,
@@ -229,8 +230,6 @@ def _record(nodule_id: str, label: int | None, center: Sequence[float], volume_m
         "volume_mm3": float(volume_mm3),
         "malignancy_median": float(characteristics.get("malignancy", float("nan"))),
         "characteristics": {k: float(v) for k, v in characteristics.items()},
-        "box_voxel": None if box is None else [float(v) for v in box],
-        "mask_voxels": int(mask_voxels),
         **extra,
     }
 
@@ -251,8 +250,8 @@ def _background_findings(
     from lidc_det.data.lidc import consensus_mask
 
     def rec(n: Any, centre: Sequence[float], extra: dict[str, Any]) -> dict[str, Any]:
-        return _record(n.nodule_id + extra.pop("suffix", ""), None, centre, n.volume_mm3, n.n_readers,
-                       dict(n.characteristics), None, 0, {"inserted": None, **extra})
+        return _record(n.nodule_id + extra.pop("suffix", ""), centre, n.volume_mm3, n.n_readers,
+                       dict(n.characteristics), {"inserted": None, **extra})
 
     def inside(n: Any) -> bool:
         return bool(in_region(np.asarray([n.center_xyz_mm]), spec.region)[0])
@@ -283,47 +282,6 @@ def _background_findings(
     return targets, irrelevant, avoid
 
 
-def _write_copy(
-    out_dir: Path, series_uid: str, patient_id: str, image: np.ndarray, geom: VolumeGeometry,
-    masks: list[tuple[dict[str, Any], np.ndarray]], irrelevant: list[dict[str, Any]], meta_extra: dict[str, Any],
-) -> dict[str, Any]:
-    from lidc_det.atomic import save_npy, write_json, write_with
-    from lidc_det.boxes import mask_to_box
-    from lidc_det.data.prepare import scan_dir
-
-    labels = np.zeros(geom.shape_zyx, dtype=np.uint8)
-    crops: dict[str, np.ndarray] = {}
-    nodules = []
-    label = 0
-    for rec, mask in masks:
-        if not mask.any():
-            nodules.append({**rec, "label": None, "box_voxel": None, "mask_voxels": 0})
-            continue
-        label += 1
-        box = mask_to_box(mask)
-        lo, hi = box[:3].astype(int), box[3:].astype(int)
-        crop = mask[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-        labels[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]][crop] = label
-        crops[f"mask_{label}"] = crop
-        crops[f"box_{label}"] = box
-        nodules.append({**rec, "label": label, "box_voxel": box.tolist(), "mask_voxels": int(crop.sum())})
-    out = scan_dir(out_dir, series_uid)
-    out.mkdir(parents=True, exist_ok=True)
-    save_npy(out / "image.npy", np.clip(np.rint(image), -32768, 32767).astype(np.int16))
-    save_npy(out / "labels.npy", labels)
-    write_with(out / "masks.npz", lambda p: np.savez_compressed(p, **crops))
-    meta = {
-        "series_uid": series_uid,
-        "patient_id": patient_id,
-        "geometry": geom.to_dict(),
-        "nodules": nodules,
-        "irrelevant": irrelevant,
-        **meta_extra,
-    }
-    write_json(out / "meta.json", meta)  # last: marks the copy finished
-    return meta
-
-
 def make_semireal_dataset(specs: Sequence[SemiRealSpec], out_dir: Path, *, progress: bool = True) -> Any:
     """Write the semi-real scans of every spec under ``out_dir`` (prepare layout) and return
     the :class:`~lidc_det.data.prepared.PreparedDataset` (all scans in fold 0).
@@ -336,8 +294,7 @@ def make_semireal_dataset(specs: Sequence[SemiRealSpec], out_dir: Path, *, progr
     from tqdm import tqdm
 
     from lidc_det.atomic import write_json
-    from lidc_det.data.lidc import consensus_mask
-    from lidc_det.data.prepare import FORMAT_VERSION, hash_settings, scan_dir
+    from lidc_det.data.prepare import FORMAT_VERSION, hash_settings, scan_dir, write_scan
     from lidc_det.data.prepared import PreparedDataset
     from lidc_det.io.dicom import read_series
     from lidc_det.lungs import lung_fields
@@ -409,14 +366,17 @@ def make_semireal_dataset(specs: Sequence[SemiRealSpec], out_dir: Path, *, progr
                     cons = full[sl]
                     info = {f.name: getattr(n, f.name) for f in fields(n) if f.name != "characteristics"}
                     rec = _record(
-                        f"{uid}:inserted{n.label}", None, centre, float(cons.sum()) * vox_mm3, n.n_readers,
-                        dict(n.characteristics), None, 0, {"inserted": info},
+                        f"{uid}:inserted{n.label}", centre, float(cons.sum()) * vox_mm3, n.n_readers,
+                        dict(n.characteristics), {"inserted": info},
                     )
                     masks.append((rec, resample_mask(cons, sub_geom, geom)))
                 masks += [(rec, resample_mask(m[sl], sub_geom, geom)) for rec, m in targets]
-                metas[uid] = _write_copy(
-                    out_dir, uid, vol.patient_id or spec.name, image, geom, masks, irr,
+                metas[uid] = write_scan(
+                    out_dir, uid, image, geom, masks,
                     {
+                        "series_uid": uid,
+                        "patient_id": vol.patient_id or spec.name,
+                        "irrelevant": irr,
                         "kind": "lidc-det semi-real scan (real CT background, inserted LIDC reader nodules; SYNTHETIC nodules)",
                         "background_series_uid": vol.series_uid,
                         "background_folder": str(vol.source),

@@ -134,7 +134,7 @@ def run_cross_validation(
     ``crossval.json``'s record (also written to ``out_dir``)."""
     from benchmarks.data import materialize
     from benchmarks.harness import load_bench_config
-    from benchmarks.leaderboard import append_rows, froc_fields
+    from benchmarks.leaderboard import append_rows, froc_fields, run_id
     from lidc_det.cluster import run_tasks
     from lidc_det.config import ConfigFileError, config_hash, to_plain
     from lidc_det.data.luna import candidates_from_detections, detections_from_candidates, read_candidates, write_candidates
@@ -204,7 +204,8 @@ def run_cross_validation(
                 "train_seconds": round(sum(r["train_seconds"] for r in done), 1),
                 "infer_seconds_per_scan": round(float(np.mean([r["infer_seconds_per_scan"] for r in done])), 2),
                 "device": device_info(), "git_revision": prov["git_revision"], "config": f"{cfg.name} --folds all",
-                "config_hash": config_hash(cfg), "created_utc": prov["created_utc"],
+                "config_hash": config_hash(cfg), "run_id": run_id(out_dir, config_hash(cfg), "crossval"),
+                "created_utc": prov["created_utc"],
             })
             print(f"{s.display}: pooled CPM {froc.cpm:.3f} (95% CI {froc.cpm_ci_low:.2f}-{froc.cpm_ci_high:.2f}) over "
                   f"{froc.n_scans} scans / {froc.n_nodules} nodules; per fold "

@@ -28,6 +28,13 @@ candidates (``<label>/stage2/``). With a ``second_look`` section too, the second
 them and the row gets the CPM after it (``<label>/second_look/``).
 
 Detectors pick their device themselves (CUDA when visible); each row records it.
+
+**Resume.** Run the same command into the same ``--out`` folder again after a kill:
+finished twins, prepared scans, detector checkpoints (``last.pt``) and the nnU-Net
+model are reused, the temp files of writes the kill interrupted are removed first
+(every write is atomic: temp file, then rename), the rest is recomputed alike
+(seeded), and the leaderboard rows carry the run's ``run_id`` so they replace,
+not duplicate, rows an interrupted append had already written.
 """
 
 from __future__ import annotations
@@ -141,7 +148,8 @@ def run_bench(
         return run_cross_validation(config_path, out_dir, leaderboard_dir=leaderboard_dir, only=only,
                                     scheduler=scheduler or "serial", progress=progress)
     from benchmarks.detection import train_and_score
-    from benchmarks.leaderboard import append_rows, froc_fields
+    from benchmarks.leaderboard import append_rows, froc_fields, run_id
+    from lidc_det.atomic import remove_leftovers
     from lidc_det.provenance import device_info, provenance
     from stage1_detect.registry import build_detector
 
@@ -152,9 +160,13 @@ def run_bench(
         raise ConfigFileError(f"--only {list(only)}: the config's detectors are {known}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    removed = remove_leftovers(out_dir, recursive=True)  # a killed run's half-written files; this run owns out_dir
+    if removed:
+        print(f"resuming in {out_dir}: removed {len(removed)} temp file(s) of a killed run", flush=True)
     t_start = time.perf_counter()
     plain_cfg = to_plain(cfg)
     chash = config_hash(cfg)
+    rid = run_id(out_dir, chash)
     prov = provenance()
 
     print(f"== data ({cfg.data.label()})", flush=True)
@@ -210,6 +222,7 @@ def run_bench(
             "git_revision": prov["git_revision"],
             "config": cfg.name,
             "config_hash": chash,
+            "run_id": rid,
             "created_utc": prov["created_utc"],
         }
         rows.append(row)
@@ -224,6 +237,7 @@ def run_bench(
         "config_path": str(config_path),
         "config": plain_cfg,
         "config_hash": chash,
+        "run_id": rid,
         "provenance": prov,
         "device": device_info(),
         "split": split.to_dict(),

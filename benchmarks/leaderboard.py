@@ -6,16 +6,21 @@ with everything needed to judge and reproduce it: CPM and the seven FROC
 sensitivities with 95% CIs, Dice, AUC, train time, inference seconds per scan,
 device (GPU name, CUDA/torch, AMP), git revision and config hash. Rows on synthetic
 twin data say so in ``dataset`` and are rendered in their own table.
+
+A row may carry a ``run_id`` (:func:`run_id`: one per run folder and config); a
+later row with the same ``run_id`` and ``method`` replaces it, so a killed and
+resumed (or repeated) run adds its rows once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lidc_det.atomic import write_json, write_text
+from lidc_det.atomic import remove_leftovers, write_json, write_text
 from lidc_det.errors import LidcDetError
 
 #: Keys every row has (others are allowed).
@@ -73,17 +78,32 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def run_id(out_dir: Path, config_hash: str, kind: str = "bench") -> str:
+    """12 hex digits naming one run: its folder (resolved), its config hash and its kind
+    (``"bench"``, ``"crossval"``); the same for a run and its resumption."""
+    text = f"{kind}\n{Path(out_dir).resolve()}\n{config_hash}"
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
 def append_rows(leaderboard_dir: Path, rows: Sequence[dict[str, Any]]) -> tuple[Path, Path]:
     """Append ``rows`` to ``<dir>/leaderboard.json`` and re-render ``<dir>/leaderboard.md``
-    (both written atomically); returns both paths."""
+    (both written atomically); returns both paths.
+
+    A new row with a ``run_id`` replaces the earlier rows of the same ``run_id`` and
+    ``method`` (a run killed between the two writes and resumed appends its rows once).
+    Temp files of a killed earlier append are removed first (one writer at a time).
+    """
     for r in rows:
         missing = [k for k in ROW_KEYS if k not in r]
         if missing:
             raise LeaderboardError(f"leaderboard row for {r.get('method')!r} lacks {missing}")
     leaderboard_dir = Path(leaderboard_dir)
     leaderboard_dir.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(leaderboard_dir, ["leaderboard.json", "leaderboard.md"])
     json_path = leaderboard_dir / "leaderboard.json"
-    all_rows = read_rows(json_path) + list(rows)
+    replaced = {(r["run_id"], r["method"]) for r in rows if r.get("run_id")}
+    kept = [r for r in read_rows(json_path) if not r.get("run_id") or (r["run_id"], r.get("method")) not in replaced]
+    all_rows = kept + list(rows)
     write_json(json_path, {"rows": all_rows})
     md_path = leaderboard_dir / "leaderboard.md"
     write_text(md_path, render_markdown(all_rows))

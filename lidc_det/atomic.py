@@ -26,13 +26,15 @@ def tmp_prefix(name: str) -> str:
     return f".{name}{TMP_MARK}"
 
 
-def remove_leftovers(folder: Path, names: Iterable[str] | None = None) -> list[Path]:
+def remove_leftovers(folder: Path, names: Iterable[str] | None = None, *, recursive: bool = False) -> list[Path]:
     """Delete the temporary files a killed writer left in ``folder``; returns them.
 
     Args:
         folder: the folder (a missing folder has no leftovers).
         names: only the leftovers of these final file names (e.g. ``["image.npy"]``);
             None: every ``.*.tmp-*`` file in ``folder``.
+        recursive: also in every folder below ``folder`` (a run folder that a resumed
+            run owns as a whole).
 
     Call it only when no other process is writing into ``folder``.
     """
@@ -41,7 +43,7 @@ def remove_leftovers(folder: Path, names: Iterable[str] | None = None) -> list[P
         return []
     prefixes = None if names is None else tuple(tmp_prefix(n) for n in names)
     removed = []
-    for p in folder.iterdir():
+    for p in folder.rglob(f".*{TMP_MARK}*") if recursive else folder.iterdir():
         name = p.name
         if not (name.startswith(".") and TMP_MARK in name) or not p.is_file():
             continue

@@ -18,7 +18,9 @@ This module imports nnU-Net (and torch) at import time: import it lazily.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +29,7 @@ from typing import Any
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
-from lidc_det.atomic import write_json
+from lidc_det.atomic import remove_leftovers, tmp_prefix, write_json
 from lidc_det.torch_state import torch_threads
 from stage2_segment.config import TrainConfig
 from stage2_segment.nnunet_dataset import CONFIGURATION, NnUnetPaths, nnunet_environment
@@ -102,6 +104,37 @@ class nnUNetTrainerLidcShort(nnUNetTrainer):  # noqa: N801 (nnU-Net's class nami
         return optimizer, PolyLRScheduler(optimizer, self.initial_lr, self.num_epochs)
 
 
+#: The checkpoints nnU-Net's trainer writes into ``fold_<k>``.
+CHECKPOINT_NAMES = ("checkpoint_latest.pth", "checkpoint_best.pth", "checkpoint_final.pth")
+
+
+def atomic_save_checkpoint(save: Any) -> Any:
+    """nnU-Net's ``save_checkpoint(filename)`` made atomic: written to a hidden temp file, then renamed.
+
+    nnU-Net's trainers ``torch.save`` straight onto ``checkpoint_latest.pth`` (every
+    ``save_every`` epochs) and ``checkpoint_final.pth``; a run killed in the middle left a
+    truncated file there, which a resume reads (latest) or takes as a finished model
+    (final). With this wrapper a killed write leaves the previous checkpoint and a
+    ``.checkpoint_*.pth.tmp-*`` file that :func:`train` removes on its next start. When
+    nnU-Net writes nothing (checkpointing disabled, not rank 0) nothing is renamed.
+    """
+
+    def atomic_save(filename: str) -> None:
+        path = Path(filename)
+        fd, tmp = tempfile.mkstemp(prefix=tmp_prefix(path.name), suffix=".pth", dir=path.parent)
+        os.close(fd)
+        os.unlink(tmp)  # nnU-Net may write nothing: only a file it wrote is renamed
+        try:
+            save(tmp)
+            if os.path.isfile(tmp):
+                os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    return atomic_save
+
+
 @dataclass(frozen=True)
 class TrainResult:
     """Where the model is and what training took."""
@@ -132,7 +165,8 @@ def train(
     The trainer class is looked up by name the way nnU-Net's prediction looks
     it up (built-ins, then ``nnUNet_extTrainer``), then instantiated directly.
     A run with ``checkpoint_final.pth`` is not retrained; a run with
-    ``checkpoint_latest.pth`` continues from it. nnU-Net's console output goes
+    ``checkpoint_latest.pth`` continues from it (the trainer's checkpoints are written
+    atomically, :func:`atomic_save_checkpoint`, so a killed run leaves no truncated one). nnU-Net's console output goes
     to ``<model_dir>/lidc_det_train.log`` unless ``verbose``; ``progress`` shows an
     epoch progress bar on stderr (short trainer).
 
@@ -151,6 +185,7 @@ def train(
     if final.is_file():
         return TrainResult(out, final, 0.0, -1, _ema_dice(final))
     latest = fold_dir / "checkpoint_latest.pth"
+    remove_leftovers(fold_dir, CHECKPOINT_NAMES)  # a killed checkpoint write's temp file
     if latest.is_file():  # read safely before nnU-Net's load_checkpoint unpickles it (weights_only=False)
         load_nnunet_checkpoint(latest)
     t0 = time.perf_counter()
@@ -172,6 +207,7 @@ def train(
             plans=plans, configuration=CONFIGURATION, fold=cfg.fold, dataset_json=dataset_json,
             device=torch.device(cfg.device),
         )
+        trainer.save_checkpoint = atomic_save_checkpoint(trainer.save_checkpoint)  # type: ignore[method-assign]
         start_epoch = 0
         if resume:
             trainer.load_checkpoint(str(latest))

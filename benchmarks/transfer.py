@@ -560,8 +560,7 @@ def _run_stage2(
         if cache.is_file():
             return [float(v) for v in json.loads(cache.read_text())["dice"]]
         out = []
-        for u in uids:
-            case = ds.load_case(u)
+        for case in cases:
             masks = seg.segment_nodules(case)
             kept = [n for n in case.nodules if n.box_voxel is not None]
             out += [

@@ -249,33 +249,32 @@ def _background_findings(
     """
     from lidc_det.data.lidc import consensus_mask
 
-    def rec(n: Any, centre: Sequence[float], extra: dict[str, Any]) -> dict[str, Any]:
-        return _record(n.nodule_id + extra.pop("suffix", ""), centre, n.volume_mm3, n.n_readers,
-                       dict(n.characteristics), {"inserted": None, **extra})
+    def flip(c: Sequence[float]) -> tuple[float, float, float]:
+        return (-float(c[0]), float(c[1]), float(c[2]))
+
+    def rec(n: Any, mirrored: bool = False) -> dict[str, Any]:
+        if not mirrored:
+            return _record(n.nodule_id, n.center_xyz_mm, n.volume_mm3, n.n_readers, dict(n.characteristics), {"inserted": None})
+        return _record(n.nodule_id + ":mirrored", flip(n.center_xyz_mm), n.volume_mm3, n.n_readers,
+                       dict(n.characteristics), {"inserted": None, "mirrored_from": n.nodule_id})
 
     def inside(n: Any) -> bool:
         return bool(in_region(np.asarray([n.center_xyz_mm]), spec.region)[0])
 
     if spec.other_side != "mirror":
-        targets = [(rec(n, n.center_xyz_mm, {}), consensus_mask(n, geometry)) for n in real_t if inside(n)]
-        irrelevant = [rec(n, n.center_xyz_mm, {}) for n in real_i + [t for t in real_t if not inside(t)]]
+        targets = [(rec(n), consensus_mask(n, geometry)) for n in real_t if inside(n)]
+        irrelevant = [rec(n) for n in real_i + [t for t in real_t if not inside(t)]]
         avoid = [(tuple(n.center_xyz_mm), n.equivalent_diameter_mm) for n in real_t + real_i]
         return targets, irrelevant, avoid
     assert src is not None and valid is not None
     other = ~region_mask(geometry, spec.region)[0, 0]
-
-    def flip(c: Sequence[float]) -> tuple[float, float, float]:
-        return (-float(c[0]), float(c[1]), float(c[2]))
-
     targets = []
     for n in filter(inside, real_t):
         m = consensus_mask(n, geometry)
-        mirror = _mirrored(m, src, valid, False) & other[None, None, :]
-        targets.append((rec(n, n.center_xyz_mm, {}), m))
-        targets.append((rec(n, flip(n.center_xyz_mm), {"suffix": ":mirrored", "mirrored_from": n.nodule_id}), mirror))
+        targets.append((rec(n), m))
+        targets.append((rec(n, mirrored=True), _mirrored(m, src, valid, False) & other[None, None, :]))
     own_i = [n for n in real_i if inside(n)]
-    irrelevant = [rec(n, n.center_xyz_mm, {}) for n in own_i]
-    irrelevant += [rec(n, flip(n.center_xyz_mm), {"suffix": ":mirrored", "mirrored_from": n.nodule_id}) for n in own_i]
+    irrelevant = [rec(n) for n in own_i] + [rec(n, mirrored=True) for n in own_i]
     own = [n for n in real_t + real_i if inside(n)]
     avoid = [(tuple(n.center_xyz_mm), n.equivalent_diameter_mm) for n in own]
     avoid += [(flip(n.center_xyz_mm), n.equivalent_diameter_mm) for n in own]

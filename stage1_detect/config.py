@@ -44,6 +44,7 @@ LEVEL_STRIDES: tuple[int, int, int] = (4, 8, 16)
 #: Fields that define the trained network: its input grid and HU window, architecture and anchors.
 MODEL_FIELDS: tuple[str, ...] = (
     "name", "spacing_mm", "hu_window", "channels", "blocks", "fpn_channels", "head_convs", "anchor_sizes_mm", "norm",
+    "head_norm",
 )
 #: Fields that only change how a trained network is run on a scan.
 INFERENCE_FIELDS: tuple[str, ...] = (
@@ -67,7 +68,11 @@ class DetectorConfig:
         channels: backbone widths ``(stem, stage1, stage2, stage3)``; strides 2, 4, 8, 16.
         blocks: residual blocks in each of the three stages.
         fpn_channels: width of the FPN levels and the heads.
-        head_convs: 3x3 conv + ReLU layers in each head tower (shared over levels).
+        head_convs: 3x3 conv (+ norm) + ReLU layers in each head tower (shared over levels).
+        head_norm: normalisation in the head towers, ``"batch"`` (the default), ``"group"`` or
+            ``"none"`` (the plain RetinaNet tower of models trained before this field existed: its
+            ReLUs died under AdamW in most runs, so that the model scored every anchor alike; see
+            docs/stage1.md "Dead head towers").
         norm: backbone normalisation, ``"batch"`` or ``"group"`` (GroupNorm, 4 channels per group;
             see :func:`stage1_detect.model.norm_layer`).
         anchor_sizes_mm: anchor edge lengths in mm per FPN level (strides 4, 8, 16), the same
@@ -129,6 +134,7 @@ class DetectorConfig:
     fpn_channels: int = 32
     head_convs: int = 1
     norm: str = "batch"
+    head_norm: str = "batch"
     anchor_sizes_mm: tuple[tuple[float, ...], ...] = ((4.0, 6.0), (9.0, 13.0), (19.0, 28.0))
     atss_candidates: int = 4
     focal_alpha: float = 0.25
@@ -201,6 +207,8 @@ class DetectorConfig:
                 problems.append(f"{name} must be (low, high) with 0 <= low <= high, got {getattr(self, name)}")
         if self.norm not in ("batch", "group"):
             problems.append(f"norm must be 'batch' or 'group', got {self.norm!r}")
+        if self.head_norm not in ("batch", "group", "none"):
+            problems.append(f"head_norm must be 'batch', 'group' or 'none', got {self.head_norm!r}")
         if not 0.0 <= self.pos_fraction <= 1.0:
             problems.append(f"pos_fraction must lie in [0, 1], got {self.pos_fraction}")
         if self.hu_window[1] <= self.hu_window[0]:

@@ -175,9 +175,15 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
 
 def config_of_checkpoint(state: dict[str, Any], path: Path | str = "<checkpoint>") -> DetectorConfig:
     """The :class:`DetectorConfig` saved in a checkpoint; its model part must equal the frozen
-    ``model_config`` (checkpoints from before that entry have only ``config``)."""
-    config = config_from_dict(state["config"], source=f"{path} [config]")
+    ``model_config`` (checkpoints from before that entry have only ``config``). A checkpoint
+    from before the ``head_norm`` field has plain head towers (``head_norm: none``)."""
+    saved = dict(state["config"])
     frozen = state.get("model_config")
+    if "head_norm" not in saved:
+        saved["head_norm"] = "none"
+        if frozen is not None:
+            frozen = {**frozen, "head_norm": "none"}
+    config = config_from_dict(saved, source=f"{path} [config]")
     if frozen is not None:
         changed = config.changed_model_fields(frozen)
         if changed or set(frozen) != set(config.model_part()):

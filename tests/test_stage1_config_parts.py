@@ -123,3 +123,24 @@ def test_a_trained_model_refuses_changes_to_its_model_fields(tmp_path: Path) -> 
     state["config"]["hu_window"] = list(SMALL.hu_window)
     torch.save(state, tmp_path / "old.pt")
     assert Retina3DDetector(checkpoint=tmp_path / "old.pt", device="cpu").config == SMALL
+
+
+def test_a_checkpoint_from_before_head_norm_loads_with_plain_head_towers(tmp_path: Path) -> None:
+    from stage1_detect.detector import Retina3DDetector
+    from stage1_detect.model import Retina3D
+    from stage1_detect.train import CHECKPOINT_FORMAT
+
+    plain = SMALL.replace(head_norm="none")
+    net = Retina3D(plain, generator=torch.Generator().manual_seed(0))
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in net.cls_tower.modules())
+    old_config = {k: v for k, v in plain.to_dict().items() if k != "head_norm"}
+    old_frozen = {k: v for k, v in plain.model_part().items() if k != "head_norm"}
+    ckpt = tmp_path / "old.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "config": old_config, "model_config": old_frozen,
+                "model": net.state_dict()}, ckpt)
+    det = Retina3DDetector(checkpoint=ckpt, device="cpu")
+    assert det.config.head_norm == "none" and det.config == plain
+    # the new default has a BatchNorm in every head-tower layer, which the old weights do not fit
+    assert SMALL.head_norm == "batch"
+    new = Retina3D(SMALL, generator=torch.Generator().manual_seed(0))
+    assert sum(isinstance(m, torch.nn.BatchNorm3d) for m in new.cls_tower.modules()) == SMALL.head_convs

@@ -126,7 +126,7 @@ def test_fused_batchnorm_gives_the_same_outputs() -> None:
 def test_group_norm_is_batch_independent_and_survives_fusion() -> None:
     import dataclasses
 
-    net = Retina3D(dataclasses.replace(TINY, norm="group"), generator=torch.Generator().manual_seed(0))
+    net = Retina3D(dataclasses.replace(TINY, norm="group", head_norm="group"), generator=torch.Generator().manual_seed(0))
     assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in net.modules())
     assert any(isinstance(m, torch.nn.GroupNorm) for m in net.modules())
     x = torch.randn(2, 1, 32, 32, 32)
@@ -144,6 +144,8 @@ def test_group_norm_is_batch_independent_and_survives_fusion() -> None:
         assert torch.equal(r, o)
     with pytest.raises(ValueError, match="norm"):
         DetectorConfig(norm="layer")
+    with pytest.raises(ValueError, match="head_norm"):
+        DetectorConfig(head_norm="layer")
 
 
 def test_loss_is_finite_with_and_without_targets_and_both_box_losses() -> None:

@@ -25,9 +25,12 @@ windows) are dropped.
 (:func:`stage1_detect.preprocess.body_mask`) are skipped, and detections whose
 centre lies outside the body are dropped.
 
-**Lung field** (``lung_restrict``): detections whose centre lies more than
+**Lung field** (``lung_restrict``): candidates whose centre lies more than
 ``lung_margin_mm`` from the classical lung field of the scan are dropped
-(:func:`restrict_to_lungs`).
+(:func:`lung_keep`) before the ``pre_nms_topk`` cut and NMS, so that up to
+``max_detections`` candidates inside the lungs survive however many stronger ones
+lie outside (restricting the final 100 instead left none on scans whose top 100
+were all outside the lungs).
 
 **Spacing.** The network works on the training grid (``config.spacing_mm``). A
 scan with another spacing is resampled first (linear,
@@ -39,7 +42,7 @@ the array that was passed in.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -224,6 +227,7 @@ def predict_boxes(
     *,
     device: torch.device | str = "cpu",
     mask: np.ndarray | None = None,
+    keep_boxes: Callable[[np.ndarray], np.ndarray] | None = None,
     progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Sliding-window detection on a normalised volume on the training grid.
@@ -233,6 +237,8 @@ def predict_boxes(
         volume: float32 ``[z, y, x]`` normalised intensities (:func:`normalize_hu`).
         mask: optional bool ``[z, y, x]`` body mask (windows with an empty core are skipped,
             detections centred outside are dropped).
+        keep_boxes: optional filter, voxel boxes ``(N, 6)`` on the volume's grid -> bool ``(N,)``,
+            applied to every candidate before the ``pre_nms_topk`` cut and NMS.
         progress: tqdm bar over window batches.
 
     Returns:
@@ -281,6 +287,9 @@ def predict_boxes(
     ctr = (boxes[:, :3] + boxes[:, 3:]) / 2
     inside = torch.all((ctr >= 0) & (ctr <= torch.tensor(volume.shape, dtype=ctr.dtype)), dim=1)
     scores, boxes = scores[inside], boxes[inside]
+    if keep_boxes is not None and scores.numel():
+        keep_mask = torch.from_numpy(np.asarray(keep_boxes(boxes.double().numpy()), dtype=bool))
+        scores, boxes = scores[keep_mask], boxes[keep_mask]
     if scores.numel() > config.pre_nms_topk:
         top = torch.topk(scores, config.pre_nms_topk).indices
         scores, boxes = scores[top], boxes[top]
@@ -344,23 +353,30 @@ def predict_scan(
     grid_hu, grid_geom = to_model_grid(hu, geometry, config)
     volume = normalize_hu(grid_hu, config.hu_window)
     mask = body_mask(grid_hu) if config.use_body_mask else None
-    boxes, scores = predict_boxes(model, volume, config, device=device, mask=mask, progress=progress)
-    dets = detections_from_boxes(boxes, scores, grid_geom, geometry, series_uid)
-    if config.lung_restrict:
-        dets = restrict_to_lungs(dets, hu, geometry, config.lung_margin_mm)
-    return dets
+    keep = lung_keep(grid_hu, grid_geom, config.lung_margin_mm, series_uid) if config.lung_restrict else None
+    boxes, scores = predict_boxes(model, volume, config, device=device, mask=mask, keep_boxes=keep, progress=progress)
+    return detections_from_boxes(boxes, scores, grid_geom, geometry, series_uid)
 
 
-def restrict_to_lungs(dets: Detections, hu: np.ndarray, geometry: VolumeGeometry, margin_mm: float) -> Detections:
-    """``dets`` without the candidates farther than ``margin_mm`` from the scan's lung field
-    (:func:`lidc_det.lungs.restrict_detections`); all of them when no lung field is found."""
+def lung_keep(
+    hu: np.ndarray, geometry: VolumeGeometry, margin_mm: float, series_uid: str = "<scan>"
+) -> Callable[[np.ndarray], np.ndarray] | None:
+    """A ``keep_boxes`` filter for :func:`predict_boxes`: True for voxel boxes on ``geometry`` whose
+    world centre lies within ``margin_mm`` of the scan's classical lung field
+    (:func:`lidc_det.lungs.lung_fields`, :meth:`~lidc_det.lungs.LungFields.near`); ``None`` (keep
+    all, with a warning) when no lung field is found."""
     import warnings
 
-    from lidc_det.lungs import LungFieldError, lung_fields, restrict_detections
+    from lidc_det.lungs import LungFieldError, lung_fields
 
     try:
         fields = lung_fields(hu, geometry)
     except LungFieldError as err:
-        warnings.warn(f"{dets.series_uid}: no lung restriction: {err}", stacklevel=2)
-        return dets
-    return restrict_detections(dets, fields, margin_mm).detections
+        warnings.warn(f"{series_uid}: no lung restriction: {err}", stacklevel=2)
+        return None
+
+    def keep(boxes: np.ndarray) -> np.ndarray:
+        centres, _ = boxes_to_world(boxes, geometry)
+        return fields.near(centres, margin_mm)
+
+    return keep

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from lidc_det.geometry import VolumeGeometry
 from lidc_det.lungs import LEFT, RIGHT, LungFieldError, LungFields, lung_fields
@@ -249,3 +250,31 @@ def test_demo_lung_step_render_and_restriction_counts(twin: _Case, tmp_path: Pat
     row = rec["scans"][0]
     assert row["candidates"] == 3 and row["dropped"] == 1 and row["targets_lost"] == 0 and row["targets"] == 2
     assert (tmp_path / rec["render"]).read_bytes()[:4] == b"\x89PNG"
+
+
+class _DenseEcho(torch.nn.Module):
+    """Scores every anchor by the mean normalised intensity around it: body tissue and bone
+    (outside the lungs) score far above lung parenchyma; box codes 0."""
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        import torch.nn.functional as F
+
+        cls, box = [], []
+        for s in (4, 8, 16):
+            c = 20.0 * F.avg_pool3d(x, s, s)
+            cls.append(c.repeat(1, 2, 1, 1, 1))
+            box.append(c.new_zeros((c.shape[0], 12, *c.shape[2:])))
+        return cls, box
+
+
+def test_lung_restriction_keeps_candidates_when_the_top_ones_lie_outside(twin: _Case) -> None:
+    from stage1_detect.config import load_config
+    from stage1_detect.inference import predict_scan
+
+    cfg = load_config("tiny").replace(max_detections=20, score_thresh=0.0, lung_margin_mm=5.0)
+    plain = predict_scan(_DenseEcho(), twin.hu, twin.geometry, cfg, series_uid="twin", progress=False)
+    near_plain = twin.fields.near(plain.centers_xyz_mm, 5.0)
+    assert len(plain) == 20 and near_plain.sum() <= 10  # most of the top 20 lie outside the lungs
+    kept = predict_scan(_DenseEcho(), twin.hu, twin.geometry, cfg.replace(lung_restrict=True), series_uid="twin", progress=False)
+    # the restriction acts before the cut to max_detections: 20 candidates, all near the lungs
+    assert len(kept) == 20 and twin.fields.near(kept.centers_xyz_mm, 5.0).all()

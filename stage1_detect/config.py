@@ -46,6 +46,9 @@ MODEL_FIELDS: tuple[str, ...] = (
     "name", "spacing_mm", "hu_window", "channels", "blocks", "fpn_channels", "head_convs", "anchor_sizes_mm", "norm",
     "head_norm",
 )
+#: Model fields added after checkpoints were first written, with the value that older
+#: checkpoints' networks have: a checkpoint without the field is read with this value.
+LEGACY_MODEL_FIELDS: dict[str, str] = {"norm": "batch", "head_norm": "none"}
 #: Fields that only change how a trained network is run on a scan.
 INFERENCE_FIELDS: tuple[str, ...] = (
     "window_zyx", "window_margin", "window_batch", "score_thresh", "pre_nms_topk", "nms_iou", "max_detections",

@@ -52,7 +52,7 @@ import torch
 from lidc_det import atomic
 from lidc_det.errors import CheckpointError
 from lidc_det.results import Detections
-from stage1_detect.config import DetectorConfig, config_from_dict, save_config
+from stage1_detect.config import LEGACY_MODEL_FIELDS, DetectorConfig, config_from_dict, save_config
 
 CHECKPOINT_FORMAT = "stage1_detect.retina3d/1"
 ValidationMetric = Callable[[list[Detections]], float]
@@ -175,14 +175,15 @@ def load_checkpoint(path: Path | str, map_location: str | torch.device = "cpu") 
 
 def config_of_checkpoint(state: dict[str, Any], path: Path | str = "<checkpoint>") -> DetectorConfig:
     """The :class:`DetectorConfig` saved in a checkpoint; its model part must equal the frozen
-    ``model_config`` (checkpoints from before that entry have only ``config``). A checkpoint
-    from before the ``head_norm`` field has plain head towers (``head_norm: none``)."""
+    ``model_config`` (checkpoints from before that entry have only ``config``). A model field
+    that a checkpoint predates takes the value its network had (:data:`LEGACY_MODEL_FIELDS`)."""
     saved = dict(state["config"])
     frozen = state.get("model_config")
-    if "head_norm" not in saved:
-        saved["head_norm"] = "none"
-        if frozen is not None:
-            frozen = {**frozen, "head_norm": "none"}
+    for name, value in LEGACY_MODEL_FIELDS.items():
+        if name not in saved:
+            saved[name] = value
+            if frozen is not None:
+                frozen = {**frozen, name: value}
     config = config_from_dict(saved, source=f"{path} [config]")
     if frozen is not None:
         changed = config.changed_model_fields(frozen)

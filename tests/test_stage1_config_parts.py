@@ -125,7 +125,7 @@ def test_a_trained_model_refuses_changes_to_its_model_fields(tmp_path: Path) -> 
     assert Retina3DDetector(checkpoint=tmp_path / "old.pt", device="cpu").config == SMALL
 
 
-def test_a_checkpoint_from_before_head_norm_loads_with_plain_head_towers(tmp_path: Path) -> None:
+def test_a_checkpoint_from_before_norm_and_head_norm_loads_with_their_old_networks(tmp_path: Path) -> None:
     from stage1_detect.detector import Retina3DDetector
     from stage1_detect.model import Retina3D
     from stage1_detect.train import CHECKPOINT_FORMAT
@@ -133,8 +133,8 @@ def test_a_checkpoint_from_before_head_norm_loads_with_plain_head_towers(tmp_pat
     plain = SMALL.replace(head_norm="none")
     net = Retina3D(plain, generator=torch.Generator().manual_seed(0))
     assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in net.cls_tower.modules())
-    old_config = {k: v for k, v in plain.to_dict().items() if k != "head_norm"}
-    old_frozen = {k: v for k, v in plain.model_part().items() if k != "head_norm"}
+    old_config = {k: v for k, v in plain.to_dict().items() if k not in ("head_norm", "norm")}
+    old_frozen = {k: v for k, v in plain.model_part().items() if k not in ("head_norm", "norm")}
     ckpt = tmp_path / "old.pt"
     torch.save({"format": CHECKPOINT_FORMAT, "config": old_config, "model_config": old_frozen,
                 "model": net.state_dict()}, ckpt)

@@ -5,7 +5,8 @@
 For every ``head_norm`` and seed of the config, the ``retina3d`` network of a built-in config
 is trained for ``steps`` optimiser steps on patches of prepared scans (the training folds of
 ``twins`` plus every scan of ``semireal``: what ``lidc-det transfer`` writes under its
-``--data-dir``), with the training code's loss, optimiser and schedule but no validation. Then,
+``--data-dir``) by :func:`stage1_detect.train.train_detector`, without validation cases (run
+folders under ``<out>/runs/``; a finished run is resumed, not retrained). Then,
 in eval mode, on ``probe_patches`` held-out patches of the same scans (other seed, no
 augmentation, half of them holding a nodule):
 
@@ -64,39 +65,30 @@ def _cases(cfg: HeadProbeConfig) -> list[Any]:
     return cases
 
 
-def probe_one(cases: list[Any], cfg: HeadProbeConfig, head_norm: str, seed: int) -> dict[str, Any]:
-    """Train one network and probe it (see the module docstring); returns one result row."""
+def probe_one(cases: list[Any], cfg: HeadProbeConfig, head_norm: str, seed: int, run_dir: Path) -> dict[str, Any]:
+    """Train one network with :func:`stage1_detect.train.train_detector` in ``run_dir`` (no
+    validation cases) and probe its last checkpoint (see the module docstring); one result row."""
+    import csv
+
     import torch
     from sklearn.metrics import roc_auc_score
 
     from stage1_detect.anchors import flatten_head_outputs
     from stage1_detect.config import load_config
-    from stage1_detect.data import PatchDataset, collate_patches
-    from stage1_detect.model import DetectionLoss, Retina3D
-    from stage1_detect.train import _lr_lambda
+    from stage1_detect.data import PatchDataset
+    from stage1_detect.model import Retina3D
+    from stage1_detect.train import load_checkpoint, train_detector
 
     dcfg = load_config(cfg.detector).replace(
         **cfg.overrides, head_norm=head_norm, seed=seed, epochs=1, steps_per_epoch=cfg.steps
     )
     t0 = time.perf_counter()
-    model = Retina3D(dcfg, generator=torch.Generator().manual_seed(seed))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=dcfg.lr, weight_decay=dcfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(dcfg))
-    criterion = DetectionLoss(dcfg)
-    data = PatchDataset(cases, dcfg, seed=seed, length=cfg.steps * dcfg.batch_size)
-    losses = []
-    model.train()
-    for step in range(cfg.steps):
-        x, targets = collate_patches([data[step * dcfg.batch_size + j] for j in range(dcfg.batch_size)])
-        cls, box = model(x)
-        parts = criterion(model, cls, box, targets, x.shape[2:])
-        optimizer.zero_grad(set_to_none=True)
-        parts.total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), dcfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        losses.append((float(parts.cls), float(parts.box)))
+    result = train_detector(dcfg, cases, [], run_dir, device="cpu", progress=False)
     train_s = time.perf_counter() - t0
+    model = Retina3D(dcfg)
+    model.load_state_dict(load_checkpoint(result.last_checkpoint)["model"])
+    with open(run_dir / "train_log.csv", newline="") as f:
+        losses = [(float(r["cls"]), float(r["box"])) for r in csv.DictReader(f)]
 
     active: dict[str, list[float]] = {"cls_tower": [], "box_tower": []}
     hooks = [
@@ -144,11 +136,12 @@ def run(cfg: HeadProbeConfig, out_dir: Path) -> dict[str, Any]:
 
     torch.set_num_threads(cfg.threads)
     t0 = time.perf_counter()
+    out_dir.mkdir(parents=True, exist_ok=True)
     cases = _cases(cfg)
     rows = []
     for head_norm in cfg.head_norms:
         for seed in cfg.seeds:
-            rows.append(probe_one(cases, cfg, head_norm, seed))
+            rows.append(probe_one(cases, cfg, head_norm, seed, out_dir / "runs" / f"{head_norm}-seed{seed}"))
             print(f"[head_probe] {rows[-1]}", flush=True)
     rec = {
         "synthetic": "twins (SYNTHETIC) + semi-real scans (real backgrounds, inserted real-reader nodules)",
@@ -159,7 +152,6 @@ def run(cfg: HeadProbeConfig, out_dir: Path) -> dict[str, Any]:
         "device": device_info("cpu"),
         "wall_seconds": round(time.perf_counter() - t0, 1),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "head_probe.json", rec)
     cols = ["head_norm", "seed", "active_cls_tower", "active_box_tower", "patch_auc", "top_anchor_hit",
             "median_top_p_nodule", "median_top_p_background", "final_cls", "final_box", "train_seconds"]

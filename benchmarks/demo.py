@@ -278,6 +278,13 @@ def _lungs_section(rep: Any, lungs: dict[str, Any]) -> None:
         Paragraph("Classical lung fields (lidc_det.lungs). Stage 1's candidates are not restricted in this report; the "
                   "columns show what the detector option lung_restrict would drop (docs/lungs.md has the measured effect)."),
     )
+    if lungs.get("cpm_restricted"):
+        u, r = lungs["cpm_unrestricted"], lungs["cpm_restricted"]
+        rep.add(Paragraph(
+            f"Test CPM of these candidates: {u['cpm']:.3f} [{u['ci'][0]:.2f}, {u['ci'][1]:.2f}] as they are "
+            f"({u['candidates_per_scan']:g} per scan); {r['cpm']:.3f} [{r['ci'][0]:.2f}, {r['ci'][1]:.2f}] without those "
+            f"outside the lung field + {lungs['margin_mm']:g} mm ({r['candidates_per_scan']:g} per scan). The second filters "
+            "the final list, with no refill from below the top-k cut as the detector option does: a lower bound on it."))
     if lungs.get("render"):
         rep.add(Image(lungs["render"], "Surface render: translucent lungs, reader nodules (red), top-10 stage-1 candidates "
                                        "(green: hit, orange: false positive)"))

@@ -62,7 +62,7 @@ def _scores(pred: np.ndarray, ref: np.ndarray, spacing: Sequence[float]) -> dict
 def _png(hu: np.ndarray, geometry: Any, masks: dict[str, np.ndarray], path: Path, title: str) -> None:
     from lidc_det.overlays import three_plane_png
 
-    colours = {"truth": "#ffffff", "classical": "#ffb000", "2d": "#00c0ff", "3d": "#ff3070"}
+    colours = {"truth": "#ffffff", "classical": "#ffb000", "2d": "#00c0ff", "3d": "#ff3070", "2d-split": "#00ff80", "3d-split": "#c000ff"}
     ref = next(iter(masks.values()))
     centre = geometry.voxel_to_world(np.argwhere(ref[:, ::4, ::4]).mean(axis=0) * np.array([1, 4, 4]))
     legend = ", ".join(f"{k} {colours[k]}" for k in masks)
@@ -88,12 +88,15 @@ def run_compare(out: Path, *, steps_2d: int = 200, steps_3d: int = 120, seed: in
     infs: dict[str, Inferencer] = {}
     for kind, cfg in _configs(steps_2d, steps_3d).items():
         res = Trainer(cfg, threads=threads).fit(train, val, out / f"unet{kind}")
-        inf = Inferencer(out / f"unet{kind}" / "best.pt")
-        tuned = tune_threshold(inf, val)
         train_s = float(np.sum([float(line.split(",")[4]) for line in (out / f"unet{kind}" / "history.csv").read_text().splitlines()[1:] if line.split(",")[4]]))
-        methods[kind] = {"parameters": inf.n_parameters, "train_seconds": round(train_s, 1), "steps": res.steps,
-                         "threshold": tuned["threshold"], "val_dice": round(tuned["val_dice"], 4), "config": cfg.to_dict()}
-        infs[kind] = inf
+        # each network twice: right/left from its own output, and its lung mask split as the classical one does;
+        # the threshold is tuned on the validation twins for each (threshold.json keeps the network-side one)
+        for side, name in (("network", kind), ("split", f"{kind}-split")):
+            inf = Inferencer(out / f"unet{kind}" / "best.pt", side=side)
+            tuned = tune_threshold(inf, val, write=side == "network")
+            methods[name] = {"parameters": inf.n_parameters, "train_seconds": round(train_s, 1), "steps": res.steps, "side": side,
+                             "threshold": tuned["threshold"], "val_dice": round(tuned["val_dice"], 4), "config": cfg.to_dict()}
+            infs[name] = inf
     rows: dict[str, list[dict[str, Any]]] = {k: [] for k in methods}
     for pid in TEST:
         spec = scan_spec(pid)
@@ -144,7 +147,8 @@ def compare_table(rec: dict[str, Any]) -> str:
     ]
     for k, s in rec["summary"].items():
         r = rec["real"].get(k, {})
-        name = {"classical": "classical (lidc_det.lungs)", "2d": "2D U-Net (slices)", "3d": "3D U-Net (patches)"}[k]
+        name = {"classical": "classical (lidc_det.lungs)", "2d": "2D U-Net (slices)", "3d": "3D U-Net (patches)",
+                "2d-split": "2D U-Net, lung mask split into right/left", "3d-split": "3D U-Net, lung mask split into right/left"}[k]
         vs = "-" if k == "classical" else f"{r['vs_classical_dice_mean']:.3f}"
         hd = "-" if k == "classical" else f"{r['vs_classical_hd95_mean_mm']:.1f}"
         lines.append(f"| {name} | {s['parameters']:,} | {s['train_seconds']:.0f} | {s['seconds']:.2f} | {s['dice_right']:.3f} | "
@@ -290,11 +294,12 @@ if __name__ == "__main__":
 
 # ------------------------------------------------------------------ the demo's hook
 def demo_lung_step(ds: Any, split: Any, detections: Sequence[Any], out_dir: Path, *, synthetic: bool,
-                   margin_mm: float = 10.0) -> dict[str, Any]:
+                   margin_mm: float = 10.0, n_bootstrap: int = 1000) -> dict[str, Any]:
     """Lung fields of the demo's test scans: what the restriction would drop, and one surface render.
 
     For each test scan: the classical lung field, the candidates outside it dilated by
-    ``margin_mm`` (dropped / hits lost), and for the first scan a render
+    ``margin_mm`` (dropped / hits lost), the test CPM with and without them (``cpm_unrestricted``,
+    ``cpm_restricted``: each ``{"cpm", "ci", "candidates_per_scan"}``), and for the first scan a render
     (``out_dir/render_<patient>.png``) of the lungs, the reader nodules and the top-10 candidates.
     Stage 1's own output is not changed. Returns a JSON-friendly record.
     """
@@ -305,15 +310,20 @@ def demo_lung_step(ds: Any, split: Any, detections: Sequence[Any], out_dir: Path
     out_dir.mkdir(parents=True, exist_ok=True)
     by_uid = {d.series_uid: d for d in detections}
     rows, render = [], None
+    all_targets, all_excluded, plain, restricted = [], [], [], []
     for i, uid in enumerate(split.test):
         case = ds.load_case(uid)
         hu = np.asarray(case.image_hu, dtype=np.float32)
         lf = lung_fields(hu, case.geometry)
         d = by_uid.get(uid)
-        targets, _ = case.luna_findings()
+        targets, excluded = case.luna_findings()
         if d is None:
             continue
         r = restrict_detections(d, lf, margin_mm)
+        all_targets += targets
+        all_excluded += excluded
+        plain.append(d)
+        restricted.append(r.detections)
         lost = sum(a and not b for a, b in zip(_hits(targets, d), _hits(targets, r.detections)))
         rows.append({"patient": case.patient_id, "right_ml": round(lf.volumes_ml["right"]), "left_ml": round(lf.volumes_ml["left"]),
                      "candidates": len(d), "dropped": len(r.dropped), "targets": len(targets), "targets_lost": int(lost),
@@ -328,7 +338,18 @@ def demo_lung_step(ds: Any, split: Any, detections: Sequence[Any], out_dir: Path
             tag = "SYNTHETIC twin" if synthetic else "real"
             render = render_surfaces(out_dir / f"render_{case.patient_id}.png", case.geometry, lung_labels=lf.labels,
                                      surfaces=surfaces, spheres=spheres, title=f"{case.patient_id} ({tag}): lungs, nodules, top-10 candidates")
-    rec = {"margin_mm": margin_mm, "scans": rows, "render": None if render is None else str(render.relative_to(out_dir.parent))}
+    rec: dict[str, Any] = {"margin_mm": margin_mm, "scans": rows,
+                           "render": None if render is None else str(render.relative_to(out_dir.parent))}
+    if plain:
+        # the same candidates scored as they are and with those outside the dilated field removed. This filters
+        # the final list (no refill from below the top-k cut, as the detector option lung_restrict does), so
+        # its CPM is a lower bound on the option's
+        from lidc_det.metrics.froc import evaluate_detections
+
+        for key, dets in (("cpm_unrestricted", plain), ("cpm_restricted", restricted)):
+            f = evaluate_detections(all_targets, dets, excluded=all_excluded, n_bootstrap=n_bootstrap, seed=0)
+            rec[key] = {"cpm": round(f.cpm, 3), "ci": [round(f.cpm_ci_low, 3), round(f.cpm_ci_high, 3)],
+                        "candidates_per_scan": round(sum(len(x) for x in dets) / len(dets), 1)}
     write_json(out_dir / "lungs.json", rec)
     return rec
 

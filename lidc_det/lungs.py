@@ -474,6 +474,57 @@ def _tidy(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+def split_lung_mask(
+    mask: np.ndarray, geometry: VolumeGeometry, *, max_erosion_mm: float = 25.0, component_fraction: float = 0.15,
+    lateral_mm: float = 25.0,
+) -> tuple[np.ndarray, str]:
+    """Right / left labels of a lung mask that does not say which lung is which (a network's, say).
+
+    The same split as :func:`lung_fields`: components of at least ``component_fraction`` of the
+    largest are lungs (the two largest; smaller pieces are dropped); one component that reaches
+    more than ``lateral_mm`` to both sides of the image's centre column is split by erosion until two cores separate (else a thinnest-column cut);
+    the part with the smaller world x (LPS) is the patient's right.
+
+    Args:
+        mask: ``[z, y, x]`` bool, both lungs, on ``geometry``.
+        geometry: the mask's geometry (any orientation).
+
+    Returns:
+        (uint8 labels 0 / ``RIGHT`` / ``LEFT`` on ``geometry``, method: ``"components"``,
+        ``"erosion"``, ``"midline"``, ``"one lung"`` or ``"empty"``).
+    """
+    mask = np.asarray(mask, dtype=bool)
+    out = np.zeros(mask.shape, dtype=np.uint8)
+    parts = _components(mask, 1.0, component_fraction)
+    if not parts:
+        return out, "empty"
+
+    def world_x(m: np.ndarray) -> float:
+        return float(geometry.voxel_to_world(np.argwhere(m).mean(axis=0))[0])
+
+    spacing = tuple(float(v) for v in geometry.spacing_zyx)
+    centre_x = float(geometry.voxel_to_world((np.array(mask.shape, dtype=float) - 1.0) / 2.0)[0])
+    if len(parts) >= 2:
+        a, b, method = parts[0], parts[1], "components"
+    else:
+        comp = parts[0]
+        xs = np.nonzero(comp)[2]
+        mid = (mask.shape[2] - 1) / 2.0  # the reconstruction field is centred on the patient
+        reach = lateral_mm / spacing[2]
+        if xs.min() < mid - reach and xs.max() > mid + reach:
+            a, b, method = _split_one(comp, mid, spacing, max_erosion_mm)  # type: ignore[arg-type]
+        else:
+            a, b, method = comp, np.zeros_like(comp), "one lung"
+    if not b.any():
+        out[a] = RIGHT if world_x(a) < centre_x else LEFT
+        return out, method
+    if world_x(a) > world_x(b):
+        a, b = b, a
+    out[a] = RIGHT
+    out[b] = LEFT
+    return out, method
+
+
 # ------------------------------------------------------------------ main entry
 def lung_fields(
     hu: np.ndarray,

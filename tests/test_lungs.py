@@ -246,9 +246,14 @@ def test_demo_lung_step_render_and_restriction_counts(twin: _Case, tmp_path: Pat
 
     split = type("S", (), {"test": ("uid",)})()
     dets = Detections("uid", np.array([*centres, far]), np.array([8.0, 8.0, 6.0]), np.array([0.9, 0.5, 0.7]))
-    rec = demo_lung_step(_Ds(), split, [dets], tmp_path / "lungs", synthetic=True)
+    rec = demo_lung_step(_Ds(), split, [dets], tmp_path / "lungs", synthetic=True, n_bootstrap=10)
     row = rec["scans"][0]
     assert row["candidates"] == 3 and row["dropped"] == 1 and row["targets_lost"] == 0 and row["targets"] == 2
+    # the false positive outside the lungs (0.7) sits between the two hits (0.9, 0.5): below 1 FP/scan only one
+    # nodule is found as they are, both once it is removed
+    assert rec["cpm_restricted"]["cpm"] == pytest.approx(1.0)
+    assert rec["cpm_unrestricted"]["cpm"] < 0.9
+    assert rec["cpm_restricted"]["candidates_per_scan"] == 2
     assert (tmp_path / rec["render"]).read_bytes()[:4] == b"\x89PNG"
 
 
@@ -278,3 +283,54 @@ def test_lung_restriction_keeps_candidates_when_the_top_ones_lie_outside(twin: _
     kept = predict_scan(_DenseEcho(), twin.hu, twin.geometry, cfg.replace(lung_restrict=True), series_uid="twin", progress=False)
     # the restriction acts before the cut to max_detections: 20 candidates, all near the lungs
     assert len(kept) == 20 and twin.fields.near(kept.centers_xyz_mm, 5.0).all()
+
+
+def test_split_lung_mask_names_each_lung_from_the_mask_alone(twin: _Case) -> None:
+    """A both-lungs mask with no side (a network's): split into right and left as the truth has them, in any
+    array orientation, and across a bridge that joins the lungs (the erosion split)."""
+    from lidc_det.lungs import split_lung_mask
+
+    mask = twin.truth > 0
+    labels, method = split_lung_mask(mask, twin.geometry)
+    assert method == "components"
+    for label in (RIGHT, LEFT):
+        assert _dice(labels == label, twin.truth == label) > 0.99, label
+
+    g = twin.geometry
+    nz, _, nx = g.shape_zyx
+    far = g.voxel_to_world(np.array([nz - 1, 0, nx - 1], dtype=float))
+    flipped = VolumeGeometry(g.shape_zyx, g.spacing_zyx, (far[0], g.origin_xyz[1], far[2]), (-1, 0, 0, 0, 1, 0, 0, 0, -1))
+    flipped_labels, _ = split_lung_mask(mask[::-1, :, ::-1], flipped)
+    assert np.array_equal(flipped_labels[::-1, :, ::-1], labels)
+
+    # join the lungs by a 6 x 6-voxel bar across the mediastinum in the middle slices
+    bridged = mask.copy()
+    zc = nz // 2
+    ys = np.nonzero(mask[zc].any(axis=1))[0]
+    yc = int(ys.mean())
+    xs_r, xs_l = (np.nonzero((twin.truth[zc] == v).any(axis=0))[0] for v in (RIGHT, LEFT))
+    x0, x1 = sorted((int(xs_r.mean()), int(xs_l.mean())))
+    bridged[zc - 3 : zc + 3, yc - 3 : yc + 3, x0:x1] = True
+    assert split_lung_mask(bridged, g, component_fraction=0.15)[1] == "erosion"
+    b_labels, _ = split_lung_mask(bridged, g)
+    for label in (RIGHT, LEFT):
+        assert _dice(b_labels == label, twin.truth == label) > 0.97, label
+
+
+def test_learned_labels_can_take_their_sides_from_the_mask(twin: _Case) -> None:
+    """A network that has the lungs but swaps right and left: side="network" gets both wrong, side="split" right."""
+    from lidc_det.lungs_learned.infer import labels_from_probabilities
+
+    p = np.zeros((3, *twin.truth.shape), dtype=np.float32)
+    p[0] = twin.truth == 0
+    p[1] = twin.truth == LEFT  # swapped
+    p[2] = twin.truth == RIGHT
+    wrong = labels_from_probabilities(p, 0.5)
+    right = labels_from_probabilities(p, 0.5, side="split", geometry=twin.geometry)
+    assert _dice(wrong == RIGHT, twin.truth == RIGHT) < 0.01
+    for label in (RIGHT, LEFT):
+        assert _dice(right == label, twin.truth == label) > 0.99
+    with pytest.raises(ValueError, match="geometry"):
+        labels_from_probabilities(p, 0.5, side="split")
+    with pytest.raises(ValueError, match="side"):
+        labels_from_probabilities(p, 0.5, side="nearest")

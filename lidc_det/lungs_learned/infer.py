@@ -7,7 +7,8 @@ MONAI's sliding-window inference with Gaussian blending), then into labels:
 * lung where ``1 - p(background) > threshold`` (the threshold is tuned on
   validation scans by :func:`tune_threshold` and stored as ``threshold.json``
   beside the checkpoint);
-* right or left by the larger of ``p(right)``, ``p(left)``;
+* right or left by the larger of ``p(right)``, ``p(left)`` (``side="network"``), or by
+  splitting the lung mask as the classical segmenter does (``side="split"``);
 * per side, the largest 3D component is kept (small islands are dropped).
 
 :meth:`Inferencer.lung_fields` returns the labels on the scan's own grid
@@ -34,13 +35,31 @@ from lidc_det.lungs_learned.train import LungNetConfig, build_model, load_state
 THRESHOLD_FILE = "threshold.json"
 
 
-def labels_from_probabilities(p: np.ndarray, threshold: float, *, largest_component: bool = True) -> np.ndarray:
-    """``[3, z, y, x]`` probabilities -> uint8 labels 0 / 1 right / 2 left (see the module docstring)."""
+SIDES = ("network", "split")
+
+
+def labels_from_probabilities(
+    p: np.ndarray, threshold: float, *, largest_component: bool = True, side: str = "network",
+    geometry: VolumeGeometry | None = None,
+) -> np.ndarray:
+    """``[3, z, y, x]`` probabilities -> uint8 labels 0 / 1 right / 2 left (see the module docstring).
+
+    ``side="split"`` ignores the network's right/left and splits its lung mask as the classical
+    segmenter does (:func:`lidc_det.lungs.split_lung_mask`; needs ``geometry``, the grid of ``p``).
+    """
     from scipy import ndimage as ndi
 
+    if side not in SIDES:
+        raise ValueError(f"side must be one of {SIDES}, got {side!r}")
     lung = (1.0 - p[0]) > threshold
-    side = np.where(p[2] > p[1], 2, 1).astype(np.uint8)
-    out = np.where(lung, side, 0).astype(np.uint8)
+    if side == "split":
+        if geometry is None:
+            raise ValueError('side="split" needs the geometry of the probabilities')
+        from lidc_det.lungs import split_lung_mask
+
+        return split_lung_mask(lung, geometry)[0]
+    side_label = np.where(p[2] > p[1], 2, 1).astype(np.uint8)
+    out = np.where(lung, side_label, 0).astype(np.uint8)
     if largest_component:
         for v in (1, 2):
             lab, n = ndi.label(out == v)
@@ -57,9 +76,14 @@ class Inferencer:
     Args:
         checkpoint: ``best.pt`` / ``last.pt`` of a :class:`~lidc_det.lungs_learned.train.Trainer` run.
         threshold: lung threshold; default the tuned one in ``threshold.json`` beside it, else 0.5.
+        side: ``"network"`` (right/left by the larger probability) or ``"split"`` (the network's
+            lung mask split into two lungs by :func:`lidc_det.lungs.split_lung_mask`).
     """
 
-    def __init__(self, checkpoint: Path, *, device: str = "cpu", threshold: float | None = None) -> None:
+    def __init__(self, checkpoint: Path, *, device: str = "cpu", threshold: float | None = None, side: str = "network") -> None:
+        if side not in SIDES:
+            raise ValueError(f"side must be one of {SIDES}, got {side!r}")
+        self.side = side
         self.checkpoint = Path(checkpoint)
         state = load_state(self.checkpoint)
         self.config = LungNetConfig.from_dict(state["config"])
@@ -101,7 +125,8 @@ class Inferencer:
 
     def labels(self, scan: LungScan, threshold: float | None = None) -> np.ndarray:
         """uint8 labels on ``scan``'s grid."""
-        return labels_from_probabilities(self.probabilities(scan), self.threshold if threshold is None else threshold)
+        return labels_from_probabilities(self.probabilities(scan), self.threshold if threshold is None else threshold,
+                                         side=self.side, geometry=scan.geometry)
 
     def lung_fields(self, hu: np.ndarray, geometry: VolumeGeometry, *, name: str = "") -> LungFields:
         """Lung fields of a HU volume on its own grid (resampled to the working grid and back)."""
@@ -147,7 +172,7 @@ def tune_threshold(
     for t in thresholds:
         ds = []
         for s, p in zip(val, probs):
-            lab = labels_from_probabilities(p, float(t))
+            lab = labels_from_probabilities(p, float(t), side=inferencer.side, geometry=s.geometry)
             assert s.labels is not None
             ds.append(np.mean([dice(lab == v, s.labels == v) for v in (1, 2)]))
         table.append([float(t), float(np.mean(ds))])

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -133,8 +134,12 @@ def run_compare(out: Path, *, steps_2d: int = 200, steps_3d: int = 120, seed: in
     summary = {}
     for k, r in rows.items():
         summary[k] = {**methods[k], **{m: round(float(np.mean([x[m] for x in r])), 4) for m in ("dice_right", "dice_left", "dice_mean", "hd95_mean_mm", "seconds")}}
+    from lidc_det.provenance import device_info, provenance
+
     rec = {"kind": "lung fields: classical vs 2D / 3D U-Net", "synthetic_test": True, "train": TRAIN, "val": VAL, "test": TEST,
-           "seed": seed, "summary": summary, "per_scan": rows, "real": real, "wall_seconds": round(time.perf_counter() - t0, 1)}
+           "seed": seed, "command": f"python -m benchmarks.lungs compare --out {out} --steps-2d {steps_2d} --steps-3d {steps_3d}",
+           "summary": summary, "per_scan": rows, "real": real, "wall_seconds": round(time.perf_counter() - t0, 1),
+           "provenance": provenance(), "device": device_info("cpu"), "load_average": list(os.getloadavg())}
     write_json(out / "compare.json", rec)
     write_text(out / "compare.md", compare_table(rec))
     return rec
@@ -153,6 +158,10 @@ def compare_table(rec: dict[str, Any]) -> str:
         hd = "-" if k == "classical" else f"{r['vs_classical_hd95_mean_mm']:.1f}"
         lines.append(f"| {name} | {s['parameters']:,} | {s['train_seconds']:.0f} | {s['seconds']:.2f} | {s['dice_right']:.3f} | "
                      f"{s['dice_left']:.3f} | {s['hd95_mean_mm']:.1f} | {vs} | {hd} | {r.get('volumes_ml', {}).get('total', '-')} |")
+    prov = rec.get("provenance") or {}
+    lines += ["", f"SYNTHETIC test twins {', '.join(rec['test'])}; real LIDC-IDRI-0001 against the classical mask. "
+              f"`{rec.get('command', 'python -m benchmarks.lungs compare')}`; git {prov.get('git_revision')}, "
+              f"{(rec.get('device') or {}).get('device_name')}, wall {rec['wall_seconds']} s."]
     return "\n".join(lines) + "\n"
 
 
@@ -235,7 +244,10 @@ def run_restrict(
                      "fps_above_nodule": None if rank is None else int(rank - 1 - sum(hit[: rank - 1])), "nodule_rank": rank,
                      "nodule_kept": bool(any(hit))})
         print("real", real[-1], flush=True)
+    from lidc_det.provenance import device_info, provenance
+
     rec = {"kind": "stage-1 candidates restricted to the dilated lung field", "synthetic_scans": True, "model": str(model),
+           "provenance": provenance(), "device": device_info("cpu"),
            "prepared": str(prepared), "scans": list(ds.series_uids), "twin": rows, "real_LIDC-IDRI-0001": real,
            "real_region": real_region, "lung_field_seconds_per_scan": round(float(np.mean([s[5] for s in scans])), 2)}
     write_json(out / "restrict.json", rec)

@@ -566,6 +566,8 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scans", nargs="*", default=None, help="patient ids or SeriesInstanceUIDs (default: all CT)")
     p.add_argument("--scheduler", default="local", help=SCHEDULER_HELP + " (default local)")
     p.add_argument("--dicom-seg", action="store_true", help="also write the masks as DICOM SEG (highdicom)")
+    p.add_argument("--lungs", action="store_true",
+                   help="also write the lung fields per scan (lungs/: label map with the kept masks, PNGs, surface render)")
     p.add_argument("--overlays", type=int, default=3, help="3-plane PNGs per scan (default 3)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available; cuda tasks need GPU=1 workers)")
     p.add_argument("--torch-threads", type=int, default=None, help="CPU threads per task (default: torch's)")
@@ -575,7 +577,7 @@ def _add_predict(sub: argparse._SubParsersAction) -> None:
         from lidc_det.predict import PredictOptions, predict_collection
 
         opts = PredictOptions(dicom_seg=a.dicom_seg, n_overlays=a.overlays, device=a.device,
-                              torch_threads=a.torch_threads)
+                              torch_threads=a.torch_threads, lungs=a.lungs)
         report = predict_collection(a.models, a.dicom_root, a.out, scheduler=a.scheduler, options=opts,
                                     scans=a.scans, progress=not a.no_progress)
         print(report.summary())

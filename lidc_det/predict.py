@@ -14,6 +14,8 @@ serial). Written under ``out_dir``::
         malignancy.csv        P(malignant) per kept, non-empty mask
         masks_seg.dcm         DICOM SEG on the source series (``--dicom-seg``)
         overlays/*.png        3-plane views of the best kept candidates
+        lungs/                ``--lungs``: lungs.nii.gz (1 right, 2 left, 10 + k kept candidate k),
+                              lungs_3plane.png, nodule_<k>_3plane.png, lungs_render.png, lungs.json
         done.json             written last: the scan is finished (timings, counts, settings hash)
     summary.csv               one row per scan
     index.html                the scans with their overlays and files
@@ -60,9 +62,12 @@ class PredictOptions:
         n_overlays: 3-plane PNGs of the best kept candidates per scan.
         device: torch device of the models (None: CUDA when visible).
         torch_threads: CPU threads per task (None: torch's default); 1 on a shared CPU.
+        lungs: also write the classical lung fields (``lidc_det.lungs``) into ``lungs/``: a label
+            map with the lungs and the kept candidates' masks, 3-plane PNGs and a surface render.
     """
 
     dicom_seg: bool = False
+    lungs: bool = False
     n_overlays: int = 3
     device: str | None = None
     torch_threads: int | None = None
@@ -226,6 +231,26 @@ def write_scan_outputs(
         files.append("masks_seg.dcm")
     tag = "models trained on SYNTHETIC twins" if synthetic else "models trained on real scans"
     shape = result.geometry.shape_zyx
+    if options.lungs:
+        from lidc_det.lung_outputs import write_lung_outputs
+        from lidc_det.lungs import LungFieldError, lung_fields
+
+        try:
+            fields = lung_fields(result.image_hu, result.geometry)
+        except LungFieldError as err:  # not a chest, say: the scan's other results stand, lungs.json says why
+            write_json(d / "lungs" / "lungs.json", {"series_uid": result.series_uid, "error": f"LungFieldError: {err}"})
+            files.append("lungs/lungs.json")
+        else:
+            with_mask = [c for c in kept if c.mask is not None and not c.mask.empty]
+            rec = write_lung_outputs(
+                result.image_hu, fields, d / "lungs",
+                nodule_masks=[c.mask.full_mask(shape) for c in with_mask],  # type: ignore[union-attr]
+                nodule_names=[f"candidate {c.rank}" for c in with_mask],
+                title=f"{result.patient_id}: lung fields and kept candidates ({tag})",
+                record={"series_uid": result.series_uid, "patient_id": result.patient_id},
+            )
+            lf = rec["files"]
+            files += [f"lungs/{f}" for f in ("lungs.nii.gz", "lungs.json", *lf["pngs"], *([lf["render"]] if lf["render"] else []))]
     for j, c in enumerate(kept[: max(0, options.n_overlays)]):
         name = f"overlays/candidate{c.rank:03d}.png"
         mal = "n/a" if c.p_malignant is None else f"{c.p_malignant:.2f}"
@@ -332,6 +357,10 @@ def write_index(out_dir: Path, rows: Sequence[dict[str, Any]], *, synthetic: boo
                 "<tr>" + "".join(f"<td>{e(f.get(c, ''))}</td>" for c in cols) + "</tr>" for f in kept) + "</table>")
         for png in sorted((d / "overlays").glob("*.png")) if (d / "overlays").is_dir() else []:
             parts.append(f"<p><img src='{rel}/overlays/{png.name}' alt='{e(png.name)}'></p>")
+        if (d / "lungs" / "lungs_render.png").is_file():
+            parts.append(f"<p>Lung fields (<a href='{rel}/lungs/lungs.nii.gz'>lungs.nii.gz</a>: 1 right, 2 left, "
+                         f"10 + k kept candidate k) and a surface render:</p><p><img src='{rel}/lungs/lungs_render.png' "
+                         "alt='lungs_render.png'></p>")
     parts.append("</body></html>")
     path = Path(out_dir) / "index.html"
     write_text(path, "\n".join(parts))

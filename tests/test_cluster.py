@@ -106,3 +106,25 @@ def test_twins_and_predict_on_the_cluster_equal_serial(address: str, toy_models:
                                options=opts, progress=False)
     status = {r["series_uid"]: r["status"] for r in again.rows}
     assert status == {specs[0].series_uid: "done", specs[1].series_uid: "skipped", specs[2].series_uid: "skipped"}
+
+
+def test_predict_writes_lung_fields_when_asked(toy_models: Path, tmp_path: Path) -> None:
+    """--lungs: a label map with both lungs, the PNGs and a render per scan, linked from index.html;
+    without it, no lungs/ folder."""
+    from lidc_det.io.nifti import read_nifti
+    from lidc_det.predict import PredictOptions, predict_collection
+
+    spec = _small(PATIENTS[0], n=8)
+    generate_twins([spec], tmp_path / "twin", seed=3, scheduler="serial", progress=False)
+    rep = predict_collection(toy_models, tmp_path / "twin", tmp_path / "pred", scheduler="serial",
+                             options=PredictOptions(n_overlays=0, torch_threads=1, lungs=True), progress=False)
+    assert not rep.failed
+    d = tmp_path / "pred" / "scans" / spec.series_uid / "lungs"
+    labels, _ = read_nifti(d / "lungs.nii.gz")
+    assert {1, 2} <= set(np.unique(labels).tolist())
+    assert (d / "lungs_render.png").read_bytes()[:4] == b"\x89PNG"
+    assert "lungs/lungs_render.png" in (tmp_path / "pred" / "index.html").read_text()
+    plain = predict_collection(toy_models, tmp_path / "twin", tmp_path / "plain", scheduler="serial",
+                               options=PredictOptions(n_overlays=0, torch_threads=1), progress=False)
+    assert not plain.failed
+    assert not (tmp_path / "plain" / "scans" / spec.series_uid / "lungs").exists()

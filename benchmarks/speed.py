@@ -289,6 +289,26 @@ def m_pipeline(cfg: SpeedConfig, work: str) -> dict[str, Any]:
     return out
 
 
+def m_pipeline_trained(cfg: SpeedConfig, models_dir: str) -> dict[str, Any]:
+    """The whole pipeline with trained models (a ``lidc-det demo`` folder) on the real scan, twice.
+
+    The untrained rows of :func:`m_pipeline` time each stage on masks of an untrained segmenter
+    (every candidate kept); this is the pipeline as a user runs it (``lidc-det predict``).
+    """
+    from lidc_det.pipeline import Pipeline
+
+    _init(cfg.threads)
+    pipe = Pipeline.from_dir(Path(models_dir), device="cpu")
+    runs = []
+    for _ in range(2):  # the first includes one-off costs (imports, nnU-Net predictor set-up)
+        t0 = time.perf_counter()
+        result = pipe.run(_resolve(cfg.dicom_dir), series_uid=cfg.series_uid)
+        runs.append({"total_s": time.perf_counter() - t0, "steps_s": dict(result.seconds),
+                     "n_candidates": len(result.candidates), "n_kept": len(result.kept),
+                     "n_malignancy": len(result.malignancy)})
+    return {"models_dir": str(models_dir), "runs": runs}
+
+
 # ------------------------------------------------------------------ the run
 def _in_child(fn: Any, *args: Any) -> dict[str, Any]:
     """Run ``fn(*args)`` in a fresh spawned process; add its wall time, peak RSS and the load."""
@@ -311,11 +331,21 @@ def _child(fn: Any, *args: Any) -> dict[str, Any]:
 
 
 def run_speed(config_path: Path = DEFAULT_CONFIG, out_dir: Path = REPO / "benchmarks/results/speed",
-              *, only: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Run every measurement of the config (or the ``only`` groups), write and return the record."""
+              *, only: tuple[str, ...] = (), models: Path | None = None) -> dict[str, Any]:
+    """Run every measurement of the config (or the ``only`` groups), write and return the record.
+
+    ``models``: a trained models folder (``lidc-det demo --out DIR``); adds the whole pipeline with
+    those models on the real scan (group ``pipeline``).
+    """
     cfg = load_yaml_config(SpeedConfig, config_path)
+    if models is not None and not (Path(models) / "pipeline.json").is_file():
+        raise SystemExit(f"--models {models}: no pipeline.json there (make one with `lidc-det demo --out DIR`)")
     t_start = time.perf_counter()
     record: dict[str, Any] = {"kind": "speed vs MONAI RetinaNet", "config": to_plain(cfg), "config_file": str(config_path),
+                              "models": None if models is None else str(models), "only": list(only),
+                              "command": " ".join(["python -m benchmarks.speed", "--config", str(config_path), "--out", str(out_dir),
+                                                   *(["--only", *only] if only else []),
+                                                   *(["--models", str(models)] if models is not None else [])]),
                               "load_at_start": _load(), "results": {}}
     res = record["results"]
 
@@ -354,6 +384,8 @@ def run_speed(config_path: Path = DEFAULT_CONFIG, out_dir: Path = REPO / "benchm
     step("train_monai", "train", m_train, "monai")
     with tempfile.TemporaryDirectory(prefix="lidc-speed-") as work:
         step("pipeline", "pipeline", m_pipeline, work)
+    if models is not None:
+        step("pipeline_trained", "pipeline", m_pipeline_trained, str(models))
     write()
     print(f"written {out_dir / 'speed.json'} and speed.md")
     return record
@@ -435,6 +467,13 @@ def summary_rows(record: dict[str, Any]) -> list[dict[str, Any]]:
                 "s/scan", f"read {s['read_dicom_s']:.1f} + 1 mm {s['resample_1mm_s']:.1f} + detect {s['detect_s']:.1f} + "
                 f"segment {q['n_crops']} crops {s['segment_s']:.1f} + reject/classify {q['n_classified']} "
                 f"{s['reject_classify_s']:.1f}", pl["child_peak_rss_mib"])
+    pt = r.get("pipeline_trained")
+    if pt:
+        last = pt["runs"][-1]
+        steps = " + ".join(f"{k} {v:.1f}" for k, v in last["steps_s"].items())
+        row(f"whole pipeline s/scan, trained models ({pt['models_dir']}), real DICOM -> P(malignant)", last["total_s"], None,
+            "s/scan", f"second of 2 runs (first {pt['runs'][0]['total_s']:.1f} s): {steps}; {last['n_candidates']} segmented, "
+            f"{last['n_kept']} kept, {last['n_malignancy']} classified", pt["child_peak_rss_mib"])
     return rows
 
 
@@ -452,14 +491,15 @@ def render_markdown(record: dict[str, Any]) -> str:
     lines = [
         "# Speed: lidc-det beside MONAI RetinaNet (LUNA16 tutorial configuration)",
         "",
-        f"`python -m benchmarks.speed --config {Path(record['config_file']).name and 'benchmarks/speed.yaml'} "
-        f"--out benchmarks/results/speed`; git {prov.get('git_revision')}, {prov.get('created_utc', '')}; "
+        f"`{record.get('command') or 'python -m benchmarks.speed --config benchmarks/speed.yaml --out benchmarks/results/speed'}`; "
+        f"git {prov.get('git_revision')}, {prov.get('created_utc', '')}; "
         f"device {dev.get('name', dev.get('device', 'cpu'))}, {record.get('cpu_count')} CPU cores, "
         f"{record['config']['threads']} torch threads; wall {record['wall_seconds'] / 60:.1f} min; "
         f"load average (1, 5, 15 min) {record['load_at_start']} at the start, {record['load_at_end']} at the end "
         "(the machine is shared: timings are noisy, per-row loads are in speed.json).",
         "",
-        "Untrained weights (timing only). Ratio = MONAI / ours (how many times faster ours is). "
+        ("Untrained weights (timing only) except the row with trained models. " if record.get("models") else
+         "Untrained weights (timing only). ") + "Ratio = MONAI / ours (how many times faster ours is). "
         "EXTRAPOLATED rows time a fixed number of MONAI windows and scale by voxel count.",
         "",
         "| what | ours | MONAI | ratio | unit | peak RSS ours / MONAI (MiB) | how |",
@@ -478,8 +518,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "benchmarks/results/speed")
     p.add_argument("--only", nargs="*", default=(), choices=("ours", "monai", "train", "pipeline"),
                    help="run only these groups (the table then holds only their rows)")
+    p.add_argument("--models", type=Path, default=None,
+                   help="trained models folder (lidc-det demo --out DIR): adds the whole pipeline with them")
     a = p.parse_args(argv)
-    run_speed(a.config, a.out, only=tuple(a.only))
+    run_speed(a.config, a.out, only=tuple(a.only), models=a.models)
     return 0
 
 

@@ -105,3 +105,19 @@ def test_gpu_wheels_are_ignored_and_used_by_the_launcher() -> None:
     assert "/.gpu_wheels/" in gitignore
     assert ".gpu_wheels/*.whl" in (REPO / "benchmarks/gpu_check.sh").read_text()
     assert "-d .gpu_wheels" in (REPO / "benchmarks/gpu_wheels.sh").read_text()
+
+
+def test_trained_pipeline_row_reports_the_second_run() -> None:
+    """--models: the whole-pipeline row with trained models is the second of its two runs (the first
+    pays one-off set-up), with the step times and counts in its note."""
+    from benchmarks.speed import render_markdown, summary_rows
+
+    runs = [{"total_s": 40.0, "steps_s": {"detect": 9.0}, "n_candidates": 40, "n_kept": 7, "n_malignancy": 5},
+            {"total_s": 21.5, "steps_s": {"detect": 4.0, "segment": 9.5}, "n_candidates": 40, "n_kept": 7, "n_malignancy": 5}]
+    record = {"config": {"ours": [], "threads": 2}, "models": "runs/demo", "results": {"pipeline_trained": {"models_dir": "runs/demo", "runs": runs, "child_peak_rss_mib": 3000.0}}}
+    (row,) = summary_rows(record)
+    assert row["ours"] == 21.5 and row["unit"] == "s/scan" and row["ours_peak_rss_mib"] == 3000.0
+    assert "first 40.0 s" in row["note"] and "detect 4.0 + segment 9.5" in row["note"] and "7 kept" in row["note"]
+    assert "runs/demo" in row["what"]
+    assert "21.5" in render_markdown({**record, "table": [row], "provenance": {}, "device": {}, "wall_seconds": 1.0,
+                                      "load_at_start": [0, 0, 0], "load_at_end": [0, 0, 0], "config_file": "x"})

@@ -482,8 +482,9 @@ def split_lung_mask(
 
     The same split as :func:`lung_fields`: components of at least ``component_fraction`` of the
     largest are lungs (the two largest; smaller pieces are dropped); one component that reaches
-    more than ``lateral_mm`` to both sides of the image's centre column is split by erosion until two cores separate (else a thinnest-column cut);
-    the part with the smaller world x (LPS) is the patient's right.
+    more than ``lateral_mm`` to both sides of the image's centre column is split by erosion
+    until two cores separate (else a thinnest-column cut); the part with the smaller world x
+    (LPS) is the patient's right.
 
     Args:
         mask: ``[z, y, x]`` bool, both lungs, on ``geometry``.

@@ -45,7 +45,8 @@ def labels_from_probabilities(
     """``[3, z, y, x]`` probabilities -> uint8 labels 0 / 1 right / 2 left (see the module docstring).
 
     ``side="split"`` ignores the network's right/left and splits its lung mask as the classical
-    segmenter does (:func:`lidc_det.lungs.split_lung_mask`; needs ``geometry``, the grid of ``p``).
+    segmenter does (:func:`lidc_det.lungs.split_lung_mask`; needs ``geometry``, the grid of ``p``;
+    that split keeps the two largest components, so ``largest_component`` does not apply).
     """
     from scipy import ndimage as ndi
 
@@ -137,7 +138,7 @@ class Inferencer:
         full = resample_labels(lab, scan.geometry, geometry)
         return LungFields(
             labels=full, geometry=geometry, airways=np.zeros(geometry.shape_zyx, dtype=bool),
-            split=f"learned {self.config.kind} U-Net", work_spacing_zyx=tuple(scan.geometry.spacing_zyx),  # type: ignore[arg-type]
+            split=f"learned {self.config.kind} U-Net" + (", sides split from the mask" if self.side == "split" else ""), work_spacing_zyx=tuple(scan.geometry.spacing_zyx),  # type: ignore[arg-type]
             threshold_hu=math.nan, close_mm=0.0, seconds=time.perf_counter() - t0,
         )
 

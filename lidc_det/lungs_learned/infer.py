@@ -136,9 +136,10 @@ class Inferencer:
         scan = to_work_grid(name, hu, geometry, None, spacing)
         lab = self.labels(scan)
         full = resample_labels(lab, scan.geometry, geometry)
+        method = f"learned {self.config.kind} U-Net" + (", sides split from the mask" if self.side == "split" else "")
         return LungFields(
             labels=full, geometry=geometry, airways=np.zeros(geometry.shape_zyx, dtype=bool),
-            split=f"learned {self.config.kind} U-Net" + (", sides split from the mask" if self.side == "split" else ""), work_spacing_zyx=tuple(scan.geometry.spacing_zyx),  # type: ignore[arg-type]
+            split=method, work_spacing_zyx=tuple(scan.geometry.spacing_zyx),  # type: ignore[arg-type]
             threshold_hu=math.nan, close_mm=0.0, seconds=time.perf_counter() - t0,
         )
 

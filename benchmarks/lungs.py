@@ -306,39 +306,59 @@ if __name__ == "__main__":
 
 # ------------------------------------------------------------------ the demo's hook
 def demo_lung_step(ds: Any, split: Any, detections: Sequence[Any], out_dir: Path, *, synthetic: bool,
-                   margin_mm: float = 10.0, n_bootstrap: int = 1000) -> dict[str, Any]:
-    """Lung fields of the demo's test scans: what the restriction would drop, and one surface render.
+                   detector: Any = None, margin_mm: float = 10.0, n_bootstrap: int = 1000) -> dict[str, Any]:
+    """Lung fields of the demo's test scans, the restriction's effect on stage 1, and one surface render.
 
-    For each test scan: the classical lung field, the candidates outside it dilated by
-    ``margin_mm`` (dropped / hits lost), the test CPM with and without them (``cpm_unrestricted``,
-    ``cpm_restricted``: each ``{"cpm", "ci", "candidates_per_scan"}``), and for the first scan a render
-    (``out_dir/render_<patient>.png``) of the lungs, the reader nodules and the top-10 candidates.
-    Stage 1's own output is not changed. Returns a JSON-friendly record.
+    ``detections`` are stage 1's own candidates on ``split.test``. Two modes (``rec["mode"]``):
+
+    - ``"detector option"``: ``detector.config.lung_restrict`` is on, so ``detections`` are already
+      restricted; the same weights detect again with the option off
+      (:meth:`~stage1_detect.detector.Retina3DDetector.with_inference_options`), and the two lists are
+      compared (the option refills from below the top-k cut);
+    - ``"post-filter"`` (any other detector): the candidates outside the dilated field are removed
+      from the final list, with no refill: a lower bound on the option's CPM.
+
+    For each test scan: the classical lung field, the unrestricted candidates outside it dilated by
+    ``margin_mm`` and the target nodules the restriction loses; the test CPM without and with the
+    restriction (``cpm_unrestricted``, ``cpm_restricted``: each ``{"cpm", "ci", "candidates_per_scan"}``)
+    and the paired bootstrap of the difference over scans (``cpm_gain``); and for the first scan a render
+    (``out_dir/render_<patient>.png``) of the lungs, the reader nodules and the top-10 candidates that
+    stage 1 passes on. Stage 1's output is not changed. Returns a JSON-friendly record.
     """
     from lidc_det.lungs import lung_fields, restrict_detections
     from lidc_det.render3d import Sphere, Surface, render_surfaces
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    config = getattr(detector, "config", None)
+    option = bool(getattr(config, "lung_restrict", False)) and hasattr(detector, "with_inference_options")
+    if option:
+        margin_mm = float(config.lung_margin_mm)
+        unrestricted_detector = detector.with_inference_options(lung_restrict=False)
     by_uid = {d.series_uid: d for d in detections}
     rows, render = [], None
     all_targets, all_excluded, plain, restricted = [], [], [], []
     for i, uid in enumerate(split.test):
+        d = by_uid.get(uid)
+        if d is None:
+            continue
         case = ds.load_case(uid)
         hu = np.asarray(case.image_hu, dtype=np.float32)
         lf = lung_fields(hu, case.geometry)
-        d = by_uid.get(uid)
         targets, excluded = case.luna_findings()
-        if d is None:
-            continue
-        r = restrict_detections(d, lf, margin_mm)
+        if option:
+            d_plain = unrestricted_detector.predict(hu, case.geometry, series_uid=uid)
+            d_restricted = d
+        else:
+            d_plain, d_restricted = d, restrict_detections(d, lf, margin_mm).detections
+        dropped = restrict_detections(d_plain, lf, margin_mm).dropped
         all_targets += targets
         all_excluded += excluded
-        plain.append(d)
-        restricted.append(r.detections)
-        lost = sum(a and not b for a, b in zip(_hits(targets, d), _hits(targets, r.detections)))
+        plain.append(d_plain)
+        restricted.append(d_restricted)
+        lost = sum(a and not b for a, b in zip(_hits(targets, d_plain), _hits(targets, d_restricted)))
         rows.append({"patient": case.patient_id, "right_ml": round(lf.volumes_ml["right"]), "left_ml": round(lf.volumes_ml["left"]),
-                     "candidates": len(d), "dropped": len(r.dropped), "targets": len(targets), "targets_lost": int(lost),
+                     "candidates": len(d_plain), "dropped": len(dropped), "targets": len(targets), "targets_lost": int(lost),
                      "seconds": round(lf.seconds, 2)})
         if i == 0:
             top = d.top_k(10)
@@ -350,19 +370,33 @@ def demo_lung_step(ds: Any, split: Any, detections: Sequence[Any], out_dir: Path
             tag = "SYNTHETIC twin" if synthetic else "real"
             render = render_surfaces(out_dir / f"render_{case.patient_id}.png", case.geometry, lung_labels=lf.labels,
                                      surfaces=surfaces, spheres=spheres, title=f"{case.patient_id} ({tag}): lungs, nodules, top-10 candidates")
-    rec: dict[str, Any] = {"margin_mm": margin_mm, "scans": rows,
+    rec: dict[str, Any] = {"mode": "detector option" if option else "post-filter", "margin_mm": margin_mm, "scans": rows,
                            "render": None if render is None else str(render.relative_to(out_dir.parent))}
-    if plain:
-        # the same candidates scored as they are and with those outside the dilated field removed. This filters
-        # the final list (no refill from below the top-k cut, as the detector option lung_restrict does), so
-        # its CPM is a lower bound on the option's
-        from lidc_det.metrics.froc import evaluate_detections
-
-        for key, dets in (("cpm_unrestricted", plain), ("cpm_restricted", restricted)):
-            f = evaluate_detections(all_targets, dets, excluded=all_excluded, n_bootstrap=n_bootstrap, seed=0)
-            rec[key] = {"cpm": round(f.cpm, 3), "ci": [round(f.cpm_ci_low, 3), round(f.cpm_ci_high, 3)],
-                        "candidates_per_scan": round(sum(len(x) for x in dets) / len(dets), 1)}
+    if plain and all_targets:
+        rec.update(_restriction_cpms(all_targets, all_excluded, plain, restricted, n_bootstrap))
     write_json(out_dir / "lungs.json", rec)
+    return rec
+
+
+def _restriction_cpms(targets: list[Any], excluded: list[Any], plain: list[Any], restricted: list[Any],
+                      n_bootstrap: int) -> dict[str, Any]:
+    """CPM (with bootstrap CI) of the unrestricted and restricted candidates of the same scans, and the
+    paired bootstrap of the difference (restricted - unrestricted) over scans."""
+    from lidc_det.data.luna import candidates_from_detections
+    from lidc_det.metrics.froc import froc_from_matches, match_candidates, paired_cpm_difference
+
+    uids = [d.series_uid for d in plain]
+    matches = {key: match_candidates(targets, [c for d in dets for c in candidates_from_detections(d)],
+                                     excluded=excluded, series_uids=uids)
+               for key, dets in (("cpm_unrestricted", plain), ("cpm_restricted", restricted))}
+    rec: dict[str, Any] = {}
+    for (key, m), dets in zip(matches.items(), (plain, restricted)):
+        f = froc_from_matches(m, n_bootstrap=n_bootstrap, seed=0)
+        rec[key] = {"cpm": round(f.cpm, 3), "ci": [round(f.cpm_ci_low, 3), round(f.cpm_ci_high, 3)],
+                    "candidates_per_scan": round(sum(len(x) for x in dets) / len(dets), 1)}
+    g = paired_cpm_difference(matches["cpm_unrestricted"], matches["cpm_restricted"], n_bootstrap=n_bootstrap, seed=0)
+    rec["cpm_gain"] = {"difference": round(g.difference, 3), "ci": [round(g.ci_low, 3), round(g.ci_high, 3)],
+                       "p_not_better": round(g.p_not_better, 3)}
     return rec
 
 

@@ -474,6 +474,38 @@ def _tidy(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+def _two_lungs(
+    parts: list[np.ndarray], midline_x: float, spacing: tuple[float, float, float], *, lateral_mm: float,
+    max_erosion_mm: float, merge_extras: bool,
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Right / left of lung components (largest first): ``(part with smaller x index, other, method)``.
+
+    Two or more components: the two largest (smaller ones go to the nearer lung by centroid x when
+    ``merge_extras``, else are dropped). One component that reaches more than ``lateral_mm`` to both
+    sides of column ``midline_x``: :func:`_split_one`. Else one lung, on its side of the midline
+    (the other part empty).
+    """
+    if len(parts) >= 2:
+        a, b = parts[0], parts[1]
+        for extra in parts[2:] if merge_extras else ():
+            xe = np.nonzero(extra)[2].mean()
+            xa, xb = np.nonzero(a)[2].mean(), np.nonzero(b)[2].mean()
+            if abs(xe - xa) <= abs(xe - xb):
+                a = a | extra
+            else:
+                b = b | extra
+        if np.nonzero(a)[2].mean() > np.nonzero(b)[2].mean():
+            a, b = b, a
+        return a, b, "components"
+    comp = parts[0]
+    xs = np.nonzero(comp)[2]
+    reach = lateral_mm / spacing[2]
+    if xs.min() < midline_x - reach and xs.max() > midline_x + reach:
+        return _split_one(comp, midline_x, spacing, max_erosion_mm)
+    empty = np.zeros_like(comp)
+    return (comp, empty, "one lung") if xs.mean() < midline_x else (empty, comp, "one lung")
+
+
 def split_lung_mask(
     mask: np.ndarray, geometry: VolumeGeometry, *, max_erosion_mm: float = 25.0, component_fraction: float = 0.15,
     lateral_mm: float = 25.0,
@@ -504,20 +536,13 @@ def split_lung_mask(
         return float(geometry.voxel_to_world(np.argwhere(m).mean(axis=0))[0])
 
     spacing = tuple(float(v) for v in geometry.spacing_zyx)
-    centre_x = float(geometry.voxel_to_world((np.array(mask.shape, dtype=float) - 1.0) / 2.0)[0])
-    if len(parts) >= 2:
-        a, b, method = parts[0], parts[1], "components"
-    else:
-        comp = parts[0]
-        xs = np.nonzero(comp)[2]
-        mid = (mask.shape[2] - 1) / 2.0  # the reconstruction field is centred on the patient
-        reach = lateral_mm / spacing[2]
-        if xs.min() < mid - reach and xs.max() > mid + reach:
-            a, b, method = _split_one(comp, mid, spacing, max_erosion_mm)  # type: ignore[arg-type]
-        else:
-            a, b, method = comp, np.zeros_like(comp), "one lung"
-    if not b.any():
-        out[a] = RIGHT if world_x(a) < centre_x else LEFT
+    # the reconstruction field is centred on the patient
+    a, b, method = _two_lungs(parts, (mask.shape[2] - 1) / 2.0, spacing, lateral_mm=lateral_mm,  # type: ignore[arg-type]
+                              max_erosion_mm=max_erosion_mm, merge_extras=False)
+    if not (a.any() and b.any()):
+        one = a if a.any() else b
+        centre_x = float(geometry.voxel_to_world((np.array(mask.shape, dtype=float) - 1.0) / 2.0)[0])
+        out[one] = RIGHT if world_x(one) < centre_x else LEFT
         return out, method
     if world_x(a) > world_x(b):
         a, b = b, a
@@ -615,28 +640,8 @@ def lung_fields(
     lungs = _components(cand & ~airway, min_component_ml / vox_ml, component_fraction)
     if not lungs:
         raise LungFieldError("no lung left after removing the airways")
-    if len(lungs) >= 2:
-        a, b = lungs[0], lungs[1]
-        for extra in lungs[2:]:  # smaller pieces go to the nearer lung (by centroid x)
-            xe = np.nonzero(extra)[2].mean()
-            xa, xb = np.nonzero(a)[2].mean(), np.nonzero(b)[2].mean()
-            if abs(xe - xa) <= abs(xe - xb):
-                a = a | extra
-            else:
-                b = b | extra
-        if np.nonzero(a)[2].mean() > np.nonzero(b)[2].mean():
-            a, b = b, a
-        split = "components"
-    else:
-        comp = lungs[0]
-        xs = np.nonzero(comp)[2]
-        spans_midline = xs.min() < midline_x - lateral_mm / spacing[2] and xs.max() > midline_x + lateral_mm / spacing[2]
-        if spans_midline:
-            a, b, split = _split_one(comp, midline_x, spacing, max_erosion_mm)  # type: ignore[arg-type]
-        else:
-            empty = np.zeros_like(comp)
-            a, b = (comp, empty) if xs.mean() < midline_x else (empty, comp)
-            split = "one lung"
+    a, b, split = _two_lungs(lungs, midline_x, spacing, lateral_mm=lateral_mm,  # type: ignore[arg-type]
+                             max_erosion_mm=max_erosion_mm, merge_extras=True)
     # a (smaller x index) is the patient's right in the canonical orientation (x grows left)
     filled = []
     for m in (a, b):

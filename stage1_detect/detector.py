@@ -97,6 +97,19 @@ class Retina3DDetector:
         net = net.to(memory_format=torch.channels_last_3d)
         self._inference_model: torch.nn.Module = net
 
+    def with_inference_options(self, **overrides: Any) -> Retina3DDetector:
+        """The same trained weights with inference fields changed (e.g. ``lung_restrict=False``,
+        ``score_thresh``): a new detector that shares this one's inference network.
+
+        Raises:
+            ModelOverrideError: an override changes a field that defines the model.
+        """
+        import copy
+
+        other = copy.copy(self)
+        other.config = self.config.with_overrides_of_trained("with_inference_options", **overrides)
+        return other
+
     def predict(self, hu: np.ndarray, geometry: VolumeGeometry, *, series_uid: str) -> Detections:
         """Candidates in one scan (``hu``: ``[z, y, x]`` HU on ``geometry``, any spacing),
         best first, at most ``config.max_detections`` (see :func:`stage1_detect.inference.predict_scan`)."""

@@ -254,7 +254,34 @@ def test_demo_lung_step_render_and_restriction_counts(twin: _Case, tmp_path: Pat
     assert rec["cpm_restricted"]["cpm"] == pytest.approx(1.0)
     assert rec["cpm_unrestricted"]["cpm"] < 0.9
     assert rec["cpm_restricted"]["candidates_per_scan"] == 2
+    assert rec["mode"] == "post-filter" and rec["cpm_gain"]["difference"] > 0.1
     assert (tmp_path / rec["render"]).read_bytes()[:4] == b"\x89PNG"
+
+    # a detector with the option on: its own (restricted) list is compared with what the same detector
+    # gives with the option off; the dropped count and the lost nodules come from that second list
+    unrestricted = Detections("uid", np.array([centres[0], far, far, centres[1]]), np.array([8.0, 6.0, 6.0, 8.0]),
+                              np.array([0.9, 0.8, 0.7, 0.5]))
+    restricted = Detections("uid", np.array([centres[0]]), np.array([8.0]), np.array([0.9]))  # lost the second
+
+    class _Det:
+        def __init__(self, on: bool) -> None:
+            self.config = type("C", (), {"lung_restrict": on, "lung_margin_mm": 5.0})()
+
+        def with_inference_options(self, **kw: bool) -> "_Det":
+            return _Det(kw["lung_restrict"])
+
+        def predict(self, hu: np.ndarray, geometry: object, *, series_uid: str) -> Detections:
+            assert not self.config.lung_restrict
+            return unrestricted
+
+    rec = demo_lung_step(_Ds(), split, [restricted], tmp_path / "lungs2", synthetic=True, detector=_Det(True),
+                         n_bootstrap=10)
+    row = rec["scans"][0]
+    assert rec["mode"] == "detector option" and rec["margin_mm"] == 5.0
+    assert row["candidates"] == 4 and row["dropped"] == 2 and row["targets_lost"] == 1
+    assert rec["cpm_unrestricted"]["candidates_per_scan"] == 4 and rec["cpm_restricted"]["candidates_per_scan"] == 1
+    assert rec["cpm_gain"]["difference"] == pytest.approx(rec["cpm_restricted"]["cpm"] - rec["cpm_unrestricted"]["cpm"],
+                                                          abs=2e-3)
 
 
 class _DenseEcho(torch.nn.Module):

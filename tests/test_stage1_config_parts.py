@@ -108,6 +108,12 @@ def test_a_trained_model_refuses_changes_to_its_model_fields(tmp_path: Path) -> 
     det = Retina3DDetector(checkpoint=ckpt, device="cpu", score_thresh=0.3, window_zyx=[96, 96, 96], lr=1e-4,
                            hu_window=list(SMALL.hu_window))
     assert det.config.score_thresh == 0.3 and det.config.model_part() == SMALL.model_part()
+    # the same weights with other inference options: a second detector, the first one unchanged
+    off = det.with_inference_options(lung_restrict=True, lung_margin_mm=5.0)
+    assert off.config.lung_restrict and off.config.lung_margin_mm == 5.0 and not det.config.lung_restrict
+    assert off._inference_model is det._inference_model
+    with pytest.raises(ModelOverrideError, match="channels"):
+        det.with_inference_options(channels=[8, 8, 16, 32])
     # fine-tuning from a checkpoint with other model fields is refused, not silently mixed
     with pytest.raises(ModelOverrideError, match="hu_window"):
         train_detector(SMALL.replace(hu_window=(-1100.0, 400.0)), cases, [], tmp_path / "ft", device="cpu",

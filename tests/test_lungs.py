@@ -267,7 +267,7 @@ def test_demo_lung_step_render_and_restriction_counts(twin: _Case, tmp_path: Pat
         def __init__(self, on: bool) -> None:
             self.config = type("C", (), {"lung_restrict": on, "lung_margin_mm": 5.0})()
 
-        def with_inference_options(self, **kw: bool) -> "_Det":
+        def with_inference_options(self, **kw: bool) -> _Det:
             return _Det(kw["lung_restrict"])
 
         def predict(self, hu: np.ndarray, geometry: object, *, series_uid: str) -> Detections:

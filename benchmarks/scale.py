@@ -1,17 +1,24 @@
 """Scale benchmark: LIDC twins through generate -> prepare -> predict on a Dask LocalCluster.
 
-    python -m benchmarks.scale --models MODELS_DIR --out runs/scale --scans 100 --predict-scans 100
+    python -m benchmarks.scale --models MODELS_DIR --out runs/scale --scans 100 --predict-scans 100 \
+        --single-worker-scans 20 --kill --kill-scans 20
 
 Steps (each a Dask task per scan; timings are wall clock on this machine, load recorded):
 
 1. ``generate``: twins of the first ``--scans`` LIDC scans with slice thickness <= 2.5 mm
    (SYNTHETIC images), on ``local:<max workers>``;
 2. ``prepare``: the twins to 1 mm, same cluster size;
-3. ``predict`` on the first ``--predict-scans`` twins with 1 and with 2 workers (each into its own
-   folder): scans per minute, peak RSS per worker (max over its tasks), disk per scan;
-4. ``--kill``: predict again on 2 workers and ``kill -9`` one worker process once a few scans are
-   done; the run must complete, and its per-scan outputs must equal a serial run's
-   byte for byte (the ``serial`` run is the reference; ``done.json``/timings are not compared).
+3. ``predict`` on the first ``--predict-scans`` twins with each of ``--workers`` (each into its own
+   folder; the 1-worker run on the first ``--single-worker-scans`` only, when given): scans per
+   minute, peak RSS per worker (max over its tasks), disk per scan;
+4. ``--kill``: predict the first ``--kill-scans`` twins again on 2 workers and ``kill -9`` one worker
+   process once a third of them are done; the run must complete, and its per-scan outputs must
+   equal those of a run that did one scan at a time, byte for byte: the 1-worker run of step 3 when
+   it covers these scans, else a ``serial`` run (``done.json``/timings are not compared).
+
+Resumable: ``scale.json`` is written after every step, and a re-run with the same ``--out`` and
+``--scans`` keeps the steps recorded there without failures (their figures are those of the run
+that made them; each step records when it ran).
 
 Writes ``scale.json``, ``scale.md`` and ``scale.png`` into ``--out`` (``--results`` copies them).
 """
@@ -101,10 +108,25 @@ def predict_with_kill(models: Path, dicom_root: Path, out: Path, scans: list[str
     return {"report": report, "killed": killed, "seconds": time.time() - t0}
 
 
+def _predict_record(rep: Any, seconds: float, n: int, folder: Path, load0: list[float]) -> dict[str, Any]:
+    ok = n - len(rep.failed)
+    task_secs = sum(t["seconds"] for t in rep.run["tasks"] if t["ok"])
+    return {
+        "scans": n, "failed": len(rep.failed), "seconds": round(seconds, 1),
+        "scans_per_minute": round(60 * ok / seconds, 2), "task_seconds_mean": round(task_secs / max(1, ok), 1),
+        "peak_rss_mb_per_worker": {k: round(v) for k, v in _per_worker_peak(rep.run).items()},
+        "disk_mb_per_scan": round(_du_mb(folder / "scans") / max(1, n), 2),
+        "load_before": load0, "load_after": _load(),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
+    import json
+
     from lidc_det.data.lidc import list_scans
     from lidc_det.data.prepare import PrepareConfig, prepare_dataset
     from lidc_det.predict import PredictOptions, predict_collection
+    from lidc_det.provenance import provenance
     from lidc_det.synthetic.twin import generate_twins
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -112,8 +134,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--scans", type=int, default=100, help="twins generated and prepared")
     ap.add_argument("--predict-scans", type=int, default=100, help="of those, predicted per run")
+    ap.add_argument("--single-worker-scans", type=int, default=None,
+                    help="scans of the 1-worker predict run (default --predict-scans)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--kill", action="store_true", help="the kill -9 run and its serial reference")
+    ap.add_argument("--kill", action="store_true", help="the kill -9 run, compared with a one-scan-at-a-time run")
     ap.add_argument("--kill-scans", type=int, default=None, help="scans of the kill run (default --predict-scans)")
     ap.add_argument("--results", type=Path, default=None, help="copy scale.json/.md/.png here")
     a = ap.parse_args(argv)
@@ -122,65 +146,82 @@ def main(argv: list[str] | None = None) -> int:
     wmax = max(a.workers)
     rec: dict[str, Any] = {"kind": "lidc-det scale benchmark (SYNTHETIC twins)", "cpu_count": os.cpu_count(),
                            "args": {k: str(v) for k, v in vars(a).items()}, "steps": {}}
+    old = json.loads((out / "scale.json").read_text()) if (out / "scale.json").is_file() else {}
+    if old.get("args", {}).get("scans") == str(a.scans):
+        rec["steps"] = {k: v for k, v in old.get("steps", {}).items() if not v.get("failed")}
+    rec["command"] = "python -m benchmarks.scale " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    rec["provenance"] = provenance()
+
+    def done(name: str, scans: int) -> bool:
+        r = rec["steps"].get(name)
+        if r is not None and r.get("scans") == scans:
+            print(f"{name}: kept from {out / 'scale.json'} (ran {r.get('finished_at', '?')})", flush=True)
+            return True
+        return False
+
+    def record(name: str, r: dict[str, Any]) -> None:
+        r["finished_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        rec["steps"][name] = r
+        print(name, r, flush=True)
+        write_json(out / "scale.json", rec)
+
     uids = [u for _, u in list_scans(max_slice_thickness_mm=2.5)[: a.scans]]
 
-    load0, t0 = _load(), time.time()
-    batch = generate_twins(uids, out / "twin", seed=0, scheduler=f"local:{wmax}", progress=False)
-    rec["steps"]["generate"] = {"scans": len(uids), "failed": len(batch.failed), "seconds": round(time.time() - t0, 1),
-                                "load_before": load0, "load_after": _load(),
-                                "disk_mb_per_scan": round(_du_mb(out / "twin") / max(1, len(batch.scans)), 1)}
-    print("generate", rec["steps"]["generate"], flush=True)
+    if not done("generate", len(uids)):
+        load0, t0 = _load(), time.time()
+        batch = generate_twins(uids, out / "twin", seed=0, scheduler=f"local:{wmax}", progress=False)
+        record("generate", {"scans": len(uids), "failed": len(batch.failed), "seconds": round(time.time() - t0, 1),
+                            "load_before": load0, "load_after": _load(),
+                            "disk_mb_per_scan": round(_du_mb(out / "twin") / max(1, len(batch.scans)), 1)})
 
-    load0, t0 = _load(), time.time()
-    prep = prepare_dataset(PrepareConfig(dicom_root=out / "twin", out_dir=out / "prepared", scans=tuple(uids)),
-                           progress=False, scheduler=f"local:{wmax}")
-    rec["steps"]["prepare"] = {"scans": len(prep.done) + len(prep.skipped), "failed": len(prep.failed),
-                               "seconds": round(time.time() - t0, 1), "load_before": load0, "load_after": _load(),
-                               "disk_mb_per_scan": round(_du_mb(out / "prepared" / "scans") / max(1, len(uids)), 1)}
-    print("prepare", rec["steps"]["prepare"], flush=True)
+    if not done("prepare", len(uids)):
+        load0, t0 = _load(), time.time()
+        prep = prepare_dataset(PrepareConfig(dicom_root=out / "twin", out_dir=out / "prepared", scans=tuple(uids)),
+                               progress=False, scheduler=f"local:{wmax}")
+        record("prepare", {"scans": len(prep.done) + len(prep.skipped), "failed": len(prep.failed),
+                           "seconds": round(time.time() - t0, 1), "load_before": load0, "load_after": _load(),
+                           "disk_mb_per_scan": round(_du_mb(out / "prepared" / "scans") / max(1, len(uids)), 1)})
 
     opts = PredictOptions(n_overlays=1, torch_threads=1)
-    pscans = uids[: a.predict_scans]
     for w in a.workers:
+        n = a.single_worker_scans if w == 1 and a.single_worker_scans else a.predict_scans
+        pscans = uids[:n]
         d = out / f"predict_w{w}"
+        if done(f"predict_{w}_workers", len(pscans)):
+            continue
         shutil.rmtree(d, ignore_errors=True)
         load0, t0 = _load(), time.time()
         rep = predict_collection(a.models, out / "twin", d, scheduler=f"local:{w}", options=opts, scans=pscans,
                                  progress=False)
-        secs = time.time() - t0
-        task_secs = sum(t["seconds"] for t in rep.run["tasks"] if t["ok"])
-        rec["steps"][f"predict_{w}_workers"] = {
-            "scans": len(pscans), "failed": len(rep.failed), "seconds": round(secs, 1),
-            "scans_per_minute": round(60 * (len(pscans) - len(rep.failed)) / secs, 2),
-            "task_seconds_mean": round(task_secs / max(1, len(pscans) - len(rep.failed)), 1),
-            "peak_rss_mb_per_worker": {k: round(v) for k, v in _per_worker_peak(rep.run).items()},
-            "disk_mb_per_scan": round(_du_mb(d / "scans") / max(1, len(pscans)), 2),
-            "load_before": load0, "load_after": _load(),
-        }
-        print(f"predict {w} workers", rec["steps"][f"predict_{w}_workers"], flush=True)
+        record(f"predict_{w}_workers", _predict_record(rep, time.time() - t0, len(pscans), d, load0))
 
     if a.kill:
         kscans = uids[: a.kill_scans or a.predict_scans]
-        ref = out / "predict_serial"
-        shutil.rmtree(ref, ignore_errors=True)
-        t0 = time.time()
-        predict_collection(a.models, out / "twin", ref, scheduler="serial", options=opts, scans=kscans, progress=False)
-        serial_s = time.time() - t0
+        one = rec["steps"].get("predict_1_workers")
+        if one is not None and one["scans"] >= len(kscans) and not one["failed"]:
+            ref, reference = out / "predict_w1", "the 1-worker predict run"
+        else:
+            ref, reference = out / "predict_serial", "a serial run"
+            shutil.rmtree(ref, ignore_errors=True)
+            t0 = time.time()
+            predict_collection(a.models, out / "twin", ref, scheduler="serial", options=opts, scans=kscans,
+                               progress=False)
+            reference += f" ({time.time() - t0:.1f} s)"
         d = out / "predict_kill"
         shutil.rmtree(d, ignore_errors=True)
         load0 = _load()
         k = predict_with_kill(a.models, out / "twin", d, kscans, opts, kill_after=max(1, len(kscans) // 3))
         diffs = compare_outputs(d, ref, kscans)
         rep = k["report"]
-        rec["steps"]["kill"] = {
+        record("kill", {
             "scans": len(kscans), "failed": len(rep.failed), "seconds": round(k["seconds"], 1),
-            "serial_seconds": round(serial_s, 1), "killed_pid": k["killed"].get("pid"),
+            "reference": reference, "killed_pid": k["killed"].get("pid"),
             "killed_after_done_scans": k["killed"].get("after_done"),
             "workers_seen": sorted({t["worker"] for t in rep.run["tasks"] if t["ok"]}),
-            "files_differing_from_serial": diffs, "identical_to_serial": not diffs and not rep.failed,
+            "files_compared": len(kscans) * len(COMPARED),
+            "files_differing_from_reference": diffs, "identical_to_reference": not diffs and not rep.failed,
             "load_before": load0, "load_after": _load(),
-        }
-        print("kill", rec["steps"]["kill"], flush=True)
+        })
 
     write_json(out / "scale.json", rec)
     _report(rec, out)
@@ -199,7 +240,9 @@ def _report(rec: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     s = rec["steps"]
+    prov = rec.get("provenance") or {}
     lines = ["# Scale benchmark (LIDC twins: SYNTHETIC images)", "",
+             f"`{rec.get('command', 'python -m benchmarks.scale')}`; git {prov.get('git_revision')}.", "",
              f"Machine: {rec['cpu_count']} CPU cores, shared; load average (1, 5, 15 min) before/after each step "
              "is listed: timings on a loaded machine are noisy.", "",
              "| step | scans | failed | wall s | scans/min | peak RSS per worker (MiB) | disk per scan (MiB) | load before -> after |",
@@ -215,8 +258,8 @@ def _report(rec: dict[str, Any], out: Path) -> None:
         k = s["kill"]
         lines += ["", f"**kill -9**: a worker (pid {k['killed_pid']}) was killed after {k['killed_after_done_scans']} "
                   f"of {k['scans']} scans were done; the run finished in {k['seconds']} s with {k['failed']} failed "
-                  f"scans; outputs identical to the serial run ({k['serial_seconds']} s): "
-                  f"**{k['identical_to_serial']}** (differing files: {k['files_differing_from_serial'] or 'none'})."]
+                  f"scans; outputs identical to {k['reference']}: "
+                  f"**{k['identical_to_reference']}** (differing files: {k['files_differing_from_reference'] or 'none'})."]
     write_text(out / "scale.md", "\n".join(lines) + "\n")
     runs = [(n, r) for n, r in s.items() if n.startswith("predict_")]
     if runs:

@@ -128,3 +128,25 @@ def test_predict_writes_lung_fields_when_asked(toy_models: Path, tmp_path: Path)
                                options=PredictOptions(n_overlays=0, torch_threads=1), progress=False)
     assert not plain.failed
     assert not (tmp_path / "plain" / "scans" / spec.series_uid / "lungs").exists()
+
+
+@pytest.mark.slow
+def test_predict_survives_a_killed_worker_with_the_serial_outputs(toy_models: Path, tmp_path: Path) -> None:
+    # benchmarks.scale's kill run, small: SIGKILL one of two worker processes once a scan is done;
+    # the nanny restarts it, its task is rescheduled, and every scan's files equal a serial run's
+    from benchmarks.scale import compare_outputs, predict_with_kill
+    from lidc_det.predict import PredictOptions, predict_collection
+
+    specs = [_small(p, n=16) for p in (*PATIENTS, "LIDC-IDRI-0008")]
+    assert not generate_twins(specs, tmp_path / "twin", seed=3, scheduler="serial", progress=False).failed
+    opts = PredictOptions(n_overlays=1, torch_threads=1)
+    uids = [s.series_uid for s in specs]
+    predict_collection(toy_models, tmp_path / "twin", tmp_path / "serial", scheduler="serial", options=opts,
+                       progress=False)
+    k = predict_with_kill(toy_models, tmp_path / "twin", tmp_path / "killed", uids, opts, kill_after=1)
+    assert k["killed"]["pid"] and k["killed"]["after_done"] >= 1
+    assert not k["report"].failed and [r["status"] for r in k["report"].rows] == ["done"] * 4
+    assert compare_outputs(tmp_path / "killed", tmp_path / "serial", uids) == []
+    # and the comparison does see a difference
+    (tmp_path / "killed" / "scans" / uids[0] / "findings.csv").write_text("edited\n")
+    assert compare_outputs(tmp_path / "killed", tmp_path / "serial", uids) == [f"{uids[0]}/findings.csv"]

@@ -30,6 +30,7 @@ import filecmp
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -57,18 +58,25 @@ def _per_worker_peak(run: dict[str, Any]) -> dict[str, float]:
     return peaks
 
 
-def compare_outputs(a: Path, b: Path, uids: list[str]) -> list[str]:
-    """Files of ``COMPARED`` (and overlay PNGs) that differ between two predict folders."""
-    diffs = []
+def compare_outputs(a: Path, b: Path, uids: list[str]) -> tuple[list[str], list[str]]:
+    """Compare the per-scan outputs of two predict folders.
+
+    Returns ``(compared, differing)``: every ``uid/name`` looked at (the ``COMPARED`` files present
+    in either folder, and the overlay PNGs of either), and those that are missing from one folder or
+    differ byte for byte.
+    """
+    compared: list[str] = []
+    diffs: list[str] = []
     for uid in uids:
         da, db = a / "scans" / uid, b / "scans" / uid
         names = [n for n in COMPARED if (da / n).exists() or (db / n).exists()]
         names += sorted({p.relative_to(da).as_posix() for p in da.glob("overlays/*.png")}
                         | {p.relative_to(db).as_posix() for p in db.glob("overlays/*.png")})
+        compared += [f"{uid}/{n}" for n in names]
         for n in names:
             if not ((da / n).is_file() and (db / n).is_file() and filecmp.cmp(da / n, db / n, shallow=False)):
                 diffs.append(f"{uid}/{n}")
-    return diffs
+    return compared, diffs
 
 
 def predict_with_kill(models: Path, dicom_root: Path, out: Path, scans: list[str], opts: Any,
@@ -149,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     old = json.loads((out / "scale.json").read_text()) if (out / "scale.json").is_file() else {}
     if old.get("args", {}).get("scans") == str(a.scans):
         rec["steps"] = {k: v for k, v in old.get("steps", {}).items() if not v.get("failed")}
-    rec["command"] = "python -m benchmarks.scale " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
+    rec["command"] = "python -m benchmarks.scale " + " ".join(argv if argv is not None else sys.argv[1:])
     rec["provenance"] = provenance()
 
     def done(name: str, scans: int) -> bool:
@@ -211,14 +219,14 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(d, ignore_errors=True)
         load0 = _load()
         k = predict_with_kill(a.models, out / "twin", d, kscans, opts, kill_after=max(1, len(kscans) // 3))
-        diffs = compare_outputs(d, ref, kscans)
+        compared, diffs = compare_outputs(d, ref, kscans)
         rep = k["report"]
         record("kill", {
             "scans": len(kscans), "failed": len(rep.failed), "seconds": round(k["seconds"], 1),
             "reference": reference, "killed_pid": k["killed"].get("pid"),
             "killed_after_done_scans": k["killed"].get("after_done"),
             "workers_seen": sorted({t["worker"] for t in rep.run["tasks"] if t["ok"]}),
-            "files_compared": len(kscans) * len(COMPARED),
+            "files_compared": len(compared),
             "files_differing_from_reference": diffs, "identical_to_reference": not diffs and not rep.failed,
             "load_before": load0, "load_after": _load(),
         })

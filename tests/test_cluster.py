@@ -146,7 +146,8 @@ def test_predict_survives_a_killed_worker_with_the_serial_outputs(toy_models: Pa
     k = predict_with_kill(toy_models, tmp_path / "twin", tmp_path / "killed", uids, opts, kill_after=1)
     assert k["killed"]["pid"] and k["killed"]["after_done"] >= 1
     assert not k["report"].failed and [r["status"] for r in k["report"].rows] == ["done"] * 4
-    assert compare_outputs(tmp_path / "killed", tmp_path / "serial", uids) == []
+    compared, diffs = compare_outputs(tmp_path / "killed", tmp_path / "serial", uids)
+    assert diffs == [] and {c.split("/")[0] for c in compared} == set(uids)
     # and the comparison does see a difference
     (tmp_path / "killed" / "scans" / uids[0] / "findings.csv").write_text("edited\n")
-    assert compare_outputs(tmp_path / "killed", tmp_path / "serial", uids) == [f"{uids[0]}/findings.csv"]
+    assert compare_outputs(tmp_path / "killed", tmp_path / "serial", uids)[1] == [f"{uids[0]}/findings.csv"]

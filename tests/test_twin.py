@@ -160,6 +160,30 @@ def test_incomplete_twin_is_regenerated(twin: _Twin, tmp_path: Path) -> None:
     assert len(list(redo.folder.glob("*.dcm"))) == 3
 
 
+def test_twin_of_another_generator_version_is_regenerated_and_prepared_again(
+    twin: _Twin, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A generator change must not be measured on stale cached twins, nor on scans prepared from them."""
+    from lidc_det.data.prepare import PrepareConfig, prepare_dataset
+    from lidc_det.synthetic import twin as twin_module
+
+    uid = twin.spec.series_uid
+    root = tmp_path / "dicom"
+    first = generate_twin(twin.spec, root, seed=SEED)  # the whole scan: prepare maps its real annotations
+    assert json.loads(first.sidecar.read_text())["generator_version"] == twin_module.GENERATOR_VERSION
+    cfg = PrepareConfig(dicom_root=root, out_dir=tmp_path / "prepared", scans=(uid,), spacing_zyx=(2.5, 2.0, 2.0))
+    assert prepare_dataset(cfg, progress=False).done == (uid,)
+    assert prepare_dataset(cfg, progress=False).skipped == (uid,)
+    assert generate_twin(twin.spec, root, seed=SEED).skipped
+
+    monkeypatch.setattr(twin_module, "GENERATOR_VERSION", twin_module.GENERATOR_VERSION + 1)
+    redo = generate_twin(twin.spec, root, seed=SEED)
+    assert not redo.skipped
+    assert json.loads(redo.sidecar.read_text())["generator_version"] == twin_module.GENERATOR_VERSION
+    report = prepare_dataset(cfg, progress=False)
+    assert report.done == (uid,) and report.skipped == ()
+
+
 def test_unknown_series_uid_is_a_twin_error(tmp_path: Path) -> None:
     uid = "1.2.3.4.5.6.7.8.9"
     with pytest.raises(TwinError, match=uid.replace(".", r"\.")):

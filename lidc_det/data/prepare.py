@@ -14,8 +14,9 @@ Layout written under ``out_dir`` (see :mod:`lidc_det.data.prepared` for the read
         masks.npz                per target nodule: ``mask_<i>`` (bool crop) and ``box_<i>`` (voxel box)
         meta.json                geometry (original and prepared), nodules; written last
 
-A scan is finished when its ``meta.json`` exists with the same settings hash;
-finished scans are skipped on a re-run. Every file is written atomically, so a
+A scan is finished when its ``meta.json`` exists with the same settings hash
+and the same source fingerprint (names, sizes and modification times of the
+series' files); finished scans are skipped on a re-run. Every file is written atomically, so a
 killed run leaves no half-file that looks valid, and the hidden temporary files
 it leaves (``.image.npy.tmp-*``, ...) are removed when the next run starts.
 A series is read with ``require_geometry`` (no assumed origin or orientation:
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 import traceback
 import warnings
@@ -179,6 +181,7 @@ def prepare_scan(series_folder: Path, series_uid: str, cfg: PrepareConfig) -> di
         "patient_id": vol.patient_id,
         "study_uid": vol.study_uid,
         "source_folder": str(vol.source),
+        "source_fingerprint": source_fingerprint(series_folder),
         "slice_thickness_mm": vol.slice_thickness_mm,
         "original_geometry": vol.geometry.to_dict(),
         "settings": cfg.scan_settings(),
@@ -233,8 +236,27 @@ def write_scan(
     return meta
 
 
-def read_finished_meta(out_dir: Path, series_uid: str, settings_hash: str) -> dict[str, Any] | None:
-    """The scan's meta.json when it is finished with these settings, else None."""
+def source_fingerprint(series_folder: Path) -> str:
+    """sha256 of ``(name, size, mtime_ns)`` of the files directly in ``series_folder``.
+
+    A prepared scan records the fingerprint of the DICOM it was made from, so a
+    source that was rewritten since (a regenerated twin, a re-downloaded series)
+    is prepared again instead of being served stale. Cheap: one ``stat`` per file.
+    """
+    h = hashlib.sha256()
+    with os.scandir(series_folder) as it:
+        entries = sorted((e for e in it if e.is_file() and not e.name.startswith(".")), key=lambda e: e.name)
+    for e in entries:
+        st = e.stat()
+        h.update(f"{e.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def read_finished_meta(
+    out_dir: Path, series_uid: str, settings_hash: str, source_folder: Path | None = None
+) -> dict[str, Any] | None:
+    """The scan's meta.json when it is finished with these settings (and, when
+    ``source_folder`` is given, from the same source files: :func:`source_fingerprint`), else None."""
     path = scan_dir(out_dir, series_uid) / "meta.json"
     if not path.is_file():
         return None
@@ -243,6 +265,8 @@ def read_finished_meta(out_dir: Path, series_uid: str, settings_hash: str) -> di
     except (OSError, json.JSONDecodeError):
         return None
     if meta.get("settings_hash") != settings_hash:
+        return None
+    if source_folder is not None and meta.get("source_fingerprint") != source_fingerprint(source_folder):
         return None
     if not all((path.parent / f).is_file() for f in SCAN_FILES):
         return None
@@ -300,7 +324,7 @@ def prepare_dataset(cfg: PrepareConfig, *, progress: bool = True, scheduler: str
     metas: dict[str, dict[str, Any]] = {}
     todo: list[tuple[Path, str, PrepareConfig]] = []
     for folder, uid, _ in series:
-        meta = read_finished_meta(out_dir, uid, h)
+        meta = read_finished_meta(out_dir, uid, h, folder)
         if meta is None:
             todo.append((folder, uid, cfg))
         else:

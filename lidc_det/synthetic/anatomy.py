@@ -112,6 +112,7 @@ class AnatomyParams:
     leaf_radius: float  # terminal vessel radius
     murray_exponent: float
     fissure_hu: float
+    vessel_bend: float  # vessel curvature: mean sideways bow of a branch, as a fraction of its length
     keepout: tuple[NodulePoint, ...] = field(default=())  # nodules the mediastinum must avoid
 
 
@@ -194,9 +195,10 @@ def sample_anatomy(
         contrast=bool(contrast),
         edge_mm=_u(rng, 0.8, 1.2),
         attract_per_litre=_u(rng, 650.0, 1000.0),
-        leaf_radius=_u(rng, 0.35, 0.5),
+        leaf_radius=_u(rng, 0.3, 0.42),
         murray_exponent=_u(rng, 2.6, 3.0),
         fissure_hu=_u(rng, 120.0, 300.0),
+        vessel_bend=_u(rng, 0.06, 0.16),
     )
     ax, ay, az = p.heart_axes
     p = replace(
@@ -553,6 +555,55 @@ class VesselTree:
         par = self.parent[child]
         r_par = np.where(self.parent[par] >= 0, self.radius[par], self.radius[child])
         return TubeSet(self.nodes[par], self.nodes[child], np.maximum(r_par, self.radius[child]), self.radius[child])
+
+
+    def bent(self, rng: np.random.Generator, *, bend: float, piece_mm: float = 4.0) -> VesselTree:
+        """The same tree with curved branches: each branch (parent -> node, length ``L``)
+        becomes a polyline of ``ceil(L / piece_mm)`` pieces whose interior points are
+        pushed sideways by ``a1 sin(pi t) n1 + a2 sin(2 pi t) n2`` (``t`` in 0..1 along
+        the branch, ``n1``, ``n2`` random unit vectors across it, ``|a1|`` about
+        ``bend * L``, ``|a2|`` about half that): bows and S-bends that keep every
+        branch point where it was. Radii are interpolated along each branch as
+        :meth:`tubes` tapers them. New nodes are appended after the old ones.
+        """
+        child = np.flatnonzero(self.parent >= 0)
+        if len(child) == 0 or bend <= 0:
+            return self
+        par = self.parent[child]
+        d = self.nodes[child] - self.nodes[par]
+        length = np.linalg.norm(d, axis=1)
+        k = np.maximum(1, np.ceil(length / piece_mm).astype(np.int64))
+        r_par = np.where(self.parent[par] >= 0, self.radius[par], self.radius[child])
+        r_child = self.radius[child]
+
+        def across() -> np.ndarray:
+            v = rng.standard_normal((len(child), 3))
+            u = d / np.maximum(length, 1e-9)[:, None]
+            v -= np.einsum("ij,ij->i", v, u)[:, None] * u
+            return v / (np.linalg.norm(v, axis=1, keepdims=True) + 1e-12)
+
+        n1, n2 = across(), across()
+        a1 = bend * length * rng.uniform(0.3, 1.7, size=len(child)) * rng.choice([-1.0, 1.0], size=len(child))
+        a2 = 0.5 * bend * length * rng.uniform(-1.0, 1.0, size=len(child))
+        n_new = k - 1  # interior points per branch
+        seg = np.repeat(np.arange(len(child)), n_new)
+        j = np.arange(len(seg)) - np.repeat(np.cumsum(n_new) - n_new, n_new) + 1
+        t = (j / k[seg])[:, None]
+        pts = (self.nodes[par][seg] + t * d[seg] + (a1[seg, None] * np.sin(np.pi * t)) * n1[seg]
+               + (a2[seg, None] * np.sin(2 * np.pi * t)) * n2[seg])
+        radius_new = r_par[seg] + t[:, 0] * (r_child[seg] - r_par[seg])
+        ids = len(self.nodes) + np.arange(len(seg))
+        # the chain of each branch: par -> first new -> ... -> last new -> child
+        parent_new = np.where(j == 1, par[seg], ids - 1)
+        parent = self.parent.copy()
+        last = np.cumsum(n_new) - 1  # index (in the new points) of each branch's last point
+        has = n_new > 0
+        parent[child[has]] = ids[last[has]]
+        return VesselTree(
+            np.concatenate([self.nodes, pts]),
+            np.concatenate([parent, parent_new]),
+            np.concatenate([self.radius, radius_new]),
+        )
 
 
 def grow_tree(
@@ -1112,13 +1163,15 @@ def _render_lung_trees(
         pts = _attraction_points(lattice, strides, grid, cols, n, rng)
         if len(pts) < 8:
             continue
-        trees_art.append(grow_tree(np.asarray(hil), pts, rng, leaf_radius=p.leaf_radius, murray=p.murray_exponent))
+        trees_art.append(grow_tree(np.asarray(hil), pts, rng, leaf_radius=p.leaf_radius, murray=p.murray_exponent)
+                         .bent(rng, bend=p.vessel_bend))
         # veins: two roots (upper, lower) each take the points on their side of the hilum level
         pts_v = _attraction_points(lattice, strides, grid, cols, n, rng)
         zsplit = 0.5 * (roots[0][2] + roots[1][2])
         for root, sel in ((roots[0], pts_v[:, 2] >= zsplit), (roots[1], pts_v[:, 2] < zsplit)):
             if sel.sum() >= 4:
-                trees_vein.append(grow_tree(np.asarray(root), pts_v[sel], rng, leaf_radius=p.leaf_radius, murray=p.murray_exponent))
+                trees_vein.append(grow_tree(np.asarray(root), pts_v[sel], rng, leaf_radius=p.leaf_radius,
+                                            murray=p.murray_exponent).bent(rng, bend=p.vessel_bend))
     tubes = TubeSet.concat([t.tubes() for t in trees_art + trees_vein]).subdivided(6.0)
     box = _tubes_box(grid, tubes, e)
     if box is not None:  # draw in the trees' bounding box only

@@ -74,6 +74,10 @@ __all__ = [
 
 LIDC_MATRIX = 512
 SIDECAR_SUFFIX = ".twin.json"
+#: Version of what the generator renders. Bump it whenever a change alters the
+#: pixels or labels of a twin at a given seed: complete twins written by another
+#: version are then regenerated instead of being silently reused.
+GENERATOR_VERSION = 2
 TMP_DIR_NAME = ".twin-tmp"
 _UNEVEN_TOL_MM = 0.01
 
@@ -329,7 +333,8 @@ def _sidecar_path(folder: Path) -> Path:
 
 
 def _read_complete(folder: Path, seed: int | None) -> dict[str, Any] | None:
-    """The sidecar of a complete twin in ``folder`` (right slice count, same seed), else None."""
+    """The sidecar of a complete twin in ``folder`` (right slice count, same seed, this
+    :data:`GENERATOR_VERSION`), else None."""
     side = _sidecar_path(folder)
     if not side.is_file() or not folder.is_dir():
         return None
@@ -339,6 +344,8 @@ def _read_complete(folder: Path, seed: int | None) -> dict[str, Any] | None:
         return None
     n = sum(1 for f in folder.iterdir() if f.suffix == ".dcm" and not f.name.startswith("."))
     if n != rec.get("n_slices") or (seed is not None and rec.get("seed") != seed):
+        return None
+    if rec.get("generator_version") != GENERATOR_VERSION:
         return None
     return rec
 
@@ -451,6 +458,7 @@ def write_twin(tv: TwinVolume, out_root: Path, *, seconds_so_far: float = 0.0) -
     record = {
         "kind": "lidc-det twin",
         "lidc_det_version": __version__,
+        "generator_version": GENERATOR_VERSION,
         "seed": tv.seed,
         "series_uid": spec.series_uid,
         "study_uid": spec.study_uid,

@@ -534,13 +534,16 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, default=None, help="LUNA16 candidates CSV to write")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--top", type=int, default=20, help="candidates printed (default 20)")
+    p.add_argument("--tta-flip-axes", type=int, nargs="+", choices=(0, 1, 2), default=None, metavar="AXIS",
+                   help="test-time flips: average the detector over flips of these axes (0 z, 1 y, 2 x; "
+                        "2 = with the left-right mirror, twice the time; default: the checkpoint's setting)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     def run(a: argparse.Namespace) -> int:
         from stage1_detect.cli import run_detect
 
         run_detect(a.model, a.dicom, series_uid=a.series_uid, out_csv=a.out, device=a.device, top=a.top,
-                   progress=not a.no_progress)
+                   progress=not a.no_progress, tta_flip_axes=a.tta_flip_axes)
         return 0
 
     p.set_defaults(func=run)

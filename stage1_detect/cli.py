@@ -7,10 +7,11 @@ parses arguments and calls :func:`run_detect`.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from lidc_det.errors import CheckpointError
+from lidc_det.errors import CheckpointError, ConfigError
 from lidc_det.results import Detections
 
 
@@ -75,8 +76,12 @@ def run_detect(
     device: str | None = None,
     top: int = 20,
     progress: bool = True,
+    tta_flip_axes: Sequence[int] | None = None,
 ) -> Detections:
     """Detect nodule candidates in one DICOM series with a trained checkpoint.
+
+    ``tta_flip_axes`` (a PyTorch checkpoint only) replaces the checkpoint's test-time flips
+    (:class:`stage1_detect.inference.FlipTTA`; ``(2,)``: average with the left-right mirror).
 
     Reads the series (:func:`lidc_det.io.dicom.read_series`, HU), lets the detector resample
     it to its training spacing, prints a table of the best ``top`` candidates and, with
@@ -89,6 +94,10 @@ def run_detect(
     from lidc_det.io.dicom import read_series
 
     detector = load_detector(model, device=device, progress=progress)
+    if tta_flip_axes is not None:
+        if not hasattr(detector, "with_inference_options"):
+            raise ConfigError(f"{model}: test-time flips need a PyTorch checkpoint (.pt), not {Path(model).suffix}")
+        detector = detector.with_inference_options(tta_flip_axes=tuple(int(a) for a in tta_flip_axes))
     t0 = time.perf_counter()
     volume = read_series(Path(dicom_dir), series_uid=series_uid)
     t1 = time.perf_counter()

@@ -52,7 +52,7 @@ LEGACY_MODEL_FIELDS: dict[str, str] = {"norm": "batch", "head_norm": "none"}
 #: Fields that only change how a trained network is run on a scan.
 INFERENCE_FIELDS: tuple[str, ...] = (
     "window_zyx", "window_margin", "window_batch", "score_thresh", "pre_nms_topk", "nms_iou", "max_detections",
-    "use_body_mask", "lung_restrict", "lung_margin_mm",
+    "use_body_mask", "lung_restrict", "lung_margin_mm", "tta_flip_axes",
 )
 
 
@@ -125,6 +125,10 @@ class DetectorConfig:
             classical lung field (:func:`lidc_det.lungs.lung_fields`, about 1.5 s of CPU per scan);
             a scan where no lung field is found keeps all its detections (with a warning).
         lung_margin_mm: dilation of the lung field for ``lung_restrict`` (mm).
+        tta_flip_axes: test-time augmentation: the volume axes (0 z, 1 y, 2 x) whose flips are
+            combined; every window is run once per combination (``2 ** len`` passes: ``(2,)``
+            is the scan and its left-right mirror) and the anchors' probabilities and box codes
+            are averaged (:class:`stage1_detect.inference.FlipTTA`). ``()``: none.
         val_n_bootstrap: bootstrap replicates of the validation CPM (0: none, faster).
     """
 
@@ -179,6 +183,7 @@ class DetectorConfig:
     use_body_mask: bool = True
     lung_restrict: bool = False
     lung_margin_mm: float = 10.0
+    tta_flip_axes: tuple[int, ...] = ()
     val_n_bootstrap: int = 0
 
     def __post_init__(self) -> None:
@@ -208,6 +213,8 @@ class DetectorConfig:
             lo, hi = getattr(self, name)
             if not 0.0 <= lo <= hi:
                 problems.append(f"{name} must be (low, high) with 0 <= low <= high, got {getattr(self, name)}")
+        if len(set(self.tta_flip_axes)) != len(self.tta_flip_axes) or not set(self.tta_flip_axes) <= {0, 1, 2}:
+            problems.append(f"tta_flip_axes must be distinct axes among 0, 1, 2, got {self.tta_flip_axes}")
         if self.norm not in ("batch", "group"):
             problems.append(f"norm must be 'batch' or 'group', got {self.norm!r}")
         if self.head_norm not in ("batch", "group", "none"):

@@ -32,6 +32,12 @@ centre lies outside the body are dropped.
 lie outside (restricting the final 100 instead left none on scans whose top 100
 were all outside the lungs).
 
+**Test-time flips** (``tta_flip_axes``): each window is also run flipped along
+those axes; the outputs are flipped back (box centre codes change sign along a
+flipped axis) and the anchors' probabilities and codes are averaged before
+decoding (:class:`FlipTTA`). Windows are multiples of 16 and the anchors of a
+cell are centred on it, so a flipped map lands on the same anchors.
+
 **Spacing.** The network works on the training grid (``config.spacing_mm``). A
 scan with another spacing is resampled first (linear,
 :func:`lidc_det.resample.resample_image`); boxes are mapped back to the input
@@ -155,6 +161,55 @@ def nms_3d(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, max_
     return order[torch.as_tensor(keep, dtype=torch.long)]
 
 
+class FlipTTA(torch.nn.Module):
+    """A detection network averaged over flips of its input (test-time augmentation).
+
+    ``forward(x)`` (``x``: ``[B, 1, D, H, W]``, every side a multiple of 16) returns what
+    ``model`` returns, per level ``cls`` ``[B, A, d, h, w]`` logits and ``box``
+    ``[B, A * 6, d, h, w]`` codes ``(d_cz, d_cy, d_cx, d_wz, d_wy, d_wx)``: here the logit of
+    the mean probability and the mean codes over the ``2 ** len(flip_axes)`` flips, each
+    output flipped back and its centre code along a flipped axis negated.
+
+    Args:
+        model: a network with :class:`stage1_detect.model.Retina3D`'s output format.
+        flip_axes: volume axes (0 z, 1 y, 2 x) whose flips are combined.
+    """
+
+    def __init__(self, model: torch.nn.Module, flip_axes: Sequence[int]) -> None:
+        super().__init__()
+        self.model = model
+        axes = tuple(int(a) for a in flip_axes)
+        self.flips: tuple[tuple[int, ...], ...] = tuple(
+            tuple(a for k, a in enumerate(axes) if m >> k & 1) for m in range(2 ** len(axes))
+        )
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        prob_sum: list[torch.Tensor] = []
+        code_sum: list[torch.Tensor] = []
+        for axes in self.flips:
+            dims = [a + 2 for a in axes]
+            xin = torch.flip(x, dims).contiguous(memory_format=torch.channels_last_3d) if axes else x
+            cls, box = self.model(xin)
+            for level, (c, b) in enumerate(zip(cls, box)):
+                p = torch.sigmoid(c.float())
+                n, ab, d, h, w = b.shape
+                codes = b.float().reshape(n, ab // 6, 6, d, h, w)
+                if axes:
+                    p = torch.flip(p, dims)
+                    codes = torch.flip(codes, [a + 3 for a in axes]).clone()
+                    codes[:, :, list(axes)] *= -1.0
+                if level == len(prob_sum):
+                    prob_sum.append(p)
+                    code_sum.append(codes)
+                else:
+                    prob_sum[level] = prob_sum[level] + p
+                    code_sum[level] = code_sum[level] + codes
+        k = float(len(self.flips))
+        logits = [torch.logit(p / k, eps=1e-6) for p in prob_sum]
+        boxes = [(c / k).reshape(c.shape[0], -1, *c.shape[3:]) for c in code_sum]
+        return logits, boxes
+
+
 def _autocast(device: torch.device) -> torch.autocast | None:
     if device.type != "cuda":
         return None
@@ -248,6 +303,8 @@ def predict_boxes(
     from tqdm.auto import tqdm
 
     device = torch.device(device)
+    if config.tta_flip_axes:
+        model = FlipTTA(model, config.tta_flip_axes)
     plan = plan_windows(volume.shape, config.window_zyx, config.window_margin)
     m = plan.margin
     pad = [(m, n * s + m - length) for n, s, length in zip(plan.counts_zyx, plan.step_zyx, volume.shape)]

@@ -59,6 +59,24 @@ def test_detect_reads_dicom_resamples_prints_and_writes_luna_csv(tmp_path: Path,
     assert np.all(vox > -1) and np.all(vox < np.array(vol.geometry.shape_zyx))
 
 
+def test_detect_with_test_time_flips_is_the_flip_averaged_detector(tmp_path: Path, checkpoint: Path) -> None:
+    case = sphere_case("t", (48, 48, 48), [(24, 24, 20)], [7.0], rng=np.random.default_rng(3))
+    uid = "1.2.826.0.1.3680043.8.498.131"
+    write_ct_series(case.image_hu, case.geometry, tmp_path / "dcm", patient_id="P3",
+                    study_uid="1.2.826.0.1.3680043.8.498.130", series_uid=uid)
+    out_csv = tmp_path / "tta.csv"
+    assert main(["detect", "--model", str(checkpoint), "--dicom", str(tmp_path / "dcm"), "--out", str(out_csv),
+                 "--device", "cpu", "--tta-flip-axes", "2", "--no-progress"]) == 0
+    vol = read_series(tmp_path / "dcm")
+    plain = load_detector(checkpoint, device="cpu", progress=False)
+    flipped = plain.with_inference_options(tta_flip_axes=(2,))
+    want = flipped.predict(vol.hu, vol.geometry, series_uid=uid)
+    rows = read_candidates(out_csv)
+    np.testing.assert_allclose([r.probability for r in rows], want.scores, atol=1e-6)
+    other = plain.predict(vol.hu, vol.geometry, series_uid=uid)
+    assert not np.allclose(other.scores[:5], want.scores[:5], rtol=0.0, atol=1e-7)  # an untrained model: tiny but real differences
+
+
 def test_detect_rejects_a_file_that_is_not_a_checkpoint(tmp_path: Path, capsys) -> None:
     bad = tmp_path / "model.pt"
     torch.save({"weights": 1}, bad)

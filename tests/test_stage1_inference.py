@@ -165,3 +165,56 @@ def test_normalize_hu_window() -> None:
     out = normalize_hu(np.array([-2000.0, -1000.0, 0.0, 500.0, 3000.0]), (-1000.0, 500.0))
     np.testing.assert_allclose(out, [-1.0, -1.0, 1.0 / 3.0, 1.0, 1.0], atol=1e-6)
     assert out.dtype == np.float32
+
+
+def _mirror_boxes_x(boxes: np.ndarray, width: int) -> np.ndarray:
+    out = boxes.copy()
+    out[:, 2], out[:, 5] = width - boxes[:, 5], width - boxes[:, 2]
+    return out
+
+
+def test_flip_tta_output_is_exactly_mirror_symmetric_and_none_is_the_model() -> None:
+    """Whatever the network, its flip-averaged output on a mirrored input is the mirrored output:
+    probabilities flipped back, x-centre codes negated (wrong un-flipping or signs break it)."""
+    from stage1_detect.inference import FlipTTA
+    from stage1_detect.model import Retina3D
+
+    torch.manual_seed(0)
+    net = Retina3D(DetectorConfig(channels=(4, 8, 8, 8), fpn_channels=8), generator=torch.Generator().manual_seed(0)).eval()
+    x = torch.randn(1, 1, 32, 48, 64).contiguous(memory_format=torch.channels_last_3d)
+    with torch.inference_mode():
+        cls0, box0 = net(x)
+        cls_id, box_id = FlipTTA(net, ())(x)
+        for a, b in zip(cls0 + box0, cls_id + box_id):
+            torch.testing.assert_close(a.float(), b, atol=1e-4, rtol=1e-4)
+        tta = FlipTTA(net, (2,))
+        cls, box = tta(x)
+        cls_m, box_m = tta(torch.flip(x, [4]))
+        for c, cm in zip(cls, cls_m):
+            torch.testing.assert_close(torch.flip(cm, [4]), c, atol=1e-4, rtol=1e-4)
+        for b, bm in zip(box, box_m):
+            n, ab, d, h, w = b.shape
+            back = torch.flip(bm, [4]).reshape(n, ab // 6, 6, d, h, w).clone()
+            back[:, :, 2] *= -1.0
+            torch.testing.assert_close(back.reshape(b.shape), b, atol=1e-4, rtol=1e-4)
+        # and it is not the plain network (the mirror pass changes the scores)
+        assert not torch.allclose(cls[0], cls0[0].float(), atol=1e-3)
+    assert len(FlipTTA(net, (0, 1, 2)).flips) == 8
+
+
+def test_predict_boxes_with_flip_tta_mirrors_detections_of_a_mirrored_scan() -> None:
+    """Decoding after the flip average: detections of a mirrored volume are the mirrored detections."""
+    from stage1_detect.model import Retina3D
+
+    cfg = DetectorConfig(channels=(4, 8, 8, 8), fpn_channels=8, window_zyx=(96, 96, 96), window_margin=16,
+                         use_body_mask=False, score_thresh=0.0, max_detections=20, nms_iou=0.3, tta_flip_axes=(2,))
+    net = Retina3D(cfg, generator=torch.Generator().manual_seed(1)).eval()
+    rng = np.random.default_rng(0)
+    volume = rng.uniform(-1, 1, (32, 48, 64)).astype(np.float32)  # sides multiples of 16: symmetric padding
+    boxes, scores = predict_boxes(net, volume, cfg, progress=False)
+    boxes_m, scores_m = predict_boxes(net, np.ascontiguousarray(volume[:, :, ::-1]), cfg, progress=False)
+    assert len(scores) == 20
+    np.testing.assert_allclose(scores_m, scores, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(boxes_m, _mirror_boxes_x(boxes, volume.shape[2]), atol=1e-3)
+    plain, _ = predict_boxes(net, volume, cfg.replace(tta_flip_axes=()), progress=False)
+    assert not np.allclose(plain[:5], boxes[:5], atol=1e-3)

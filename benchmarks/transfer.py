@@ -38,6 +38,7 @@ finished twins, semi-real scans and training.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,9 @@ class TransferConfig:
         segmentation: optional stage 2 (nnU-Net crop segmenter), trained on the same scans;
             scored on the real nodules (Dice vs consensus, model in each reader's place vs the
             readers' own leave-one-out Dice, volume error), the yardstick and the twin test.
+        segmentation_twins: optional more twins for stage 2 only (every scan of them trains
+            it; stage 1 never sees them). Their patients must be disjoint from the twins'
+            (so the twin test stays unseen), the evaluation scans and the yardstick sources.
         operating_sensitivity: twin-validation sensitivity that fixes the reported operating point.
         n_bootstrap: bootstrap replicates for CIs.
         n_fp_pngs: real false positives shown (highest scores first).
@@ -127,6 +131,7 @@ class TransferConfig:
     backgrounds: tuple[BackgroundSpec, ...] = ()
     train_sources: PatientRange | None = None
     segmentation: SegmenterConfig | None = None
+    segmentation_twins: DataSpec | None = None
     operating_sensitivity: float = 0.8
     n_bootstrap: int = 1000
     n_fp_pngs: int = 10
@@ -134,6 +139,8 @@ class TransferConfig:
     notes: str = ""
 
     def __post_init__(self) -> None:
+        if self.segmentation_twins is not None and (self.segmentation is None or not self.segmentation_twins.synthetic):
+            raise ConfigFileError("segmentation_twins needs segmentation, and source: twin")
         if self.backgrounds and self.train_sources is None:
             raise ConfigFileError("backgrounds need train_sources (the patients whose nodules are inserted)")
         for b in (self.yardstick, *self.backgrounds):
@@ -172,10 +179,21 @@ def _series_uid_of(folder: Path) -> tuple[str, str]:
     return found[0].series_uid, found[0].patient_id
 
 
-def plan_protocol(cfg: TransferConfig, dicom_root: Path, twin_patients: list[str]) -> tuple[list[EvalScan], str, dict[str, Any]]:
+def plan_protocol(
+    cfg: TransferConfig, dicom_root: Path, twin_patients: list[str], segmentation_patients: Sequence[str] = ()
+) -> tuple[list[EvalScan], str, dict[str, Any]]:
     """The evaluation scans with their scored regions, the yardstick's scored region, and a
-    record of the protocol; raises :class:`TransferProtocolError` on any overlap."""
+    record of the protocol; raises :class:`TransferProtocolError` on any overlap.
+
+    ``segmentation_patients``: the patients of the stage-2-only twins (``segmentation_twins``);
+    they must not be twins' patients (the twin test would be seen), evaluation patients or
+    yardstick sources."""
     from lidc_det.io.dicom import find_series
+
+    shared = sorted(set(segmentation_patients) & set(twin_patients))
+    if shared:
+        raise TransferProtocolError(f"segmentation_twins share patients with the twins: {shared}")
+    twin_patients = sorted(set(twin_patients) | set(segmentation_patients))
 
     series = find_series(Path(dicom_root))
     if not series:
@@ -220,6 +238,7 @@ def plan_protocol(cfg: TransferConfig, dicom_root: Path, twin_patients: list[str
         "trained_backgrounds": {uid: r for uid, r in trained.items()},
         "evaluation": [{"series_uid": e.series_uid, "patient_id": e.patient_id, "scored_region": e.region} for e in evals],
         "yardstick": {"series_uid": y_uid, "scored_region": y_region},
+        "stage2_only_twin_patients": list(segmentation_patients),
         "label": _protocol_label(cfg, trained),
     }
     return evals, y_region, protocol
@@ -375,7 +394,12 @@ def run_transfer(
     t0 = time.perf_counter()
     ds_twin, split = materialize(cfg.twins, data_dir / "twins", progress=progress)
     twin_patients = sorted({ds_twin.load_case(u).patient_id for u in ds_twin.series_uids})
-    evals, y_region, protocol = plan_protocol(cfg, dicom_root, twin_patients)
+    seg_cases: list[Any] = []
+    if cfg.segmentation_twins is not None:
+        ds_seg, _ = materialize(cfg.segmentation_twins, data_dir / "segmentation_twins", progress=progress)
+        seg_cases = [ds_seg.load_case(u) for u in ds_seg.series_uids]
+    seg_patients = sorted({c.patient_id for c in seg_cases})
+    evals, y_region, protocol = plan_protocol(cfg, dicom_root, twin_patients, seg_patients)
     lap("twins", t0)
     print(f"[transfer] protocol: {protocol['label']}", flush=True)
 
@@ -455,8 +479,9 @@ def run_transfer(
     stage2 = None
     if cfg.segmentation is not None:
         t0 = time.perf_counter()
-        stage2 = _run_stage2(cfg.segmentation, train_cases, val_cases, ds_twin, split, ds_yard, evals, real_d,
-                             data_dir / "stage2_model" / config_hash([cfg.segmentation, _cases_key(train_cases + val_cases)]),
+        seg_train = train_cases + seg_cases
+        stage2 = _run_stage2(cfg.segmentation, seg_train, val_cases, ds_twin, split, ds_yard, evals, real_d,
+                             data_dir / "stage2_model" / config_hash([cfg.segmentation, _cases_key(seg_train + val_cases)]),
                              out_dir / "png", progress)
         lap("stage 2", t0)
 
@@ -472,7 +497,8 @@ def run_transfer(
         "device": dev,
         "protocol": protocol,
         "split": split.to_dict(),
-        "n_train_scans": {"twin": len(split.train), "semi_real": sum(len(ds.series_uids) for ds in semi)},
+        "n_train_scans": {"twin": len(split.train), "semi_real": sum(len(ds.series_uids) for ds in semi),
+                          "stage2_only_twins": len(seg_cases)},
         "twin_test": {**_froc_dict(twin_froc), "synthetic": True},
         "operating_point": {
             "twin_val_sensitivity_wanted": cfg.operating_sensitivity,

@@ -67,6 +67,14 @@ def test_patient_overlaps_are_refused(cfg) -> None:
         plan_protocol(cfg, REAL_ROOT, twin_patients=["LIDC-IDRI-0001"])
     with pytest.raises(TransferProtocolError, match="training nodule sources"):
         plan_protocol(dataclasses.replace(cfg, train_sources=PatientRange("LIDC-IDRI-0001", "LIDC-IDRI-0002")), REAL_ROOT, [])
+    with pytest.raises(TransferProtocolError, match="segmentation_twins share patients with the twins"):
+        plan_protocol(cfg, REAL_ROOT, ["LIDC-IDRI-0111"], segmentation_patients=["LIDC-IDRI-0111"])
+    with pytest.raises(TransferProtocolError, match="among the training twins"):  # stage-2 twins count as training
+        plan_protocol(cfg, REAL_ROOT, ["LIDC-IDRI-0111"], segmentation_patients=["LIDC-IDRI-0001"])
+    with pytest.raises(TransferProtocolError, match="yardstick sources .* overlap the training twins"):
+        plan_protocol(cfg, REAL_ROOT, [], segmentation_patients=["LIDC-IDRI-0605"])
+    _, _, protocol = plan_protocol(cfg, REAL_ROOT, ["LIDC-IDRI-0111"], segmentation_patients=["LIDC-IDRI-0126"])
+    assert protocol["stage2_only_twin_patients"] == ["LIDC-IDRI-0126"]
     with pytest.raises(TransferProtocolError, match="overlap the training sources"):
         plan_protocol(dataclasses.replace(cfg, yardstick_sources=PatientRange("LIDC-IDRI-0305", "LIDC-IDRI-0320")), REAL_ROOT, [])
 

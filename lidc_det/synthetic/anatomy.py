@@ -195,7 +195,7 @@ def sample_anatomy(
         contrast=bool(contrast),
         edge_mm=_u(rng, 0.8, 1.2),
         attract_per_litre=_u(rng, 650.0, 1000.0),
-        leaf_radius=_u(rng, 0.3, 0.42),
+        leaf_radius=_u(rng, 0.35, 0.5),
         murray_exponent=_u(rng, 2.6, 3.0),
         fissure_hu=_u(rng, 120.0, 300.0),
         vessel_bend=_u(rng, 0.06, 0.16),

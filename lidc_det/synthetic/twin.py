@@ -77,7 +77,7 @@ SIDECAR_SUFFIX = ".twin.json"
 #: Version of what the generator renders. Bump it whenever a change alters the
 #: pixels or labels of a twin at a given seed: complete twins written by another
 #: version are then regenerated instead of being silently reused.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 TMP_DIR_NAME = ".twin-tmp"
 _UNEVEN_TOL_MM = 0.01
 

@@ -556,7 +556,6 @@ class VesselTree:
         r_par = np.where(self.parent[par] >= 0, self.radius[par], self.radius[child])
         return TubeSet(self.nodes[par], self.nodes[child], np.maximum(r_par, self.radius[child]), self.radius[child])
 
-
     def bent(self, rng: np.random.Generator, *, bend: float, piece_mm: float = 4.0) -> VesselTree:
         """The same tree with curved branches: each branch (parent -> node, length ``L``)
         becomes a polyline of ``ceil(L / piece_mm)`` pieces whose interior points are

@@ -15,8 +15,9 @@ Intensity follows that reader's ratings:
 * internal structure 2 fluid, 3 fat, 4 air (cavitation) in the core;
 * spiculation >= 3: thin spicules radiating from the border.
 
-Edges are partial-volume: the mask is smoothed (about half a pixel in plane,
-a third of a slice in z) and the painted value is blended with ``max`` over
+Edges are partial-volume: the mask is blurred (in the twin by the scan's slice
+profile and in-plane PSF, ``edge_blur_mm``; by default about half a pixel in
+plane and a third of a slice in z) and the painted value is blended with ``max`` over
 the background, so vessels show through ground glass and a nodule touching
 the chest wall merges with it (juxtapleural) rather than covering it.
 """
@@ -131,6 +132,7 @@ def paint_nodule(
     rng: np.random.Generator,
     *,
     edge_mm: float = 1.0,
+    edge_blur_mm: tuple[float, float] | None = None,
     label: np.ndarray | None = None,
 ) -> PaintedNodule:
     """Paint one nodule (one randomly chosen reader's mask) into ``hu`` in place.
@@ -142,6 +144,10 @@ def paint_nodule(
         nodule: the nodule with its readers' masks.
         rng: picks the reader and the intensities.
         edge_mm: soft-edge width of spicules (mm).
+        edge_blur_mm: ``(sigma_z, sigma_xy)`` mm: the edge is the reader's mask blurred by this
+            Gaussian (the scanner's slice profile and PSF: about half occupancy on the contour,
+            a ramp inside and a halo outside, as on real CT). None: a sharp edge (a third of a
+            slice and half a pixel of blur, the interior kept at >= 0.8 occupancy).
         label: optional int16 ``[z, y, x]``; voxels of the painted mask get
             ``cluster_index + 1``.
 
@@ -159,7 +165,13 @@ def paint_nodule(
     spic = reader.rating("spiculation", 1)
 
     nz, ny, nx = hu.shape
-    pad = np.array([2, 4, 4])
+    dz = float(np.median(np.diff(grid.z_mm))) if len(grid.z_mm) > 1 else grid.thickness_mm
+    spacing = np.array([dz, grid.pixel_mm, grid.pixel_mm])
+    if edge_blur_mm is None:
+        sigma_vox = np.array([0.35, 0.6, 0.6])
+    else:
+        sigma_vox = np.array([edge_blur_mm[0], edge_blur_mm[1], edge_blur_mm[1]]) / spacing
+    pad = np.maximum(np.array([2, 4, 4]), np.ceil(3.0 * sigma_vox).astype(int) + 1)
     off = np.asarray(reader.offset_zyx)
     lo = np.maximum(off - pad, 0)
     hi = np.minimum(off + np.asarray(reader.mask.shape) + pad, (nz, ny, nx))
@@ -177,8 +189,6 @@ def paint_nodule(
                              reader.annotation_id, texture, calc, internal, spic, float("nan"), 0, center)
 
     zsl = grid.z_mm[box[0]]
-    dz = float(np.median(np.diff(grid.z_mm))) if len(grid.z_mm) > 1 else grid.thickness_mm
-    spacing = np.array([dz, grid.pixel_mm, grid.pixel_mm])
     depth = distance_transform_edt(m, sampling=spacing).astype(np.float32)  # mm from the border, inside
     R = float(depth.max())
 
@@ -225,9 +235,10 @@ def paint_nodule(
     elif internal == 3:
         target[depth > 0.4 * R] = _u(rng, -90.0, -40.0)
 
-    # ---- soft edges: half a pixel in plane, a third of a slice along z
-    occ = gaussian_filter(m.astype(np.float32), sigma=(0.35, 0.6, 0.6), mode="constant")
-    np.maximum(occ, np.float32(0.8) * m, out=occ)
+    # ---- soft edges: the mask blurred (edge_blur_mm; else half a pixel in plane, a third of a slice in z)
+    occ = gaussian_filter(m.astype(np.float32), sigma=tuple(float(v) for v in sigma_vox), mode="constant")
+    if edge_blur_mm is None:
+        np.maximum(occ, np.float32(0.8) * m, out=occ)
     # the value outside the mask (the blurred rim) is the nearest painted value
     idx = distance_transform_edt(~m, return_distances=False, return_indices=True)
     target = target[tuple(idx)]

@@ -77,7 +77,7 @@ SIDECAR_SUFFIX = ".twin.json"
 #: Version of what the generator renders. Bump it whenever a change alters the
 #: pixels or labels of a twin at a given seed: complete twins written by another
 #: version are then regenerated instead of being silently reused.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 TMP_DIR_NAME = ".twin-tmp"
 _UNEVEN_TOL_MM = 0.01
 
@@ -289,8 +289,11 @@ def render_twin(spec: ScanSpec, *, seed: int) -> TwinVolume:
         anatomy = render_anatomy(grid, params, rng_anat)
         hu = anatomy.hu
         label = np.zeros(hu.shape, dtype=np.int16)
-        painted = tuple(paint_nodule(hu, grid, nod, rng_nod, edge_mm=params.edge_mm, label=label) for nod in spec.nodules)
-        acq = sample_acquisition(rng_acq)
+        acq = sample_acquisition(rng_acq, spec.slice_thickness_mm)
+        blur = (acq.edge_sigma_z_mm, acq.edge_sigma_xy_mm)
+        painted = tuple(
+            paint_nodule(hu, grid, nod, rng_nod, edge_mm=params.edge_mm, edge_blur_mm=blur, label=label) for nod in spec.nodules
+        )
         simulate_acquisition(hu, grid.pixel_mm, acq, rng_acq)
     return TwinVolume(spec, int(seed), hu, anatomy.lung, label, painted, params, acq)
 

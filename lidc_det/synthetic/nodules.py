@@ -167,11 +167,12 @@ def paint_nodule(
     nz, ny, nx = hu.shape
     dz = float(np.median(np.diff(grid.z_mm))) if len(grid.z_mm) > 1 else grid.thickness_mm
     spacing = np.array([dz, grid.pixel_mm, grid.pixel_mm])
-    if edge_blur_mm is None:
+    if edge_blur_mm is None:  # the box (and so the random draws) exactly as before edge_blur_mm existed
         sigma_vox = np.array([0.35, 0.6, 0.6])
+        pad = np.array([2, 4, 4])
     else:
         sigma_vox = np.array([edge_blur_mm[0], edge_blur_mm[1], edge_blur_mm[1]]) / spacing
-    pad = np.maximum(np.array([2, 4, 4]), np.ceil(3.0 * sigma_vox).astype(int) + 1)
+        pad = np.maximum(np.array([2, 4, 4]), np.ceil(3.0 * sigma_vox).astype(int) + 1)
     off = np.asarray(reader.offset_zyx)
     lo = np.maximum(off - pad, 0)
     hi = np.minimum(off + np.asarray(reader.mask.shape) + pad, (nz, ny, nx))

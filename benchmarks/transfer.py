@@ -117,6 +117,10 @@ class TransferConfig:
         segmentation_twins: optional more twins for stage 2 only (every scan of them trains
             it; stage 1 never sees them). Their patients must be disjoint from the twins'
             (so the twin test stays unseen), the evaluation scans and the yardstick sources.
+        train_twins: optional more twins for both stages (every scan of them trains stage 1
+            and stage 2; the twins' validation and test folds stay as they are, so the twin
+            test is comparable with runs without them). Same patient rules as
+            ``segmentation_twins``, and disjoint from them.
         operating_sensitivity: twin-validation sensitivity that fixes the reported operating point.
         n_bootstrap: bootstrap replicates for CIs.
         n_fp_pngs: real false positives shown (highest scores first).
@@ -132,6 +136,7 @@ class TransferConfig:
     train_sources: PatientRange | None = None
     segmentation: SegmenterConfig | None = None
     segmentation_twins: DataSpec | None = None
+    train_twins: DataSpec | None = None
     operating_sensitivity: float = 0.8
     n_bootstrap: int = 1000
     n_fp_pngs: int = 10
@@ -141,6 +146,8 @@ class TransferConfig:
     def __post_init__(self) -> None:
         if self.segmentation_twins is not None and (self.segmentation is None or not self.segmentation_twins.synthetic):
             raise ConfigFileError("segmentation_twins needs segmentation, and source: twin")
+        if self.train_twins is not None and not self.train_twins.synthetic:
+            raise ConfigFileError("train_twins needs source: twin")
         if self.backgrounds and self.train_sources is None:
             raise ConfigFileError("backgrounds need train_sources (the patients whose nodules are inserted)")
         for b in (self.yardstick, *self.backgrounds):
@@ -180,20 +187,29 @@ def _series_uid_of(folder: Path) -> tuple[str, str]:
 
 
 def plan_protocol(
-    cfg: TransferConfig, dicom_root: Path, twin_patients: list[str], segmentation_patients: Sequence[str] = ()
+    cfg: TransferConfig,
+    dicom_root: Path,
+    twin_patients: list[str],
+    segmentation_patients: Sequence[str] = (),
+    train_patients: Sequence[str] = (),
 ) -> tuple[list[EvalScan], str, dict[str, Any]]:
     """The evaluation scans with their scored regions, the yardstick's scored region, and a
     record of the protocol; raises :class:`TransferProtocolError` on any overlap.
 
     ``segmentation_patients``: the patients of the stage-2-only twins (``segmentation_twins``);
-    they must not be twins' patients (the twin test would be seen), evaluation patients or
-    yardstick sources."""
+    ``train_patients``: those of the extra training twins of both stages (``train_twins``).
+    Neither may hold twins' patients (the twin test would be seen), each other's,
+    evaluation patients or yardstick sources."""
     from lidc_det.io.dicom import find_series
 
-    shared = sorted(set(segmentation_patients) & set(twin_patients))
+    for name, extra in (("segmentation_twins", segmentation_patients), ("train_twins", train_patients)):
+        shared = sorted(set(extra) & set(twin_patients))
+        if shared:
+            raise TransferProtocolError(f"{name} share patients with the twins: {shared}")
+    shared = sorted(set(segmentation_patients) & set(train_patients))
     if shared:
-        raise TransferProtocolError(f"segmentation_twins share patients with the twins: {shared}")
-    twin_patients = sorted(set(twin_patients) | set(segmentation_patients))
+        raise TransferProtocolError(f"segmentation_twins share patients with train_twins: {shared}")
+    twin_patients = sorted(set(twin_patients) | set(segmentation_patients) | set(train_patients))
 
     series = find_series(Path(dicom_root))
     if not series:
@@ -239,6 +255,7 @@ def plan_protocol(
         "evaluation": [{"series_uid": e.series_uid, "patient_id": e.patient_id, "scored_region": e.region} for e in evals],
         "yardstick": {"series_uid": y_uid, "scored_region": y_region},
         "stage2_only_twin_patients": list(segmentation_patients),
+        "extra_training_twin_patients": list(train_patients),
         "label": _protocol_label(cfg, trained),
     }
     return evals, y_region, protocol
@@ -399,7 +416,12 @@ def run_transfer(
         ds_seg, _ = materialize(cfg.segmentation_twins, data_dir / "segmentation_twins", progress=progress)
         seg_cases = [ds_seg.load_case(u) for u in ds_seg.series_uids]
     seg_patients = sorted({c.patient_id for c in seg_cases})
-    evals, y_region, protocol = plan_protocol(cfg, dicom_root, twin_patients, seg_patients)
+    more_cases: list[Any] = []
+    if cfg.train_twins is not None:
+        ds_more, _ = materialize(cfg.train_twins, data_dir / "train_twins", progress=progress)
+        more_cases = [ds_more.load_case(u) for u in ds_more.series_uids]
+    more_patients = sorted({c.patient_id for c in more_cases})
+    evals, y_region, protocol = plan_protocol(cfg, dicom_root, twin_patients, seg_patients, more_patients)
     lap("twins", t0)
     print(f"[transfer] protocol: {protocol['label']}", flush=True)
 
@@ -420,7 +442,7 @@ def run_transfer(
     # -- stage 1
     t0 = time.perf_counter()
     detector = build_detector({"name": cfg.detector.name, **_quiet(cfg.detector, progress)})
-    train_cases = [ds_twin.load_case(u) for u in split.train]
+    train_cases = [ds_twin.load_case(u) for u in split.train] + more_cases
     for ds in semi:
         train_cases += [ds.load_case(u) for u in ds.series_uids]
     val_cases = [ds_twin.load_case(u) for u in split.val]
@@ -498,7 +520,7 @@ def run_transfer(
         "protocol": protocol,
         "split": split.to_dict(),
         "n_train_scans": {"twin": len(split.train), "semi_real": sum(len(ds.series_uids) for ds in semi),
-                          "stage2_only_twins": len(seg_cases)},
+                          "stage2_only_twins": len(seg_cases), "extra_training_twins": len(more_cases)},
         "twin_test": {**_froc_dict(twin_froc), "synthetic": True},
         "operating_point": {
             "twin_val_sensitivity_wanted": cfg.operating_sensitivity,

@@ -94,10 +94,43 @@ def from_mapping(cls: type[T], data: Mapping[str, Any], where: str = "<config>")
 
 
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
-    """The top-level mapping of a YAML file (empty file: ``{}``); ConfigError otherwise."""
+    """The top-level mapping of a YAML file (empty file: ``{}``); ConfigError otherwise.
+
+    A top-level ``base: other.yaml`` (relative to this file) reads that file first and lays
+    this one over it: mappings merge key by key, at any depth; any other value (a list
+    included) replaces the base's. Bases may have bases; a cycle is a ConfigError.
+    """
+    return _read_with_base(Path(path), ())
+
+
+def merge_mappings(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` laid on ``base``: nested mappings merge, other values replace."""
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), Mapping):
+            out[k] = merge_mappings(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def _read_with_base(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+    data = _read_one_mapping(path)
+    if "base" not in data:
+        return data
+    ref = data.pop("base")
+    if not isinstance(ref, str) or not ref:
+        raise ConfigError(f"{path}: base must be a file name, got {ref!r}")
+    base_path = (path.parent / ref).resolve()
+    chain = (*seen, path.resolve())
+    if base_path in chain:
+        raise ConfigError(f"{path}: base {ref!r} makes a cycle ({' -> '.join(p.name for p in (*chain, base_path))})")
+    return merge_mappings(_read_with_base(base_path, chain), data)
+
+
+def _read_one_mapping(path: Path) -> dict[str, Any]:
     import yaml
 
-    path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file")
     try:

@@ -106,3 +106,30 @@ def test_segment_with_a_bad_config_prints_one_named_line(tmp_path: Path, capsys)
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert str(bad) in err and "optimiser" in err
+
+
+def test_base_key_lays_a_file_over_its_base(tmp_path: Path) -> None:
+    from lidc_det.config import read_yaml_mapping
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.yaml").write_text("name: a\ndet: {epochs: 8, lr: 0.1, axes: [0, 1]}\nkeep: 1\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("base: ../root.yaml\nname: b\ndet: {epochs: 16}\n")
+    (tmp_path / "top.yaml").write_text("base: sub/mid.yaml\ndet: {axes: [2]}\nextra: null\n")
+    assert read_yaml_mapping(tmp_path / "top.yaml") == {
+        "name": "b", "det": {"epochs": 16, "lr": 0.1, "axes": [2]}, "keep": 1, "extra": None,
+    }
+
+
+def test_base_key_errors_name_the_file(tmp_path: Path) -> None:
+    from lidc_det.config import read_yaml_mapping
+
+    (tmp_path / "a.yaml").write_text("base: b.yaml\nx: 1\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ny: 2\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        read_yaml_mapping(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="missing.yaml: no such config file"):
+        read_yaml_mapping(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("base: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="base must be a file name"):
+        read_yaml_mapping(tmp_path / "d.yaml")

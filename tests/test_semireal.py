@@ -42,7 +42,7 @@ def test_other_side_must_fit_the_region() -> None:
 
 
 @pytest.mark.skipif(not REAL_0001.is_dir(), reason="needs ../shared/data/lidc-idri/LIDC-IDRI-0001")
-def test_mirrored_background_holds_no_voxel_of_the_other_lung(tmp_path: Path) -> None:
+def test_mirrored_background_holds_no_voxel_of_the_other_lung(tmp_path: Path, monkeypatch) -> None:
     from lidc_det.data.lidc import load_annotations
     from lidc_det.io.dicom import read_series
 
@@ -79,3 +79,14 @@ def test_mirrored_background_holds_no_voxel_of_the_other_lung(tmp_path: Path) ->
     assert g.shape_zyx[2] == pytest.approx(real.geometry.shape_zyx[2] * real.geometry.spacing_zyx[2], abs=2)
     # inserted nodules may sit on both sides; each is a target with a label
     assert len(case.nodules) >= 1 and all(":inserted" in n.nodule_id for n in case.nodules)
+
+    # a finished copy is kept when nothing changed, and written again when the insertion code's version does
+    meta = case.folder / "meta.json"
+    stamp = meta.stat().st_mtime_ns
+    make_semireal_dataset([spec], tmp_path, progress=False)
+    assert meta.stat().st_mtime_ns == stamp
+    from lidc_det.synthetic import insert
+
+    monkeypatch.setattr(insert, "INSERTION_VERSION", insert.INSERTION_VERSION + 1)
+    make_semireal_dataset([spec], tmp_path, progress=False)
+    assert meta.stat().st_mtime_ns != stamp

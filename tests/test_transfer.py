@@ -39,6 +39,15 @@ def test_shipped_configs_load() -> None:
         assert c.yardstick.region in ("left", "right", "whole")
 
 
+def test_variant_configs_differ_from_their_base_only_where_they_say() -> None:
+    base = dataclasses.asdict(load_transfer_config(REPO / "benchmarks" / "transfer" / "twins_demo.yaml"))
+    more = dataclasses.asdict(load_transfer_config(REPO / "benchmarks" / "transfer" / "twins_demo_more.yaml"))
+    changed = {k for k in base if base[k] != more[k]}
+    assert changed == {"name", "detector", "train_twins"}
+    assert more["detector"]["kwargs"] == {**base["detector"]["kwargs"], "epochs": 16, "tta_flip_axes": [2]}
+    assert len(more["train_twins"]["series_uids"]) == 24
+
+
 @requires_real
 def test_one_lung_background_restricts_scoring_to_the_other(cfg) -> None:
     evals, y_region, protocol = plan_protocol(cfg, REAL_ROOT, twin_patients=["LIDC-IDRI-0111"])
@@ -75,6 +84,16 @@ def test_patient_overlaps_are_refused(cfg) -> None:
         plan_protocol(cfg, REAL_ROOT, [], segmentation_patients=["LIDC-IDRI-0605"])
     _, _, protocol = plan_protocol(cfg, REAL_ROOT, ["LIDC-IDRI-0111"], segmentation_patients=["LIDC-IDRI-0126"])
     assert protocol["stage2_only_twin_patients"] == ["LIDC-IDRI-0126"]
+    with pytest.raises(TransferProtocolError, match="train_twins share patients with the twins"):
+        plan_protocol(cfg, REAL_ROOT, ["LIDC-IDRI-0111"], train_patients=["LIDC-IDRI-0111"])
+    with pytest.raises(TransferProtocolError, match="segmentation_twins share patients with train_twins"):
+        plan_protocol(cfg, REAL_ROOT, [], segmentation_patients=["LIDC-IDRI-0126"], train_patients=["LIDC-IDRI-0126"])
+    with pytest.raises(TransferProtocolError, match="among the training twins"):  # extra training twins count too
+        plan_protocol(cfg, REAL_ROOT, ["LIDC-IDRI-0111"], train_patients=["LIDC-IDRI-0001"])
+    with pytest.raises(TransferProtocolError, match="yardstick sources .* overlap the training twins"):
+        plan_protocol(cfg, REAL_ROOT, [], train_patients=["LIDC-IDRI-0605"])
+    _, _, protocol = plan_protocol(cfg, REAL_ROOT, ["LIDC-IDRI-0111"], train_patients=["LIDC-IDRI-0127"])
+    assert protocol["extra_training_twin_patients"] == ["LIDC-IDRI-0127"]
     with pytest.raises(TransferProtocolError, match="overlap the training sources"):
         plan_protocol(dataclasses.replace(cfg, yardstick_sources=PatientRange("LIDC-IDRI-0305", "LIDC-IDRI-0320")), REAL_ROOT, [])
 

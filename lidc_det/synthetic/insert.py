@@ -64,6 +64,12 @@ __all__ = [
 
 #: The placement kinds, in the order of ``placement_weights``.
 PLACEMENTS: tuple[str, str, str] = ("parenchymal", "juxtapleural", "juxtavascular")
+INSERTION_VERSION = 1
+"""Version of what an insertion writes for given settings and seed. Bump it whenever this
+module or :func:`lidc_det.synthetic.nodules.paint_nodule`'s default (sharp-edged) painting
+changes the inserted voxels or the random draws: the semi-real caches (training scans and
+the yardstick) key on it, so a stale copy is written again instead of silently kept."""
+
 _VESSEL_HU = -500.0  # lung voxels above this are vessels (or airway walls, nodules)
 _MIN_GAP_MM = 8.0
 

@@ -299,6 +299,7 @@ def make_semireal_dataset(specs: Sequence[SemiRealSpec], out_dir: Path, *, progr
     from lidc_det.lungs import lung_fields
     from lidc_det.provenance import provenance
     from lidc_det.resample import resample_image, resample_mask
+    from lidc_det.synthetic import insert
     from lidc_det.synthetic.insert import insert_nodules, nodule_sources
 
     out_dir = Path(out_dir)
@@ -308,7 +309,7 @@ def make_semireal_dataset(specs: Sequence[SemiRealSpec], out_dir: Path, *, progr
     scans: list[dict[str, Any]] = []
     bar = tqdm(total=sum(s.copies for s in specs), desc="semi-real scans", unit="scan", disable=not progress)
     for spec in specs:
-        h = hash_settings({"format": "semireal-1", **spec.settings()})
+        h = hash_settings({"format": "semireal-1", "insertion_version": insert.INSERTION_VERSION, **spec.settings()})
         uids = [f"semireal-{spec.name}-{k:03d}" for k in range(spec.copies)]
         metas: dict[str, dict[str, Any]] = {}
         for uid in uids:

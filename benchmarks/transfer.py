@@ -111,6 +111,10 @@ class TransferConfig:
         train_sources: patients whose nodules are inserted into the training backgrounds.
         yardstick: the semi-real yardstick background (a region nothing is trained on).
         yardstick_sources: patients whose nodules go into the yardstick (disjoint from the rest).
+        extra_yardsticks: more semi-real yardsticks on other real backgrounds (nodules of the
+            same ``yardstick_sources``, other draws), scored and recorded beside the first,
+            under the same rule: no region of them is trained on. Another scanner and body
+            checks that a change does not only fit one real scan.
         segmentation: optional stage 2 (nnU-Net crop segmenter), trained on the same scans;
             scored on the real nodules (Dice vs consensus, model in each reader's place vs the
             readers' own leave-one-out Dice, volume error), the yardstick and the twin test.
@@ -132,6 +136,7 @@ class TransferConfig:
     detector: DetectorSpec
     yardstick: BackgroundSpec
     yardstick_sources: PatientRange
+    extra_yardsticks: tuple[BackgroundSpec, ...] = ()
     backgrounds: tuple[BackgroundSpec, ...] = ()
     train_sources: PatientRange | None = None
     segmentation: SegmenterConfig | None = None
@@ -150,7 +155,10 @@ class TransferConfig:
             raise ConfigFileError("train_twins needs source: twin")
         if self.backgrounds and self.train_sources is None:
             raise ConfigFileError("backgrounds need train_sources (the patients whose nodules are inserted)")
-        for b in (self.yardstick, *self.backgrounds):
+        names = [b.name for b in (self.yardstick, *self.extra_yardsticks)]
+        if len(set(names)) != len(names):
+            raise ConfigFileError(f"yardstick names must be unique, got {names}")
+        for b in (self.yardstick, *self.extra_yardsticks, *self.backgrounds):
             if b.other_side not in ("keep", "cut", "mirror"):
                 raise ConfigFileError(f"{b.name}: other_side must be keep, cut or mirror, got {b.other_side!r}")
             if b.region == "whole" and b.other_side != "keep":
@@ -242,18 +250,20 @@ def plan_protocol(
         raise TransferProtocolError(f"yardstick sources {ys} overlap the training sources {ts}")
     if any(ys.contains(p) for p in twin_patients):
         raise TransferProtocolError(f"yardstick sources {ys} overlap the training twins")
-    y_uid, _ = _series_uid_of(cfg.yardstick.dicom)
+    yard: dict[str, dict[str, str]] = {}
+    for y in (cfg.yardstick, *cfg.extra_yardsticks):
+        y_uid, _ = _series_uid_of(y.dicom)
+        if y_uid in trained:
+            t = trained[y_uid]
+            if t == "whole" or y.region in ("whole", t):
+                raise TransferProtocolError(f"yardstick region {y.region!r} of {y.dicom} overlaps the trained region {t!r}")
+        yard[y.name] = {"series_uid": y_uid, "scored_region": y.region}
     y_region = cfg.yardstick.region
-    if y_uid in trained:
-        t = trained[y_uid]
-        if t == "whole" or y_region in ("whole", t):
-            raise TransferProtocolError(
-                f"yardstick region {y_region!r} of {cfg.yardstick.dicom} overlaps the trained region {t!r}"
-            )
     protocol = {
         "trained_backgrounds": {uid: r for uid, r in trained.items()},
         "evaluation": [{"series_uid": e.series_uid, "patient_id": e.patient_id, "scored_region": e.region} for e in evals],
-        "yardstick": {"series_uid": y_uid, "scored_region": y_region},
+        "yardstick": yard[cfg.yardstick.name],
+        "extra_yardsticks": {b.name: yard[b.name] for b in cfg.extra_yardsticks},
         "stage2_only_twin_patients": list(segmentation_patients),
         "extra_training_twin_patients": list(train_patients),
         "label": _protocol_label(cfg, trained),
@@ -325,6 +335,18 @@ def _yardstick_findings(ds: Any) -> tuple[list[Any], list[Any]]:
             f = LunaFinding(uid, n.center_xyz_mm, n.diameter_mm)
             (targets if ":inserted" in n.nodule_id else irrelevant).append(f)
     return targets, irrelevant
+
+
+def _score_yardstick(detector: Any, ds: Any, region: str, cfg: TransferConfig, progress: bool) -> tuple[Any, ...]:
+    """Detections (restricted to ``region``), targets, irrelevant findings and FROC of one yardstick."""
+    from lidc_det.metrics.froc import evaluate_detections
+
+    dets, _, _ = _detect_prepared(detector, ds, ds.series_uids, progress)
+    dets = [_restrict(d, region) for d in dets]
+    targets, irrelevant = _yardstick_findings(ds)
+    targets = _findings_in(targets, region)
+    froc = evaluate_detections(targets, dets, excluded=irrelevant, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
+    return dets, targets, irrelevant, froc
 
 
 def _write_candidates(path: Path, dets: list[Any]) -> None:
@@ -437,6 +459,11 @@ def run_transfer(
     ds_yard = make_semireal_dataset(
         [y.semireal(cfg.yardstick_sources, cfg.seed + 1000, spacing)], data_dir / "yardstick" / y.name, progress=progress
     )
+    ds_extra = [
+        make_semireal_dataset([b.semireal(cfg.yardstick_sources, cfg.seed + 1001 + k, spacing)],
+                              data_dir / "yardstick" / b.name, progress=progress)
+        for k, b in enumerate(cfg.extra_yardsticks)
+    ]
     lap("semi-real data", t0)
 
     # -- stage 1
@@ -460,11 +487,13 @@ def run_transfer(
 
     # -- semi-real yardstick
     t0 = time.perf_counter()
-    y_d, _, _ = _detect_prepared(detector, ds_yard, ds_yard.series_uids, progress)
-    y_d = [_restrict(d, y_region) for d in y_d]
-    y_t, y_i = _yardstick_findings(ds_yard)
-    y_t = _findings_in(y_t, y_region)
-    yard_froc = evaluate_detections(y_t, y_d, excluded=y_i, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
+    y_d, y_t, y_i, yard_froc = _score_yardstick(detector, ds_yard, y_region, cfg, progress)
+    extra_yards: dict[str, Any] = {}
+    for b, ds_b in zip(cfg.extra_yardsticks, ds_extra):
+        b_d, _, _, b_froc = _score_yardstick(detector, ds_b, b.region, cfg, progress)
+        extra_yards[b.name] = {**_froc_dict(b_froc), "semi_real": True, "region": b.region,
+                               "top_score": [round(float(d.scores.max()), 4) if len(d) else None for d in b_d]}
+        _write_candidates(out_dir / f"candidates_yardstick_{b.name}.csv", b_d)
     lap("yardstick", t0)
 
     # -- real scans
@@ -530,6 +559,7 @@ def run_transfer(
             "yardstick_fp_per_scan": _fp_at(y_d, y_t, y_i, thr),
         },
         "yardstick": {**_froc_dict(yard_froc), "semi_real": True, "region": y_region},
+        "extra_yardsticks": extra_yards,
         "real": {
             "nodules": real_rows,
             "froc": None if real_froc is None else _froc_dict(real_froc),
@@ -700,6 +730,9 @@ def _write_report(rec: dict[str, Any], out_dir: Path) -> None:
             [f"semi-real (real CT, inserted nodules; region {y['region']})", y["n_scans"], y["n_nodules"], y["cpm"],
              f"{y['cpm_ci'][0]:.2f}-{y['cpm_ci'][1]:.2f}", y["sensitivity"]["0.125"], y["sensitivity"]["1.0"], y["sensitivity"]["8.0"],
              op["yardstick_fp_per_scan"]],
+            *[[f"semi-real {name} (region {e['region']})", e["n_scans"], e["n_nodules"], e["cpm"],
+               f"{e['cpm_ci'][0]:.2f}-{e['cpm_ci'][1]:.2f}", e["sensitivity"]["0.125"], e["sensitivity"]["1.0"],
+               e["sensitivity"]["8.0"], "-"] for name, e in rec.get("extra_yardsticks", {}).items()],
             ["twin test (SYNTHETIC)", t["n_scans"], t["n_nodules"], t["cpm"], f"{t['cpm_ci'][0]:.2f}-{t['cpm_ci'][1]:.2f}",
              t["sensitivity"]["0.125"], t["sensitivity"]["1.0"], t["sensitivity"]["8.0"], "-"],
         ],
@@ -731,12 +764,15 @@ def _write_report(rec: dict[str, Any], out_dir: Path) -> None:
 # ------------------------------------------------------------------ ablation table
 def ablation_table(records: list[dict[str, Any]]) -> str:
     """One Markdown row per transfer run (config, twin test CPM, yardstick CPM, real ranks, Dice)."""
+    extra = any(r.get("extra_yardsticks") for r in records)
     head = ("| config | protocol | twin test CPM (SYNTHETIC) | semi-real yardstick CPM [95% CI] (nodules) | "
-            "real nodules: first-hit rank (FPs above) | real FP/scan at twin-val 80% | real stage-2 Dice: consensus / in a reader's place (readers) | "
+            + ("other semi-real yardsticks: CPM (nodules) | " if extra else "")
+            + "real nodules: first-hit rank (FPs above) | real FP/scan at twin-val 80% | real stage-2 Dice: consensus / in a reader's place (readers) | "
             "stage-1 training s | git |")
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * (10 if extra else 9)]
     for r in records:
         y, t = r["yardstick"], r["twin_test"]
+        others = ("; ".join(f"{k} {e['cpm']:.3f} ({e['n_nodules']})" for k, e in r.get("extra_yardsticks", {}).items()) or "-") + " | "
         ranks = "; ".join(
             f"{n['patient_id']} {n['diameter_mm']} mm ({n['scored_region']}): "
             + (f"{n['rank']} ({n['fps_above']})" if n["rank"] else f"not hit ({n['fps_above']})")
@@ -752,7 +788,7 @@ def ablation_table(records: list[dict[str, Any]]) -> str:
         lines.append(
             f"| `{Path(r['config_path']).name}` (train seed {r['config']['detector']['kwargs'].get('seed', 'default')}) | "
             f"{r['protocol']['label']} | {t['cpm']:.3f} | "
-            f"{y['cpm']:.3f} [{y['cpm_ci'][0]:.2f}, {y['cpm_ci'][1]:.2f}] ({y['n_nodules']}) | {ranks} | "
+            f"{y['cpm']:.3f} [{y['cpm_ci'][0]:.2f}, {y['cpm_ci'][1]:.2f}] ({y['n_nodules']}) | {others if extra else ''}{ranks} | "
             f"{r['operating_point']['real_fp_per_scan']} | {dice} | {r.get('stage1_train_seconds')} | {str(r['provenance'].get('git_revision'))[:7]} |"
         )
     return "\n".join(lines)

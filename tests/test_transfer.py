@@ -15,6 +15,7 @@ from benchmarks.transfer import (
     load_transfer_config,
     plan_protocol,
 )
+from lidc_det.config import ConfigFileError
 from tests.conftest import REAL_ROOT, REPO, requires_real
 
 SMOKE = REPO / "benchmarks" / "transfer" / "smoke.yaml"
@@ -68,6 +69,20 @@ def test_yardstick_in_the_trained_lung_is_refused(cfg) -> None:
     bad = dataclasses.replace(cfg, yardstick=dataclasses.replace(cfg.yardstick, region="right"))
     with pytest.raises(TransferProtocolError, match="overlaps the trained region"):
         plan_protocol(bad, REAL_ROOT, twin_patients=[])
+
+
+@requires_real
+def test_extra_yardsticks_follow_the_same_rules(cfg) -> None:
+    other = BackgroundSpec("other", OTHER_CT, "whole", crop_in_plane=False)
+    _, _, protocol = plan_protocol(dataclasses.replace(cfg, extra_yardsticks=(other,)), REAL_ROOT, twin_patients=[])
+    assert set(protocol["extra_yardsticks"]) == {"other"}
+    assert protocol["extra_yardsticks"]["other"]["scored_region"] == "whole"
+    # smoke.yaml trains on the right lung of 0001: a second yardstick there is refused, one on its left is not
+    with pytest.raises(TransferProtocolError, match="overlaps the trained region"):
+        plan_protocol(dataclasses.replace(cfg, extra_yardsticks=(BackgroundSpec("r", REAL_0001, "right"),)), REAL_ROOT, [])
+    plan_protocol(dataclasses.replace(cfg, extra_yardsticks=(BackgroundSpec("l", REAL_0001, "left"),)), REAL_ROOT, [])
+    with pytest.raises(ConfigFileError, match="yardstick names must be unique"):
+        dataclasses.replace(cfg, extra_yardsticks=(dataclasses.replace(other, name=cfg.yardstick.name),))
 
 
 @requires_real

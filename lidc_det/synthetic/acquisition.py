@@ -35,11 +35,6 @@ class AcquisitionParams:
         air_floor_hu: values below are clipped (the scanner's lowest CT number).
         outside_fov_hu: value outside the reconstruction circle; None = no circle
             (air continues to the image edge).
-        edge_sigma_z_mm, edge_sigma_xy_mm: Gaussian blur (sigma, mm) of the painted nodules'
-            edges along z (the slice sensitivity profile: FWHM 1.0-1.4 slice thicknesses) and
-            in plane (the kernel's PSF). Real LIDC-IDRI-0001's nodule ramps from -344 HU
-            (0-1 mm inside the readers' consensus) to -558 HU (0-1 mm outside); a sharp
-            painted edge made stage 2 under-segment it.
     """
 
     noise_sd_hu: float
@@ -47,13 +42,10 @@ class AcquisitionParams:
     body_noise_exponent: float
     air_floor_hu: float
     outside_fov_hu: float | None
-    edge_sigma_z_mm: float
-    edge_sigma_xy_mm: float
 
 
-def sample_acquisition(rng: np.random.Generator, slice_thickness_mm: float) -> AcquisitionParams:
-    """Random scanner settings: noise 9-35 HU (log-uniform), texture, padding style, and the
-    edge blur of nodules for this slice thickness."""
+def sample_acquisition(rng: np.random.Generator) -> AcquisitionParams:
+    """Random scanner settings: noise 9-35 HU (log-uniform), texture, padding style."""
     pad_choice = int(rng.integers(0, 4))
     return AcquisitionParams(
         noise_sd_hu=float(np.exp(rng.uniform(np.log(9.0), np.log(35.0)))),
@@ -61,8 +53,6 @@ def sample_acquisition(rng: np.random.Generator, slice_thickness_mm: float) -> A
         body_noise_exponent=float(rng.uniform(0.6, 1.0)),
         air_floor_hu=-1024.0,
         outside_fov_hu=(None, -1024.0, -2048.0, -3024.0)[pad_choice],
-        edge_sigma_z_mm=float(slice_thickness_mm) * float(rng.uniform(1.0, 1.4)) / 2.355,
-        edge_sigma_xy_mm=float(rng.uniform(0.7, 1.2)),
     )
 
 

@@ -15,9 +15,9 @@ Intensity follows that reader's ratings:
 * internal structure 2 fluid, 3 fat, 4 air (cavitation) in the core;
 * spiculation >= 3: thin spicules radiating from the border.
 
-Edges are partial-volume: the mask is blurred (in the twin by the scan's slice
-profile and in-plane PSF, ``edge_blur_mm``; by default about half a pixel in
-plane and a third of a slice in z) and the painted value is blended with ``max`` over
+Edges are partial-volume: the mask is blurred (by default about half a pixel in
+plane and a third of a slice in z, as the twin and the semi-real insertion paint
+them; ``edge_blur_mm`` blurs by a given slice profile and in-plane PSF instead) and the painted value is blended with ``max`` over
 the background, so vessels show through ground glass and a nodule touching
 the chest wall merges with it (juxtapleural) rather than covering it.
 """

@@ -77,7 +77,9 @@ SIDECAR_SUFFIX = ".twin.json"
 #: Version of what the generator renders. Bump it whenever a change alters the
 #: pixels or labels of a twin at a given seed: complete twins written by another
 #: version are then regenerated instead of being silently reused.
-GENERATOR_VERSION = 4
+GENERATOR_VERSION = 5
+# v1 straight vessels; v2 curved and thinner vessels; v3 curved vessels; v4 v3 + blurred nodule
+# edges; v5 renders exactly as v3 (the blur is still a paint_nodule option, unused by the twin).
 TMP_DIR_NAME = ".twin-tmp"
 _UNEVEN_TOL_MM = 0.01
 
@@ -289,11 +291,10 @@ def render_twin(spec: ScanSpec, *, seed: int) -> TwinVolume:
         anatomy = render_anatomy(grid, params, rng_anat)
         hu = anatomy.hu
         label = np.zeros(hu.shape, dtype=np.int16)
-        acq = sample_acquisition(rng_acq, spec.slice_thickness_mm)
-        blur = (acq.edge_sigma_z_mm, acq.edge_sigma_xy_mm)
-        painted = tuple(
-            paint_nodule(hu, grid, nod, rng_nod, edge_mm=params.edge_mm, edge_blur_mm=blur, label=label) for nod in spec.nodules
-        )
+        # sharp painted edges (v3's): v4's edges blurred by the slice profile and PSF were closer to the real
+        # nodule's HU ramp but cost the stage-1 transfer in paired seeds (docs/transfer.md, sixth round)
+        painted = tuple(paint_nodule(hu, grid, nod, rng_nod, edge_mm=params.edge_mm, label=label) for nod in spec.nodules)
+        acq = sample_acquisition(rng_acq)
         simulate_acquisition(hu, grid.pixel_mm, acq, rng_acq)
     return TwinVolume(spec, int(seed), hu, anatomy.lung, label, painted, params, acq)
 

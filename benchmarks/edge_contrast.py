@@ -50,11 +50,8 @@ def dataset_edges(root: Path, which: str, min_diameter_mm: float, max_scans: int
             inserted = ":inserted" in n.nodule_id
             if (which == "inserted" and not inserted) or (which == "own" and inserted) or n.diameter_mm < min_diameter_mm:
                 continue
-            try:
-                mask = case.nodule_mask(n)
-            except (KeyError, ValueError):  # an irrelevant finding without a stored mask
-                continue
-            if not mask.any():
+            mask = case.nodule_mask(n)
+            if not mask.any():  # a finding without a stored mask (nodule_mask gives an empty one)
                 continue
             inside, outside = edge_shells_hu(case.image_hu, mask)
             rows.append({"series_uid": uid, "nodule_id": n.nodule_id, "diameter_mm": round(float(n.diameter_mm), 1),

@@ -349,6 +349,11 @@ def _score_yardstick(detector: Any, ds: Any, region: str, cfg: TransferConfig, p
     return dets, targets, irrelevant, froc
 
 
+def _top_scores(dets: list[Any]) -> list[float | None]:
+    """Highest score per scan (None for a scan without candidates)."""
+    return [round(float(d.scores.max()), 4) if len(d) else None for d in dets]
+
+
 def _write_candidates(path: Path, dets: list[Any]) -> None:
     from lidc_det.data.luna import candidates_from_detections, write_candidates
 
@@ -492,7 +497,7 @@ def run_transfer(
     for b, ds_b in zip(cfg.extra_yardsticks, ds_extra):
         b_d, _, _, b_froc = _score_yardstick(detector, ds_b, b.region, cfg, progress)
         extra_yards[b.name] = {**_froc_dict(b_froc), "semi_real": True, "region": b.region,
-                               "top_score": [round(float(d.scores.max()), 4) if len(d) else None for d in b_d]}
+                               "top_score": _top_scores(b_d)}
         _write_candidates(out_dir / f"candidates_yardstick_{b.name}.csv", b_d)
     lap("yardstick", t0)
 
@@ -563,7 +568,7 @@ def run_transfer(
         "real": {
             "nodules": real_rows,
             "froc": None if real_froc is None else _froc_dict(real_froc),
-            "top_score": [round(float(d.scores.max()), 4) if len(d) else None for d in real_d],
+            "top_score": _top_scores(real_d),
             "pngs": pngs,
         },
         "stage2": stage2,

@@ -292,7 +292,7 @@ def render_twin(spec: ScanSpec, *, seed: int) -> TwinVolume:
         hu = anatomy.hu
         label = np.zeros(hu.shape, dtype=np.int16)
         # sharp painted edges (v3's): v4's edges blurred by the slice profile and PSF were closer to the real
-        # nodule's HU ramp but cost the stage-1 transfer in paired seeds (docs/transfer.md, sixth round)
+        # nodule's HU ramp but cost the stage-1 transfer in paired seeds (docs/transfer.md, seventh round)
         painted = tuple(paint_nodule(hu, grid, nod, rng_nod, edge_mm=params.edge_mm, label=label) for nod in spec.nodules)
         acq = sample_acquisition(rng_acq)
         simulate_acquisition(hu, grid.pixel_mm, acq, rng_acq)

@@ -133,7 +133,7 @@ def models_key(detector: Any, segmenter: Any) -> str:
     import hashlib
 
     parts = []
-    files = [getattr(detector, "checkpoint", None)]
+    files = list(getattr(detector, "checkpoints", None) or [getattr(detector, "checkpoint", None)])
     model_dir = getattr(segmenter, "model_dir", None)
     if model_dir is not None:
         cfg = segmenter.config

@@ -310,15 +310,20 @@ def _froc_dict(froc: Any) -> dict[str, Any]:
     }
 
 
-def _history_seconds(path: Path) -> float | None:
-    """Wall seconds of all training epochs in a stage-1 ``history.csv`` (a resumed run's ``seconds``
-    only hold the resume; this holds the original training time)."""
+def _history_seconds(stage1_dir: Path) -> float | None:
+    """Wall seconds of all training epochs in the stage-1 ``history.csv`` files under ``stage1_dir``
+    (one per ensemble member; a resumed run's ``seconds`` only hold the resume, these hold the
+    original training time)."""
     import csv
 
-    if not path.is_file():
+    paths = sorted(Path(stage1_dir).rglob("history.csv"))
+    if not paths:
         return None
-    with open(path, newline="") as f:
-        return round(sum(float(r["seconds"]) for r in csv.DictReader(f)), 1)
+    total = 0.0
+    for path in paths:
+        with open(path, newline="") as f:
+            total += sum(float(r["seconds"]) for r in csv.DictReader(f))
+    return round(total, 1)
 
 
 def _yardstick_findings(ds: Any) -> tuple[list[Any], list[Any]]:
@@ -572,7 +577,7 @@ def run_transfer(
             "pngs": pngs,
         },
         "stage2": stage2,
-        "stage1_train_seconds": _history_seconds(out_dir / "stage1" / "history.csv"),
+        "stage1_train_seconds": _history_seconds(out_dir / "stage1"),
         "seconds": times,
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }

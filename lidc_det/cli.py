@@ -527,8 +527,9 @@ def _add_detect(sub: argparse._SubParsersAction) -> None:
             "candidates CSV (seriesuid,coordX,coordY,coordZ,probability; world mm)."
         ),
     )
-    p.add_argument("--model", type=Path, required=True,
-                   help="detector checkpoint (best.pt / last.pt of a training run) or .onnx from `lidc-det export`")
+    p.add_argument("--model", type=Path, required=True, nargs="+",
+                   help="detector checkpoint (best.pt / last.pt of a training run) or .onnx from `lidc-det export`; "
+                        "several Retina3D checkpoints: their ensemble (outputs averaged before NMS)")
     p.add_argument("--dicom", type=Path, required=True, help="folder holding the DICOM series")
     p.add_argument("--series-uid", default=None, help="series to read when the folder holds several")
     p.add_argument("--out", type=Path, default=None, help="LUNA16 candidates CSV to write")

@@ -68,7 +68,7 @@ def detections_table(dets: Detections, *, top: int = 20) -> str:
 
 
 def run_detect(
-    model: str | Path,
+    model: str | Path | Sequence[str | Path],
     dicom_dir: str | Path,
     *,
     series_uid: str | None = None,
@@ -78,7 +78,8 @@ def run_detect(
     progress: bool = True,
     tta_flip_axes: Sequence[int] | None = None,
 ) -> Detections:
-    """Detect nodule candidates in one DICOM series with a trained checkpoint.
+    """Detect nodule candidates in one DICOM series with a trained checkpoint (or several:
+    a :class:`~stage1_detect.ensemble.Retina3DEnsemble` of Retina3D checkpoints).
 
     ``tta_flip_axes`` (a PyTorch checkpoint only) replaces the checkpoint's test-time flips
     (:class:`stage1_detect.inference.FlipTTA`; ``(2,)``: average with the left-right mirror).
@@ -93,7 +94,18 @@ def run_detect(
     from lidc_det.data.luna import candidates_from_detections, write_candidates
     from lidc_det.io.dicom import read_series
 
-    detector = load_detector(model, device=device, progress=progress)
+    models = [model] if isinstance(model, (str, Path)) else list(model)
+    if len(models) == 1:
+        detector = load_detector(models[0], device=device, progress=progress)
+    else:
+        from stage1_detect.detector import Retina3DDetector
+        from stage1_detect.ensemble import Retina3DEnsemble
+
+        for m in models:
+            if not isinstance(load_detector(m, device="cpu", progress=False), Retina3DDetector):
+                raise ConfigError(f"{m}: an ensemble (several --model) takes Retina3D checkpoints (.pt) only")
+        detector = Retina3DEnsemble(checkpoints=models, device=device, progress=progress)
+        model = models[0]
     if tta_flip_axes is not None:
         if not hasattr(detector, "with_inference_options"):
             raise ConfigError(f"{model}: test-time flips need a PyTorch checkpoint (.pt), not {Path(model).suffix}")

@@ -38,6 +38,10 @@ flipped axis) and the anchors' probabilities and codes are averaged before
 decoding (:class:`FlipTTA`). Windows are multiples of 16 and the anchors of a
 cell are centred on it, so a flipped map lands on the same anchors.
 
+**Ensembles** (:class:`ModelMean`, :class:`stage1_detect.ensemble.Retina3DEnsemble`):
+several networks of one architecture are averaged the same way (probabilities and
+codes, anchor by anchor, before decoding and NMS); flips then apply to the mean.
+
 **Spacing.** The network works on the training grid (``config.spacing_mm``). A
 scan with another spacing is resampled first (linear,
 :func:`lidc_det.resample.resample_image`); boxes are mapped back to the input
@@ -208,6 +212,39 @@ class FlipTTA(torch.nn.Module):
         logits = [torch.logit(p / k, eps=1e-6) for p in prob_sum]
         boxes = [(c / k).reshape(c.shape[0], -1, *c.shape[3:]) for c in code_sum]
         return logits, boxes
+
+
+class ModelMean(torch.nn.Module):
+    """Several networks of one architecture and anchor set run as one: the mean of their
+    anchors' probabilities and box codes (a deep ensemble), returned as logits and codes in
+    :class:`stage1_detect.model.Retina3D`'s output format, so it can be wrapped by
+    :class:`FlipTTA` and decoded like a single network.
+
+    Args:
+        models: networks with Retina3D's output format (same levels, anchors and map shapes).
+    """
+
+    def __init__(self, models: Sequence[torch.nn.Module]) -> None:
+        super().__init__()
+        if not models:
+            raise ValueError("ModelMean needs at least one network")
+        self.models = torch.nn.ModuleList(models)
+
+    def forward(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        prob_sum: list[torch.Tensor] = []
+        code_sum: list[torch.Tensor] = []
+        for net in self.models:
+            cls, box = net(x)
+            for level, (c, b) in enumerate(zip(cls, box)):
+                p, codes = torch.sigmoid(c.float()), b.float()
+                if level == len(prob_sum):
+                    prob_sum.append(p)
+                    code_sum.append(codes)
+                else:
+                    prob_sum[level] = prob_sum[level] + p
+                    code_sum[level] = code_sum[level] + codes
+        k = float(len(self.models))
+        return [torch.logit(p / k, eps=1e-6) for p in prob_sum], [c / k for c in code_sum]
 
 
 def _autocast(device: torch.device) -> torch.autocast | None:

@@ -56,6 +56,7 @@ ENTRY_POINT_GROUP = "lidc_det.detectors"
 #: Modules that register the built-in detectors when imported (imported on first use).
 BUILTIN_MODULES: tuple[str, ...] = (
     "stage1_detect.detector",
+    "stage1_detect.ensemble",
     "stage1_detect.monai_baseline",
     "stage1_detect.mmdet_adapter",
 )

@@ -47,6 +47,7 @@ import numpy as np
 
 from benchmarks.data import DataSpec
 from benchmarks.harness import DetectorSpec
+from benchmarks.second_look import SecondLookStepConfig
 from lidc_det.config import ConfigFileError
 from lidc_det.errors import LidcDetError
 from stage2_segment.config import SegmenterConfig
@@ -125,6 +126,13 @@ class TransferConfig:
             and stage 2; the twins' validation and test folds stay as they are, so the twin
             test is comparable with runs without them). Same patient rules as
             ``segmentation_twins``, and disjoint from them.
+        second_look: optional learned false-positive reduction after stage 2
+            (:class:`benchmarks.second_look.SecondLookStepConfig`): LightGBM on features of each
+            top candidate's stage-2 mask and crop (shape, HU, vesselness) plus the detector's
+            score, trained on the candidates of a pool of twins that neither stage trained on
+            (``second_look.data``; same patient rules as ``train_twins``), then applied to the
+            top ``max_candidates_per_scan`` candidates of the twin test, the yardsticks and the
+            real scans. Recorded beside the detector's figures on the same top candidates.
         operating_sensitivity: twin-validation sensitivity that fixes the reported operating point.
         n_bootstrap: bootstrap replicates for CIs.
         n_fp_pngs: real false positives shown (highest scores first).
@@ -142,6 +150,7 @@ class TransferConfig:
     segmentation: SegmenterConfig | None = None
     segmentation_twins: DataSpec | None = None
     train_twins: DataSpec | None = None
+    second_look: SecondLookStepConfig | None = None
     operating_sensitivity: float = 0.8
     n_bootstrap: int = 1000
     n_fp_pngs: int = 10
@@ -153,6 +162,8 @@ class TransferConfig:
             raise ConfigFileError("segmentation_twins needs segmentation, and source: twin")
         if self.train_twins is not None and not self.train_twins.synthetic:
             raise ConfigFileError("train_twins needs source: twin")
+        if self.second_look is not None and (self.segmentation is None or not self.second_look.data.synthetic):
+            raise ConfigFileError("second_look needs segmentation (its features come from stage-2 masks), and source: twin")
         if self.backgrounds and self.train_sources is None:
             raise ConfigFileError("backgrounds need train_sources (the patients whose nodules are inserted)")
         names = [b.name for b in (self.yardstick, *self.extra_yardsticks)]
@@ -200,24 +211,31 @@ def plan_protocol(
     twin_patients: list[str],
     segmentation_patients: Sequence[str] = (),
     train_patients: Sequence[str] = (),
+    second_look_patients: Sequence[str] = (),
 ) -> tuple[list[EvalScan], str, dict[str, Any]]:
     """The evaluation scans with their scored regions, the yardstick's scored region, and a
     record of the protocol; raises :class:`TransferProtocolError` on any overlap.
 
     ``segmentation_patients``: the patients of the stage-2-only twins (``segmentation_twins``);
-    ``train_patients``: those of the extra training twins of both stages (``train_twins``).
-    Neither may hold twins' patients (the twin test would be seen), each other's,
+    ``train_patients``: those of the extra training twins of both stages (``train_twins``);
+    ``second_look_patients``: those of the second look's training pool (``second_look.data``).
+    None of them may hold twins' patients (the twin test would be seen), each other's,
     evaluation patients or yardstick sources."""
+    from itertools import combinations
+
     from lidc_det.io.dicom import find_series
 
-    for name, extra in (("segmentation_twins", segmentation_patients), ("train_twins", train_patients)):
+    extras = (("segmentation_twins", segmentation_patients), ("train_twins", train_patients),
+              ("second_look.data", second_look_patients))
+    for name, extra in extras:
         shared = sorted(set(extra) & set(twin_patients))
         if shared:
             raise TransferProtocolError(f"{name} share patients with the twins: {shared}")
-    shared = sorted(set(segmentation_patients) & set(train_patients))
-    if shared:
-        raise TransferProtocolError(f"segmentation_twins share patients with train_twins: {shared}")
-    twin_patients = sorted(set(twin_patients) | set(segmentation_patients) | set(train_patients))
+    for (name_a, a), (name_b, b) in combinations(extras, 2):
+        shared = sorted(set(a) & set(b))
+        if shared:
+            raise TransferProtocolError(f"{name_a} share patients with {name_b}: {shared}")
+    twin_patients = sorted(set(twin_patients).union(*(set(e) for _, e in extras)))
 
     series = find_series(Path(dicom_root))
     if not series:
@@ -266,6 +284,7 @@ def plan_protocol(
         "extra_yardsticks": {b.name: yard[b.name] for b in cfg.extra_yardsticks},
         "stage2_only_twin_patients": list(segmentation_patients),
         "extra_training_twin_patients": list(train_patients),
+        "second_look_pool_patients": list(second_look_patients),
         "label": _protocol_label(cfg, trained),
     }
     return evals, y_region, protocol
@@ -453,7 +472,13 @@ def run_transfer(
         ds_more, _ = materialize(cfg.train_twins, data_dir / "train_twins", progress=progress)
         more_cases = [ds_more.load_case(u) for u in ds_more.series_uids]
     more_patients = sorted({c.patient_id for c in more_cases})
-    evals, y_region, protocol = plan_protocol(cfg, dicom_root, twin_patients, seg_patients, more_patients)
+    pool_ds = None
+    if cfg.second_look is not None:
+        from benchmarks.second_look import prepared_data
+
+        pool_ds = prepared_data(cfg.second_look.data, data_dir / "second_look_pool", progress=progress)
+    pool_patients = [] if pool_ds is None else sorted({pool_ds.load_case(u).patient_id for u in pool_ds.series_uids})
+    evals, y_region, protocol = plan_protocol(cfg, dicom_root, twin_patients, seg_patients, more_patients, pool_patients)
     lap("twins", t0)
     print(f"[transfer] protocol: {protocol['label']}", flush=True)
 
@@ -499,8 +524,10 @@ def run_transfer(
     t0 = time.perf_counter()
     y_d, y_t, y_i, yard_froc = _score_yardstick(detector, ds_yard, y_region, cfg, progress)
     extra_yards: dict[str, Any] = {}
+    extra_scored: list[tuple[str, Any, list[Any], list[Any], list[Any]]] = []
     for b, ds_b in zip(cfg.extra_yardsticks, ds_extra):
-        b_d, _, _, b_froc = _score_yardstick(detector, ds_b, b.region, cfg, progress)
+        b_d, b_t, b_i, b_froc = _score_yardstick(detector, ds_b, b.region, cfg, progress)
+        extra_scored.append((b.name, ds_b, b_d, b_t, b_i))
         extra_yards[b.name] = {**_froc_dict(b_froc), "semi_real": True, "region": b.region,
                                "top_score": _top_scores(b_d)}
         _write_candidates(out_dir / f"candidates_yardstick_{b.name}.csv", b_d)
@@ -538,13 +565,25 @@ def run_transfer(
     lap("real scans", t0)
 
     stage2 = None
+    second_look = None
     if cfg.segmentation is not None:
         t0 = time.perf_counter()
         seg_train = train_cases + seg_cases
-        stage2 = _run_stage2(cfg.segmentation, seg_train, val_cases, ds_twin, split, ds_yard, evals, real_d,
-                             data_dir / "stage2_model" / config_hash([cfg.segmentation, _cases_key(seg_train + val_cases)]),
-                             out_dir / "png", progress)
+        stage2, segmenter = _run_stage2(
+            cfg.segmentation, seg_train, val_cases, ds_twin, split, ds_yard, evals, real_d,
+            data_dir / "stage2_model" / config_hash([cfg.segmentation, _cases_key(seg_train + val_cases)]),
+            out_dir / "png", progress,
+        )
         lap("stage 2", t0)
+        if cfg.second_look is not None and pool_ds is not None:
+            t0 = time.perf_counter()
+            scored_sets = [("twin_test", ds_twin, test_d, test_t, test_i), ("yardstick", ds_yard, y_d, y_t, y_i),
+                           *((f"yardstick {name}", *rest) for name, *rest in extra_scored)]
+            second_look = _run_second_look(
+                cfg.second_look, detector, segmenter, pool_ds, out_dir / "second_look", scored_sets,
+                evals, real_d, real_t, real_i, seg_train[0].geometry.spacing_zyx, cfg, progress,
+            )
+            lap("second look", t0)
 
     for name, dets in (("twin_test", test_d), ("yardstick", y_d), ("real", real_d)):
         _write_candidates(out_dir / f"candidates_{name}.csv", dets)
@@ -577,6 +616,7 @@ def run_transfer(
             "pngs": pngs,
         },
         "stage2": stage2,
+        "second_look": second_look,
         "stage1_train_seconds": _history_seconds(out_dir / "stage1"),
         "seconds": times,
         "wall_seconds": round(time.perf_counter() - t_start, 1),
@@ -589,9 +629,10 @@ def run_transfer(
 def _run_stage2(
     seg_cfg: SegmenterConfig, train_cases: list[Any], val_cases: list[Any], ds_twin: Any, split: Any, ds_yard: Any,
     evals: list[EvalScan], real_dets: list[Any], work_dir: Path, png_dir: Path, progress: bool,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], Any]:
     """Train the crop segmenter on the training scans; score it on the real nodules (true centre
-    and first hit), the yardstick and the twin test (Dice vs the readers' consensus)."""
+    and first hit), the yardstick and the twin test (Dice vs the readers' consensus). Returns the
+    record and the trained :class:`~stage2_segment.segmenter.NnUnetSegmenter`."""
     from lidc_det.data.lidc import consensus_mask, load_annotations, reader_masks
     from lidc_det.io.dicom import read_series
     from lidc_det.overlays import three_plane_png
@@ -659,12 +700,94 @@ def _run_stage2(
         write_json(cache, {"series_uids": list(uids), "inserted_only": inserted_only, "dice": out})
         return out
 
-    return {
+    record = {
         "fit": {k: v for k, v in fit.items() if k in ("n_crops", "n_nodule_crops", "n_negative_crops", "times", "final_pseudo_dice")},
         "real": real,
         "yardstick_dice": _rounded(summarize(dice_of(ds_yard, ds_yard.series_uids, inserted_only=True))),
         "twin_test_dice": _rounded(summarize(dice_of(ds_twin, split.test))),
     }
+    return record, seg
+
+
+def _looked(look: Any, seg: Any, hu: np.ndarray, geometry: Any, det: Any) -> Any:
+    """``det`` rescored by the second look ``look`` from ``seg``'s masks (same candidates; ``hu``
+    ``[z, y, x]`` HU on ``geometry``, the grid stage 2 runs on)."""
+    if not len(det):
+        return det
+    return look.rescore(hu, geometry, det, seg.segment(hu, geometry, det))
+
+
+def _rank_row(r: Any) -> dict[str, Any]:
+    return {"rank": r.rank, "fps_above": r.fps_above, "score": None if r.score is None else round(r.score, 4)}
+
+
+def _run_second_look(
+    sl: SecondLookStepConfig, detector: Any, seg: Any, pool_ds: Any, work_dir: Path,
+    scored_sets: list[tuple[str, Any, list[Any], list[Any], list[Any]]],
+    evals: list[EvalScan], real_dets: list[Any], real_t: list[Any], real_i: list[Any],
+    spacing_zyx: tuple[float, float, float], cfg: TransferConfig, progress: bool,
+) -> dict[str, Any]:
+    """Train the second look on the pool twins' top candidates (never seen by either stage) and
+    rescore the top ``sl.max_candidates_per_scan`` candidates of every scored set (name, prepared
+    data set, detections, targets, irrelevant findings) and of the real scans.
+
+    Every figure is given for the detector's scores and the second look's on the *same* top
+    candidates (the detector's own record keeps its top 100). Writes the model to
+    ``work_dir/model`` and the rescored real candidates to ``work_dir/candidates_real.csv``."""
+    from benchmarks.second_look import _split_scores, collect, compare, models_key, table_of
+    from lidc_det.io.dicom import read_series
+    from lidc_det.metrics.froc import evaluate_detections
+    from lidc_det.metrics.ranks import nodule_ranks
+    from lidc_det.resample import resample_image
+    from stage2_segment.second_look import SecondLook
+
+    k = sl.max_candidates_per_scan
+    pool = collect("pool", pool_ds, pool_ds.series_uids, detector, seg, k, sl.model,
+                   work_dir / "candidates" / models_key(detector, seg), progress=progress)
+    table = table_of(pool)
+    oof = SecondLook(sl.model).out_of_fold(table)
+    look = SecondLook(sl.model).fit(table)
+    look.save(work_dir / "model")
+
+    def froc(targets: list[Any], dets: list[Any], irrelevant: list[Any]) -> dict[str, Any]:
+        return _froc_dict(evaluate_detections(targets, dets, excluded=irrelevant, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed))
+
+    rec: dict[str, Any] = {
+        "model": look.name,
+        "max_candidates_per_scan": k,
+        "pool": {"n_scans": len(pool), "n_candidates": len(table), "n_hits": int((table.labels == 1).sum()),
+                 "synthetic": True, "patients": sorted({s.patient_id for s in pool}),
+                 "out_of_fold": compare(pool, {"detector": ([s.detections.scores for s in pool], None),
+                                               "second look": (_split_scores(pool, oof), None)},
+                                        n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)},
+        "info": look.info,
+    }
+    for name, ds, dets, targets, irrelevant in scored_sets:
+        top = [d.top_k(k) for d in dets]
+        looked = []
+        for d in top:
+            case = ds.load_case(d.series_uid)
+            looked.append(_looked(look, seg, np.asarray(case.image_hu, dtype=np.float32), case.geometry, d))
+        rec[name] = {"detector_top_k": froc(targets, top, irrelevant), "second_look": froc(targets, looked, irrelevant)}
+    real_top, real_looked, rows = [], [], []
+    for e, d in zip(evals, real_dets):
+        vol = read_series(e.folder, series_uid=e.series_uid)
+        hu, g = resample_image(vol.hu, vol.geometry, spacing_zyx)
+        top = d.top_k(k)
+        new = _looked(look, seg, hu, g, top)
+        real_top.append(top)
+        real_looked.append(new)
+        for before, after in zip(nodule_ranks(top, real_t, real_i), nodule_ranks(new, real_t, real_i)):
+            rows.append({"patient_id": vol.patient_id, "scored_region": e.region, "diameter_mm": round(before.diameter_mm, 1),
+                         "detector_top_k": _rank_row(before), "second_look": _rank_row(after)})
+    rec["real"] = {
+        "nodules": rows,
+        "froc": None if not real_t else {"detector_top_k": froc(real_t, real_top, real_i),
+                                          "second_look": froc(real_t, real_looked, real_i)},
+        "top_score": _top_scores(real_looked),
+    }
+    _write_candidates(work_dir / "candidates_real.csv", real_looked)
+    return rec
 
 
 def _rounded(d: dict[str, Any]) -> dict[str, Any]:
@@ -767,26 +890,63 @@ def _write_report(rec: dict[str, Any], out_dir: Path) -> None:
         ))
         for r in s2["real"]:
             rep.add(Image(r["png"], f"REAL {r['patient_id']}: stage-2 mask (red) and the readers' consensus (green)"))
+    sl = rec.get("second_look")
+    if sl:
+        k = sl["max_candidates_per_scan"]
+        rep.add(Heading("Second look: a learned score per candidate"))
+        pool = sl["pool"]
+        oof = pool["out_of_fold"]["arms"]
+        rep.add(Paragraph(
+            f"{sl['model']}, trained on the top {k} candidates of {pool['n_scans']} pool twins (SYNTHETIC) that neither "
+            f"stage trained on ({pool['n_candidates']} candidates, {pool['n_hits']} hits); out-of-fold CPM on the pool "
+            f"{oof['second look']['cpm']:.3f} vs the detector's {oof['detector']['cpm']:.3f}. Below, both scores rank "
+            f"the same top {k} candidates of each scan."
+        ))
+        rows = [[r["patient_id"], r["diameter_mm"], _rank_text(r["detector_top_k"]), _rank_text(r["second_look"])]
+                for r in sl["real"]["nodules"]]
+        rep.add(Table(["REAL patient", "diameter mm", "detector: rank (FPs above)", "second look: rank (FPs above)"], rows))
+        sets = [(name, v) for name, v in sl.items() if isinstance(v, dict) and "second_look" in v and "detector_top_k" in v]
+        if sl["real"]["froc"]:
+            sets.append(("real", sl["real"]["froc"]))
+        rep.add(Table(["data", "nodules", f"detector CPM (top {k})", f"second look CPM (top {k})"],
+                      [[("twin test (SYNTHETIC)" if name == "twin_test" else name), v["detector_top_k"]["n_nodules"],
+                        f"{v['detector_top_k']['cpm']:.3f}", f"{v['second_look']['cpm']:.3f}"] for name, v in sets]))
     rep.add(Paragraph("Seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in rec["seconds"].items())))
     rep.write(out_dir)
 
 
+def _rank_text(r: dict[str, Any]) -> str:
+    return f"{r['rank']} ({r['fps_above']})" if r["rank"] else f"not hit ({r['fps_above']})"
+
+
+def _second_look_cell(r: dict[str, Any]) -> str:
+    sl = r.get("second_look")
+    if not sl:
+        return "-"
+    ranks = ", ".join(_rank_text(n["second_look"]) for n in sl["real"]["nodules"]) or "-"
+    yards = " / ".join(f"{v['second_look']['cpm']:.3f}" for name, v in sl.items()
+                       if isinstance(v, dict) and name.startswith("yardstick") and "second_look" in v)
+    return f"{ranks}; {yards}; {sl['twin_test']['second_look']['cpm']:.3f}"
+
+
 # ------------------------------------------------------------------ ablation table
 def ablation_table(records: list[dict[str, Any]]) -> str:
-    """One Markdown row per transfer run (config, twin test CPM, yardstick CPM, real ranks, Dice)."""
+    """One Markdown row per transfer run (config, twin test CPM, yardstick CPM, real ranks, Dice;
+    with the second look, its real ranks, yardstick CPMs and twin test CPM on the top candidates)."""
     extra = any(r.get("extra_yardsticks") for r in records)
+    look = any(r.get("second_look") for r in records)
     head = ("| config | protocol | twin test CPM (SYNTHETIC) | semi-real yardstick CPM [95% CI] (nodules) | "
             + ("other semi-real yardsticks: CPM (nodules) | " if extra else "")
-            + "real nodules: first-hit rank (FPs above) | real FP/scan at twin-val 80% | real stage-2 Dice: consensus / in a reader's place (readers) | "
+            + "real nodules: first-hit rank (FPs above) | "
+            + ("second look: real rank (FPs above); yardstick CPMs; twin test CPM | " if look else "")
+            + "real FP/scan at twin-val 80% | real stage-2 Dice: consensus / in a reader's place (readers) | "
             "stage-1 training s | git |")
-    lines = [head, "|" + "---|" * (10 if extra else 9)]
+    lines = [head, "|" + "---|" * (9 + extra + look)]
     for r in records:
         y, t = r["yardstick"], r["twin_test"]
         others = ("; ".join(f"{k} {e['cpm']:.3f} ({e['n_nodules']})" for k, e in r.get("extra_yardsticks", {}).items()) or "-") + " | "
         ranks = "; ".join(
-            f"{n['patient_id']} {n['diameter_mm']} mm ({n['scored_region']}): "
-            + (f"{n['rank']} ({n['fps_above']})" if n["rank"] else f"not hit ({n['fps_above']})")
-            for n in r["real"]["nodules"]
+            f"{n['patient_id']} {n['diameter_mm']} mm ({n['scored_region']}): {_rank_text(n)}" for n in r["real"]["nodules"]
         ) or "-"
         dice = "-"
         if r.get("stage2"):
@@ -799,7 +959,8 @@ def ablation_table(records: list[dict[str, Any]]) -> str:
             f"| `{Path(r['config_path']).name}` (train seed {r['config']['detector']['kwargs'].get('seed', 'default')}) | "
             f"{r['protocol']['label']} | {t['cpm']:.3f} | "
             f"{y['cpm']:.3f} [{y['cpm_ci'][0]:.2f}, {y['cpm_ci'][1]:.2f}] ({y['n_nodules']}) | {others if extra else ''}{ranks} | "
-            f"{r['operating_point']['real_fp_per_scan']} | {dice} | {r.get('stage1_train_seconds')} | {str(r['provenance'].get('git_revision'))[:7]} |"
+            + (f"{_second_look_cell(r)} | " if look else "")
+            + f"{r['operating_point']['real_fp_per_scan']} | {dice} | {r.get('stage1_train_seconds')} | {str(r['provenance'].get('git_revision'))[:7]} |"
         )
     return "\n".join(lines)
 

@@ -49,6 +49,16 @@ def test_variant_configs_differ_from_their_base_only_where_they_say() -> None:
     assert len(more["train_twins"]["series_uids"]) == 24
 
 
+def test_second_look_needs_stage_2_and_twins() -> None:
+    look = load_transfer_config(REPO / "benchmarks" / "transfer" / "twins_demo_ens3_look.yaml")
+    assert look.second_look is not None and look.detector.name == "retina3d-ensemble"
+    with pytest.raises(ConfigFileError, match="second_look needs segmentation"):
+        dataclasses.replace(look, segmentation=None)
+    with pytest.raises(ConfigFileError, match="second_look needs segmentation"):
+        dataclasses.replace(look, second_look=dataclasses.replace(
+            look.second_look, data=dataclasses.replace(look.second_look.data, source="dicom", dicom_root=REAL_ROOT)))
+
+
 @requires_real
 def test_one_lung_background_restricts_scoring_to_the_other(cfg) -> None:
     evals, y_region, protocol = plan_protocol(cfg, REAL_ROOT, twin_patients=["LIDC-IDRI-0111"])
@@ -111,6 +121,20 @@ def test_patient_overlaps_are_refused(cfg) -> None:
     assert protocol["extra_training_twin_patients"] == ["LIDC-IDRI-0127"]
     with pytest.raises(TransferProtocolError, match="overlap the training sources"):
         plan_protocol(dataclasses.replace(cfg, yardstick_sources=PatientRange("LIDC-IDRI-0305", "LIDC-IDRI-0320")), REAL_ROOT, [])
+    # the second look's pool twins follow the same rules: no twin, stage-2, training-twin, evaluation or
+    # yardstick-source patient among them
+    with pytest.raises(TransferProtocolError, match="second_look.data share patients with the twins"):
+        plan_protocol(cfg, REAL_ROOT, ["LIDC-IDRI-0111"], second_look_patients=["LIDC-IDRI-0111"])
+    with pytest.raises(TransferProtocolError, match="train_twins share patients with second_look.data"):
+        plan_protocol(cfg, REAL_ROOT, [], train_patients=["LIDC-IDRI-0127"], second_look_patients=["LIDC-IDRI-0127"])
+    with pytest.raises(TransferProtocolError, match="segmentation_twins share patients with second_look.data"):
+        plan_protocol(cfg, REAL_ROOT, [], segmentation_patients=["LIDC-IDRI-0128"], second_look_patients=["LIDC-IDRI-0128"])
+    with pytest.raises(TransferProtocolError, match="among the training twins"):
+        plan_protocol(cfg, REAL_ROOT, [], second_look_patients=["LIDC-IDRI-0001"])
+    with pytest.raises(TransferProtocolError, match="yardstick sources .* overlap the training twins"):
+        plan_protocol(cfg, REAL_ROOT, [], second_look_patients=["LIDC-IDRI-0605"])
+    _, _, protocol = plan_protocol(cfg, REAL_ROOT, ["LIDC-IDRI-0111"], second_look_patients=["LIDC-IDRI-0129"])
+    assert protocol["second_look_pool_patients"] == ["LIDC-IDRI-0129"]
 
 
 @pytest.mark.slow

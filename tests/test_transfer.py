@@ -151,3 +151,26 @@ def test_smoke_transfer_run_end_to_end(tmp_path: Path) -> None:
     assert rec["stage2"]["real"][0]["true_centre"]["dice_human_loo"]  # readers' own leave-one-out beside the model
     saved = json.loads((tmp_path / "run" / "transfer.json").read_text())
     assert saved["config_hash"] == rec["config_hash"] and (tmp_path / "run" / "report.md").is_file()
+
+
+def test_ablation_table_shows_the_second_look_beside_the_detector() -> None:
+    """A committed record plus a second-look block: the table gets one more column with the second
+    look's real rank, yardstick CPMs and twin test CPM; records without one show '-'."""
+    from benchmarks.transfer import ablation_table
+
+    path = REPO / "benchmarks" / "results" / "transfer" / "twins_demo_tta_v5_seed3" / "transfer.json"
+    plain = json.loads(path.read_text())
+    froc = {"cpm": 0.5, "cpm_ci": [0.4, 0.6], "n_nodules": 39}
+    looked = dict(plain, second_look={
+        "max_candidates_per_scan": 40,
+        "twin_test": {"detector_top_k": dict(froc, cpm=0.211), "second_look": dict(froc, cpm=0.444)},
+        "yardstick": {"detector_top_k": froc, "second_look": dict(froc, cpm=0.377)},
+        "yardstick tcga": {"detector_top_k": froc, "second_look": dict(froc, cpm=0.391)},
+        "real": {"nodules": [{"detector_top_k": {"rank": 8, "fps_above": 7}, "second_look": {"rank": 2, "fps_above": 1}}]},
+    })
+    lines = ablation_table([plain, looked]).splitlines()
+    assert "second look" in lines[0] and lines[1].count("---") == lines[0].count("|") - 1
+    assert "| 2 (1); 0.377 / 0.391; 0.444 |" in lines[3]
+    assert lines[2].count("|") == lines[3].count("|") and "| - |" in lines[2]
+    assert "8 (7)" in lines[2]  # the detector's own rank of the real nodule stays in its column
+    assert "second look" not in ablation_table([plain]).splitlines()[0]

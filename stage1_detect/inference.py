@@ -165,6 +165,17 @@ def nms_3d(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, max_
     return order[torch.as_tensor(keep, dtype=torch.long)]
 
 
+def _add_level(prob_sum: list[torch.Tensor], code_sum: list[torch.Tensor], level: int, p: torch.Tensor,
+               codes: torch.Tensor) -> None:
+    """Add one output level's probabilities and box codes to the running sums (the first time, start them)."""
+    if level == len(prob_sum):
+        prob_sum.append(p)
+        code_sum.append(codes)
+    else:
+        prob_sum[level] = prob_sum[level] + p
+        code_sum[level] = code_sum[level] + codes
+
+
 class FlipTTA(torch.nn.Module):
     """A detection network averaged over flips of its input (test-time augmentation).
 
@@ -202,12 +213,7 @@ class FlipTTA(torch.nn.Module):
                     p = torch.flip(p, dims)
                     codes = torch.flip(codes, [a + 3 for a in axes]).clone()
                     codes[:, :, list(axes)] *= -1.0
-                if level == len(prob_sum):
-                    prob_sum.append(p)
-                    code_sum.append(codes)
-                else:
-                    prob_sum[level] = prob_sum[level] + p
-                    code_sum[level] = code_sum[level] + codes
+                _add_level(prob_sum, code_sum, level, p, codes)
         k = float(len(self.flips))
         logits = [torch.logit(p / k, eps=1e-6) for p in prob_sum]
         boxes = [(c / k).reshape(c.shape[0], -1, *c.shape[3:]) for c in code_sum]
@@ -237,12 +243,7 @@ class ModelMean(torch.nn.Module):
             cls, box = net(x)
             for level, (c, b) in enumerate(zip(cls, box)):
                 p, codes = torch.sigmoid(c.float()), b.float()
-                if level == len(prob_sum):
-                    prob_sum.append(p)
-                    code_sum.append(codes)
-                else:
-                    prob_sum[level] = prob_sum[level] + p
-                    code_sum[level] = code_sum[level] + codes
+                _add_level(prob_sum, code_sum, level, p, codes)
         k = float(len(self.models))
         return [torch.logit(p / k, eps=1e-6) for p in prob_sum], [c / k for c in code_sum]
 

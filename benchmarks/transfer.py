@@ -421,6 +421,7 @@ def run_transfer(
     data_dir: Path | None = None,
     progress: bool = True,
     train_seed: int | None = None,
+    stage2_seed: int | None = None,
 ) -> dict[str, Any]:
     """Run the transfer benchmark of ``config_path`` into ``out_dir``; return the record.
 
@@ -428,7 +429,8 @@ def run_transfer(
     yardstick), so runs of several configs (an ablation) can share what they have in common:
     every scan there is keyed by its settings and regenerated when they differ.
     ``train_seed`` replaces the detector's ``seed`` (its initialisation and patch sampling;
-    the data stay the same), and the record's config says so.
+    the data stay the same), and the record's config says so. ``stage2_seed`` likewise replaces
+    ``segmentation.seed`` (crops, augmentation; a new stage-2 model is trained for each seed).
     """
     from benchmarks.data import materialize
     from benchmarks.harness import _quiet
@@ -448,6 +450,10 @@ def run_transfer(
     if train_seed is not None:
         det = cfg.detector
         cfg = replace(cfg, detector=replace(det, kwargs={**det.kwargs, "seed": int(train_seed)}))
+    if stage2_seed is not None:
+        if cfg.segmentation is None:
+            raise ConfigFileError(f"{config_path}: --stage2-seed needs a segmentation section")
+        cfg = replace(cfg, segmentation=replace(cfg.segmentation, seed=int(stage2_seed)))
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dicom_root = Path(dicom_root) if dicom_root is not None else DEFAULT_DICOM_ROOT

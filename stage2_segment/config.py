@@ -8,6 +8,7 @@ Example YAML (every key optional)::
     dataset_name: LidcCrops
     seed: 0
     crop: {size_mm: 48, jitter_mm: 6, negatives_per_scan: 2}
+    augment: {copies: 1, blur_sigma_xy_mm: [0.3, 1.2], blur_sigma_z_mm: [0.3, 1.5], noise_sd_hu: [0, 20]}
     train: {trainer: nnUNetTrainerLidcShort, num_epochs: 5, num_iterations_per_epoch: 20}
     predict: {batch_size: 8, use_mirroring: true}
     rejection: {min_volume_mm3: null, mode: drop}
@@ -19,6 +20,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from stage2_segment.crop_augment import CropAugmentConfig
 from stage2_segment.crops import CropConfig
 from stage2_segment.predict import PredictConfig
 
@@ -115,6 +117,9 @@ class SegmenterConfig:
         plan_batch_size: training batch size (None = nnU-Net's plan).
         plan_base_features: feature maps of the U-Net's first stage, doubled per
             stage up to 320 (None = nnU-Net's 32). 8 trains about 5x faster on a CPU.
+        crop: how crops are cut (:class:`~stage2_segment.crops.CropConfig`).
+        augment: re-acquired (blurred, noisy) copies of the training crops
+            (:class:`~stage2_segment.crop_augment.CropAugmentConfig`; off by default).
     """
 
     dataset_id: int = 501
@@ -124,6 +129,7 @@ class SegmenterConfig:
     plan_batch_size: int | None = None
     plan_base_features: int | None = None
     crop: CropConfig = field(default_factory=CropConfig)
+    augment: CropAugmentConfig = field(default_factory=CropAugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     rejection: RejectionConfig = field(default_factory=RejectionConfig)

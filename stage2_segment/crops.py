@@ -96,6 +96,8 @@ class Crop:
         nodule_id: the target nodule of a ``"nodule"`` crop.
         index: position of the detection in its :class:`Detections` (``"detection"``).
         score: the detection's score (``"detection"``), else 1.0.
+        acquisition: the randomised acquisition of an augmented copy
+            (:mod:`stage2_segment.crop_augment`: ``sigma_zyx_mm``, ``noise_sd_hu``), None for a crop as cut.
     """
 
     series_uid: str
@@ -108,6 +110,7 @@ class Crop:
     nodule_id: str | None = None
     index: int | None = None
     score: float = 1.0
+    acquisition: dict[str, Any] | None = None
 
     @property
     def shape_zyx(self) -> tuple[int, int, int]:
@@ -121,8 +124,8 @@ class Crop:
         return VolumeGeometry(self.shape_zyx, g.spacing_zyx, tuple(origin), g.direction)  # type: ignore[arg-type]
 
     def manifest(self) -> dict[str, Any]:
-        """JSON-friendly description (no arrays)."""
-        return {
+        """JSON-friendly description (no arrays); ``acquisition`` only for an augmented copy."""
+        out = {
             "series_uid": self.series_uid,
             "box_voxel": [int(v) for v in self.box_voxel],
             "kind": self.kind,
@@ -132,6 +135,9 @@ class Crop:
             "score": float(self.score),
             "volume_geometry": self.volume_geometry.to_dict(),
         }
+        if self.acquisition is not None:
+            out["acquisition"] = self.acquisition
+        return out
 
 
 def crop_box(center_xyz_mm: np.ndarray, geometry: VolumeGeometry, size_zyx: tuple[int, int, int]) -> np.ndarray:

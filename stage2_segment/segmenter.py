@@ -43,12 +43,15 @@ class NotFittedError(LidcDetError):
 
 
 def training_crops(cases: Sequence[PreparedCase], cfg: SegmenterConfig, rng: np.random.Generator) -> list[Crop]:
-    """Jittered nodule crops and negatives of every case, in case order."""
+    """Jittered nodule crops and negatives of every case, in case order, then ``cfg.augment.copies``
+    re-acquired copies of them all (:func:`~stage2_segment.crop_augment.augment_crops`)."""
+    from stage2_segment.crop_augment import augment_crops
+
     crops: list[Crop] = []
     for case in cases:
         crops += nodule_crops(case, cfg.crop, rng)
         crops += negative_crops(case, cfg.crop, rng)
-    return crops
+    return augment_crops(crops, cfg.augment, rng)
 
 
 class NnUnetSegmenter:

@@ -412,6 +412,20 @@ def _detect_prepared(detector: Any, ds: Any, uids: Any, progress: bool) -> tuple
     return dets, targets, irrelevant
 
 
+def with_seeds(cfg: TransferConfig, train_seed: int | None, stage2_seed: int | None) -> TransferConfig:
+    """``cfg`` with the detector's ``seed`` kwarg set to ``train_seed`` and ``segmentation.seed`` set to
+    ``stage2_seed`` (each unchanged when None). A stage-2 seed without a ``segmentation`` section is
+    refused (:class:`ConfigFileError`)."""
+    if train_seed is not None:
+        det = cfg.detector
+        cfg = replace(cfg, detector=replace(det, kwargs={**det.kwargs, "seed": int(train_seed)}))
+    if stage2_seed is not None:
+        if cfg.segmentation is None:
+            raise ConfigFileError(f"{cfg.name}: a stage-2 seed needs a segmentation section")
+        cfg = replace(cfg, segmentation=replace(cfg.segmentation, seed=int(stage2_seed)))
+    return cfg
+
+
 # ------------------------------------------------------------------ the run
 def run_transfer(
     config_path: Path,
@@ -446,14 +460,7 @@ def run_transfer(
     from stage1_detect.registry import build_detector
 
     t_start = time.perf_counter()
-    cfg = load_transfer_config(Path(config_path))
-    if train_seed is not None:
-        det = cfg.detector
-        cfg = replace(cfg, detector=replace(det, kwargs={**det.kwargs, "seed": int(train_seed)}))
-    if stage2_seed is not None:
-        if cfg.segmentation is None:
-            raise ConfigFileError(f"{config_path}: --stage2-seed needs a segmentation section")
-        cfg = replace(cfg, segmentation=replace(cfg.segmentation, seed=int(stage2_seed)))
+    cfg = with_seeds(load_transfer_config(Path(config_path)), train_seed, stage2_seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dicom_root = Path(dicom_root) if dicom_root is not None else DEFAULT_DICOM_ROOT

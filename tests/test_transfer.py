@@ -14,6 +14,7 @@ from benchmarks.transfer import (
     TransferProtocolError,
     load_transfer_config,
     plan_protocol,
+    with_seeds,
 )
 from lidc_det.config import ConfigFileError
 from tests.conftest import REAL_ROOT, REPO, requires_real
@@ -47,6 +48,21 @@ def test_variant_configs_differ_from_their_base_only_where_they_say() -> None:
     assert changed == {"name", "detector", "train_twins"}
     assert more["detector"]["kwargs"] == {**base["detector"]["kwargs"], "epochs": 16, "tta_flip_axes": [2]}
     assert len(more["train_twins"]["series_uids"]) == 24
+
+
+def test_seeds_replace_only_their_own_field() -> None:
+    tta = load_transfer_config(REPO / "benchmarks" / "transfer" / "twins_demo_tta.yaml")
+    acq = load_transfer_config(REPO / "benchmarks" / "transfer" / "twins_demo_tta_s2acq.yaml")
+    # the re-acquired stage 2 differs from its base in the augmentation only
+    assert dataclasses.replace(acq.segmentation, augment=tta.segmentation.augment) == tta.segmentation
+    assert acq.segmentation.augment.copies == 1 and tta.segmentation.augment.copies == 0
+    seeded = with_seeds(acq, 7, 3)
+    assert seeded.detector.kwargs == {**acq.detector.kwargs, "seed": 7}
+    assert seeded.segmentation == dataclasses.replace(acq.segmentation, seed=3)
+    assert dataclasses.replace(seeded, detector=acq.detector, segmentation=acq.segmentation) == acq
+    assert with_seeds(acq, None, None) == acq
+    with pytest.raises(ConfigFileError, match="stage-2 seed needs a segmentation"):
+        with_seeds(dataclasses.replace(acq, segmentation=None), None, 1)
 
 
 def test_second_look_needs_stage_2_and_twins() -> None:

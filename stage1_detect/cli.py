@@ -19,35 +19,42 @@ class UnknownCheckpointError(CheckpointError):
     """A ``--model`` file is not a checkpoint of a known stage-1 detector."""
 
 
-def load_detector(model: str | Path, *, device: str | None = None, progress: bool = True) -> Any:
-    """The detector stored in ``model``: an ``.onnx`` file from ``lidc-det export``
-    (:class:`~stage1_detect.export.OnnxDetector`; ``device`` "cuda" picks the CUDA provider), or a
-    training checkpoint chosen by its ``format``: :class:`~stage1_detect.detector.Retina3DDetector`
-    (``stage1_detect.retina3d/*``) or :class:`~stage1_detect.monai_baseline.MonaiRetinaNetDetector`
-    (``stage1_detect.monai_retinanet/*``).
-
-    A checkpoint is read with the weights-only loader (:func:`lidc_det.checkpoint.load_checkpoint`):
-    a file holding other pickled Python objects raises :class:`~lidc_det.errors.UnsafeCheckpointError`
-    and is never unpickled."""
+def checkpoint_format(model: str | Path) -> str:
+    """``"onnx"`` for an ``.onnx`` export, else the ``format`` string of a training checkpoint
+    (``""`` when it has none), read with the weights-only loader
+    (:func:`lidc_det.checkpoint.load_checkpoint`: other pickled objects raise
+    :class:`~lidc_det.errors.UnsafeCheckpointError` and are never unpickled). No model is built.
+    A missing file raises :class:`UnknownCheckpointError`."""
     from lidc_det.checkpoint import load_checkpoint
 
     path = Path(model)
     if not path.is_file():
         raise UnknownCheckpointError(path, "no such checkpoint file")
     if path.suffix == ".onnx":
+        return "onnx"
+    fmt = load_checkpoint(path, kind="checkpoint").get("format", "")
+    return fmt if isinstance(fmt, str) else ""
+
+
+def load_detector(model: str | Path, *, device: str | None = None, progress: bool = True) -> Any:
+    """The detector stored in ``model`` (by :func:`checkpoint_format`): an ``.onnx`` file from
+    ``lidc-det export`` (:class:`~stage1_detect.export.OnnxDetector`; ``device`` "cuda" picks the
+    CUDA provider), :class:`~stage1_detect.detector.Retina3DDetector` (``stage1_detect.retina3d/*``)
+    or :class:`~stage1_detect.monai_baseline.MonaiRetinaNetDetector` (``stage1_detect.monai_retinanet/*``)."""
+    path = Path(model)
+    fmt = checkpoint_format(path)
+    if fmt == "onnx":
         from stage1_detect.export import OnnxDetector
 
         providers = None if device is None else (
             ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
         )
         return OnnxDetector(path, providers=providers, progress=progress)
-    state = load_checkpoint(path, kind="checkpoint")
-    fmt = state.get("format", "")
-    if isinstance(fmt, str) and fmt.startswith("stage1_detect.retina3d/"):
+    if fmt.startswith("stage1_detect.retina3d/"):
         from stage1_detect.detector import Retina3DDetector
 
         return Retina3DDetector(checkpoint=path, device=device, progress=progress)
-    if isinstance(fmt, str) and fmt.startswith("stage1_detect.monai_retinanet/"):
+    if fmt.startswith("stage1_detect.monai_retinanet/"):
         from stage1_detect.monai_baseline import MonaiRetinaNetDetector
 
         return MonaiRetinaNetDetector(checkpoint=path, device=device, progress=progress)
@@ -98,11 +105,10 @@ def run_detect(
     if len(models) == 1:
         detector = load_detector(models[0], device=device, progress=progress)
     else:
-        from stage1_detect.detector import Retina3DDetector
         from stage1_detect.ensemble import Retina3DEnsemble
 
-        for m in models:
-            if not isinstance(load_detector(m, device="cpu", progress=False), Retina3DDetector):
+        for m in models:  # the format alone: each member's network is built once, by the ensemble
+            if not checkpoint_format(m).startswith("stage1_detect.retina3d/"):
                 raise ConfigError(f"{m}: an ensemble (several --model) takes Retina3D checkpoints (.pt) only")
         detector = Retina3DEnsemble(checkpoints=models, device=device, progress=progress)
         model = models[0]

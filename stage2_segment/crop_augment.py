@@ -1,4 +1,4 @@
-"""Acquisition augmentation of stage-2 training crops: blur and noise on the image, never on the label.
+"""Augmented copies of stage-2 training crops: blur and noise on the image only, magnification of both.
 
 Real nodule edges ramp more slowly than the twin's. On LIDC-IDRI-0001's 23 mm nodule, resampled
 to 1 mm, the mean HU falls from the interior to the lung over about 5 mm around the readers'
@@ -13,6 +13,11 @@ so that blur is never a cue for a nodule. Each copy gets its own randomised acqu
 anisotropic Gaussian blur (in-plane PSF, plus the slice profile along z) and then white noise.
 The label stays the sharp reader consensus, so the model learns that the boundary lies in the
 middle of a blurred edge. The originals are kept unchanged.
+
+A copy can also be magnified about the crop centre (``zoom``, image and label alike), so that
+nodules larger than the twins' few 15-22 mm ones are seen in training: a model trained on the
+twins' sizes under-segments the twins' own 14-15 mm test nodules by 5-24 % of their volume and the
+real 23 mm one by 56 %.
 """
 
 from __future__ import annotations
@@ -38,16 +43,22 @@ class CropAugmentConfig:
             It is drawn independently of the in-plane sigma.
         noise_sd_hu: ``(low, high)`` range of the SD (HU) of the white noise added after the
             blur. The blur removes most of the crop's own noise.
+        zoom: ``(low, high)`` range of the magnification about the crop centre (image linear,
+            label by nearest voxel), applied before the blur; ``(1, 1)`` = none. A factor of 1.5 shows
+            the central two thirds of the crop at 1.5 times its size, on the same grid.
     """
 
     copies: int = 0
     blur_sigma_xy_mm: tuple[float, float] = (0.3, 1.2)
     blur_sigma_z_mm: tuple[float, float] = (0.3, 1.5)
     noise_sd_hu: tuple[float, float] = (0.0, 20.0)
+    zoom: tuple[float, float] = (1.0, 1.0)
 
     def __post_init__(self) -> None:
         if self.copies < 0:
             raise ValueError(f"CropAugmentConfig.copies must be >= 0, got {self.copies}")
+        if not 0 < self.zoom[0] <= self.zoom[1]:
+            raise ValueError(f"CropAugmentConfig.zoom must be (low, high) with 0 < low <= high, got {self.zoom}")
         for name in ("blur_sigma_xy_mm", "blur_sigma_z_mm", "noise_sd_hu"):
             lo, hi = getattr(self, name)
             if not 0 <= lo <= hi:
@@ -68,15 +79,33 @@ def acquired(image: np.ndarray, spacing_zyx: tuple[float, float, float], sigma_z
     return out.astype(np.float32, copy=False)
 
 
+def zoomed(image: np.ndarray, label: np.ndarray | None, factor: float, fill_hu: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """``image`` (``[z, y, x]``) and ``label`` magnified ``factor`` times about the array centre,
+    same shape: output voxel ``i`` samples input ``c + (i - c) / factor``. Image linear (outside:
+    ``fill_hu``), label nearest voxel (outside: 0). ``factor == 1`` returns them unchanged."""
+    if factor == 1.0:
+        return image, label
+    from scipy import ndimage
+
+    c = (np.asarray(image.shape, dtype=np.float64) - 1.0) / 2.0
+    matrix, offset = np.full(3, 1.0 / factor), c - c / factor
+    img = ndimage.affine_transform(np.asarray(image, dtype=np.float32), matrix, offset, order=1, mode="constant", cval=fill_hu)
+    lab = None if label is None else ndimage.affine_transform(label, matrix, offset, order=0, mode="constant", cval=0)
+    return img.astype(np.float32, copy=False), lab
+
+
 def augment_crops(crops: list[Crop], cfg: CropAugmentConfig, rng: np.random.Generator) -> list[Crop]:
-    """``crops`` followed by ``cfg.copies`` re-acquired copies of each (same box, label and
-    metadata; :func:`acquired` image). With ``copies == 0`` the list is returned unchanged."""
+    """``crops`` followed by ``cfg.copies`` re-acquired copies of each (same box and metadata;
+    :func:`zoomed`, then :func:`acquired`, image; the label zoomed alike). With ``copies == 0`` the
+    list is returned unchanged."""
     out = list(crops)
     for _ in range(cfg.copies):
         for c in crops:
             sigma = (rng.uniform(*cfg.blur_sigma_z_mm), *(rng.uniform(*cfg.blur_sigma_xy_mm),) * 2)
             sd = float(rng.uniform(*cfg.noise_sd_hu))
+            factor = float(rng.uniform(*cfg.zoom)) if cfg.zoom[1] > cfg.zoom[0] else float(cfg.zoom[0])
             spacing = c.volume_geometry.spacing_zyx
-            acq = {"sigma_zyx_mm": [round(float(v), 4) for v in sigma], "noise_sd_hu": round(sd, 3)}
-            out.append(replace(c, image=acquired(c.image, spacing, sigma, sd, rng), acquisition=acq))  # type: ignore[arg-type]
+            image, label = zoomed(c.image, c.label, factor, float(c.image.min()))
+            acq = {"sigma_zyx_mm": [round(float(v), 4) for v in sigma], "noise_sd_hu": round(sd, 3), "zoom": round(factor, 4)}
+            out.append(replace(c, image=acquired(image, spacing, sigma, sd, rng), label=label, acquisition=acq))  # type: ignore[arg-type]
     return out

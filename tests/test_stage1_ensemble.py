@@ -127,3 +127,15 @@ def test_detect_cli_with_two_models_writes_the_ensemble_candidates(trained, tmp_
     want = det.predict(vol.hu, vol.geometry, series_uid=uid)
     rows = read_candidates(out_csv)
     np.testing.assert_allclose([r.probability for r in rows], want.scores, atol=1e-6)
+
+
+def test_detect_cli_refuses_an_ensemble_member_that_is_not_a_retina3d_checkpoint(trained, tmp_path: Path) -> None:
+    det, _ = trained
+    other = tmp_path / "other.pt"
+    torch.save({"format": "stage1_detect.monai_retinanet/1", "state_dict": {}}, other)
+    from stage1_detect.cli import checkpoint_format, run_detect
+
+    assert checkpoint_format(det.checkpoints[0]).startswith("stage1_detect.retina3d/")
+    assert checkpoint_format(other) == "stage1_detect.monai_retinanet/1"
+    with pytest.raises(ConfigError, match="other.pt: an ensemble"):
+        run_detect([det.checkpoints[0], other], tmp_path / "no-dicom-needed", progress=False)

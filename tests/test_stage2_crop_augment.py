@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from stage2_segment.config import SegmenterConfig
-from stage2_segment.crop_augment import CropAugmentConfig, acquired, augment_crops
+from stage2_segment.crop_augment import CropAugmentConfig, acquired, augment_crops, zoomed
 from stage2_segment.crops import CropConfig
 from stage2_segment.segmenter import training_crops
 from tests.test_stage2_crops import _case
@@ -63,6 +63,7 @@ def test_copies_keep_label_and_box_and_record_their_acquisition() -> None:
             lo_z, hi_z = aug_cfg.augment.blur_sigma_z_mm
             sz, sy, sx = c.acquisition["sigma_zyx_mm"]
             assert lo_z <= sz <= hi_z and sy == sx and c.acquisition["noise_sd_hu"] == 5.0
+            assert c.acquisition["zoom"] == 1.0
             assert c.manifest()["acquisition"] == c.acquisition
     # the nodule copy is softer at the ball's edge: its interior HU falls, its surround rises
     nod, nod_copy = crops[0], crops[2]
@@ -78,7 +79,8 @@ def test_no_copies_draws_nothing_and_changes_nothing() -> None:
     assert rng.random() == np.random.default_rng(9).random()
 
 
-@pytest.mark.parametrize("bad", [{"copies": -1}, {"blur_sigma_xy_mm": (1.0, 0.5)}, {"noise_sd_hu": (-1.0, 5.0)}])
+@pytest.mark.parametrize("bad", [{"copies": -1}, {"blur_sigma_xy_mm": (1.0, 0.5)}, {"noise_sd_hu": (-1.0, 5.0)},
+                                 {"zoom": (0.0, 1.0)}, {"zoom": (1.5, 1.2)}])
 def test_bad_settings_are_refused(bad: dict) -> None:
     with pytest.raises(ValueError, match="CropAugmentConfig"):
         CropAugmentConfig(**bad)
@@ -87,3 +89,28 @@ def test_bad_settings_are_refused(bad: dict) -> None:
 def test_segmenter_config_reads_augment_from_yaml_dict() -> None:
     cfg = SegmenterConfig.from_dict({"augment": {"copies": 1, "blur_sigma_z_mm": [0.5, 2.0]}})
     assert cfg.augment == CropAugmentConfig(copies=1, blur_sigma_z_mm=(0.5, 2.0))
+
+
+def test_zoom_magnifies_image_and_label_about_the_centre() -> None:
+    img = np.full((21, 21, 21), -800.0, dtype=np.float32)
+    lab = np.zeros((21, 21, 21), dtype=np.uint8)
+    zz, yy, xx = np.ogrid[:21, :21, :21]
+    ball = (zz - 10) ** 2 + (yy - 10) ** 2 + (xx - 10) ** 2 <= 16  # radius 4 voxels about the centre
+    img[ball], lab[ball] = 40.0, 1
+    big_img, big_lab = zoomed(img, lab, 1.5, -1000.0)
+    assert big_img.shape == img.shape and big_lab.dtype == lab.dtype
+    assert big_lab.sum() == pytest.approx(lab.sum() * 1.5**3, rel=0.15)
+    assert big_lab[10, 10, 15] == 1 and lab[10, 10, 15] == 0  # the edge moved out from 4 to 6 voxels
+    bright, inside = big_img > -380, big_lab.astype(bool)  # image and label stay aligned (edge voxels aside)
+    assert 2 * (bright & inside).sum() / (bright.sum() + inside.sum()) > 0.9
+    same_img, same_lab = zoomed(img, lab, 1.0, -1000.0)
+    assert same_img is img and same_lab is lab
+
+
+def test_zoomed_copies_record_their_factor() -> None:
+    case = _case(np.random.default_rng(0))
+    cfg = SegmenterConfig(crop=CropConfig(size_mm=16.0, jitter_mm=0.0, negatives_per_scan=0),
+                          augment=CropAugmentConfig(copies=1, zoom=(1.4, 1.6), noise_sd_hu=(0.0, 0.0)))
+    orig, copy = training_crops([case], cfg, np.random.default_rng(2))
+    assert 1.4 <= copy.acquisition["zoom"] <= 1.6
+    assert copy.label.sum() > 2 * orig.label.sum()

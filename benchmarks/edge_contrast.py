@@ -7,7 +7,12 @@ it. Their difference (HU) is small where the edge ramps (slice profile, PSF, par
 and large where it is painted sharp. Used to compare twin, semi-real and real nodules
 (docs/transfer.md, seventh round).
 
-``python -m benchmarks.edge_contrast DATASET [DATASET ...] [--which inserted|own|all] [--out FILE]``
+It also gives each nodule's edge profile: the mean HU of the shells at signed distances -4 .. +4
+voxels from the consensus boundary (0 = the shell just inside it, 1 = just outside), and with
+``--blur-mm S`` measures the images blurred by a Gaussian of S mm first (to find the blur that
+matches one data set's edges to another's; docs/transfer.md, ninth round).
+
+``python -m benchmarks.edge_contrast DATASET [DATASET ...] [--which inserted|own|all] [--blur-mm S] [--out FILE]``
 """
 
 from __future__ import annotations
@@ -37,15 +42,46 @@ def edge_shells_hu(image_hu: np.ndarray, mask: np.ndarray) -> tuple[float, float
     return float(im[inner].mean()), float(im[outer].mean())
 
 
-def dataset_edges(root: Path, which: str, min_diameter_mm: float, max_scans: int | None) -> dict[str, Any]:
-    """Per-nodule shells of one prepared data set; ``which``: ``inserted`` (semi-real nodules
-    only), ``own`` (the background's own nodules only) or ``all``."""
+#: Signed distances (voxels) of the profile shells: negative inside the mask, 0 its boundary shell.
+PROFILE_VOXELS = tuple(range(-4, 5))
+
+
+def edge_profile_hu(image_hu: np.ndarray, mask: np.ndarray, distances: tuple[int, ...] = PROFILE_VOXELS) -> list[float]:
+    """Mean HU of the shells of ``mask`` (bool ``[z, y, x]``) at each signed distance (voxels,
+    Euclidean): shell ``d <= 0`` holds the mask voxels ``1 - d`` voxels from the outside (0: those
+    touching it), shell ``d > 0`` the outside voxels ``d`` voxels from the mask. NaN for an empty shell."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    if not mask.any():
+        raise ValueError("empty mask")
+    pad = max(abs(d) for d in distances) + 2
+    found = ndimage.find_objects(mask.astype(np.uint8))[0]
+    box = tuple(slice(max(s.start - pad, 0), s.stop + pad) for s in found)
+    m, im = mask[box], np.asarray(image_hu, dtype=np.float32)[box]
+    signed = np.where(m, 1.0 - ndimage.distance_transform_edt(m), ndimage.distance_transform_edt(~m))
+    out = []
+    for d in distances:
+        shell = (signed > d - 0.5) & (signed <= d + 0.5)
+        out.append(float(im[shell].mean()) if shell.any() else float("nan"))
+    return out
+
+
+def dataset_edges(root: Path, which: str, min_diameter_mm: float, max_scans: int | None, blur_mm: float = 0.0) -> dict[str, Any]:
+    """Per-nodule shells and edge profiles of one prepared data set; ``which``: ``inserted``
+    (semi-real nodules only), ``own`` (the background's own nodules only) or ``all``. ``blur_mm``:
+    Gaussian sigma (mm) applied to each image first (0 = none)."""
+    from scipy import ndimage
+
     from lidc_det.data.prepared import PreparedDataset
 
     ds = PreparedDataset(root)
     rows = []
     for uid in ds.series_uids[:max_scans]:
         case = ds.load_case(uid)
+        image = np.asarray(case.image_hu, dtype=np.float32)
+        if blur_mm > 0:
+            image = ndimage.gaussian_filter(image, [blur_mm / s for s in case.geometry.spacing_zyx])
         for n in case.nodules + case.irrelevant:
             inserted = ":inserted" in n.nodule_id
             if (which == "inserted" and not inserted) or (which == "own" and inserted) or n.diameter_mm < min_diameter_mm:
@@ -53,12 +89,16 @@ def dataset_edges(root: Path, which: str, min_diameter_mm: float, max_scans: int
             mask = case.nodule_mask(n)
             if not mask.any():  # a finding without a stored mask (nodule_mask gives an empty one)
                 continue
-            inside, outside = edge_shells_hu(case.image_hu, mask)
+            inside, outside = edge_shells_hu(image, mask)
             rows.append({"series_uid": uid, "nodule_id": n.nodule_id, "diameter_mm": round(float(n.diameter_mm), 1),
-                         "inside_hu": round(inside, 1), "outside_hu": round(outside, 1)})
+                         "inside_hu": round(inside, 1), "outside_hu": round(outside, 1),
+                         "profile_hu": [round(v, 1) for v in edge_profile_hu(image, mask)]})
     contrast = [r["inside_hu"] - r["outside_hu"] for r in rows]
+    profile = np.nanmean([r["profile_hu"] for r in rows], axis=0) if rows else None
     return {
-        "dataset": str(root), "which": which, "n": len(rows), "nodules": rows,
+        "dataset": str(root), "which": which, "blur_mm": blur_mm, "n": len(rows), "nodules": rows,
+        "profile_voxels": list(PROFILE_VOXELS),
+        "mean_profile_hu": None if profile is None else [round(float(v), 1) for v in profile],
         "mean_inside_hu": round(float(np.mean([r["inside_hu"] for r in rows])), 1) if rows else None,
         "mean_outside_hu": round(float(np.mean([r["outside_hu"] for r in rows])), 1) if rows else None,
         "mean_contrast_hu": round(float(np.mean(contrast)), 1) if rows else None,
@@ -74,13 +114,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--which", choices=("inserted", "own", "all"), default="all")
     p.add_argument("--min-diameter", type=float, default=8.0, help="mm")
     p.add_argument("--max-scans", type=int, default=None, help="first N scans of each data set")
+    p.add_argument("--blur-mm", type=float, default=0.0, help="Gaussian sigma (mm) applied to the images first")
     p.add_argument("--out", type=Path, default=None, help="JSON record")
     a = p.parse_args(argv)
     t0 = time.perf_counter()
-    res = [dataset_edges(d, a.which, a.min_diameter, a.max_scans) for d in a.datasets]
+    res = [dataset_edges(d, a.which, a.min_diameter, a.max_scans, a.blur_mm) for d in a.datasets]
     for r in res:
-        print(f"{r['dataset']} ({r['which']}): n = {r['n']} nodules >= {a.min_diameter:g} mm, inside shell "
+        print(f"{r['dataset']} ({r['which']}, blur {a.blur_mm:g} mm): n = {r['n']} nodules >= {a.min_diameter:g} mm, inside shell "
               f"{r['mean_inside_hu']} HU, outside shell {r['mean_outside_hu']} HU, contrast {r['mean_contrast_hu']} HU")
+        if r["mean_profile_hu"] is not None:
+            print("  profile (voxels from the boundary: HU): "
+                  + ", ".join(f"{d:+d}: {v:.0f}" for d, v in zip(r["profile_voxels"], r["mean_profile_hu"])))
     if a.out is not None:
         write_json(a.out, {"kind": "nodule edge contrast", "args": {k: str(v) for k, v in vars(a).items()},
                            "provenance": provenance(), "device": "cpu", "results": res,

@@ -968,8 +968,10 @@ def ablation_table(records: list[dict[str, Any]]) -> str:
                 f"({np.mean(s['true_centre'].get('dice_human_loo', [np.nan])):.2f})"
                 for s in r["stage2"]["real"]
             )
+        seg_seed = (r["config"].get("segmentation") or {}).get("seed", 0)
+        seeds = f"train seed {r['config']['detector']['kwargs'].get('seed', 'default')}" + (f", stage-2 seed {seg_seed}" if seg_seed else "")
         lines.append(
-            f"| `{Path(r['config_path']).name}` (train seed {r['config']['detector']['kwargs'].get('seed', 'default')}) | "
+            f"| `{Path(r['config_path']).name}` ({seeds}) | "
             f"{r['protocol']['label']} | {t['cpm']:.3f} | "
             f"{y['cpm']:.3f} [{y['cpm_ci'][0]:.2f}, {y['cpm_ci'][1]:.2f}] ({y['n_nodules']}) | {others if extra else ''}{ranks} | "
             + (f"{_second_look_cell(r)} | " if look else "")

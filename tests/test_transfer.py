@@ -190,3 +190,6 @@ def test_ablation_table_shows_the_second_look_beside_the_detector() -> None:
     assert lines[2].count("|") == lines[3].count("|") and "| - |" in lines[2]
     assert "8 (7)" in lines[2]  # the detector's own rank of the real nodule stays in its column
     assert "second look" not in ablation_table([plain]).splitlines()[0]
+    assert "(train seed 3) |" in lines[2]  # stage-2 seed 0 (the config's) is not named
+    reseeded = dict(plain, config=dict(plain["config"], segmentation=dict(plain["config"]["segmentation"], seed=2)))
+    assert "(train seed 3, stage-2 seed 2) |" in ablation_table([reseeded]).splitlines()[2]

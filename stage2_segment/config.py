@@ -118,7 +118,7 @@ class SegmenterConfig:
         plan_base_features: feature maps of the U-Net's first stage, doubled per
             stage up to 320 (None = nnU-Net's 32). 8 trains about 5x faster on a CPU.
         crop: how crops are cut (:class:`~stage2_segment.crops.CropConfig`).
-        augment: re-acquired (blurred, noisy) copies of the training crops
+        augment: altered (magnified, blurred, noisy) copies of the training crops
             (:class:`~stage2_segment.crop_augment.CropAugmentConfig`; off by default).
     """
 

@@ -1,24 +1,23 @@
 """Augmented copies of stage-2 training crops: blur and noise on the image only, magnification of both.
 
 Real nodule edges ramp more slowly than the twin's. On LIDC-IDRI-0001's 23 mm nodule, resampled
-to 1 mm, the mean HU falls from the interior to the lung over about 5 mm around the readers'
-consensus boundary. On the twins' nodules (>= 10 mm) it falls over about 3 mm: the interior is
-flat up to 1 mm inside the boundary. A Gaussian blur of about 1-1.5 mm on the twin gives the real
-ramp (docs/transfer.md, ninth round). A model trained on the sharp edges puts its boundary where
-the HU drops steeply. On the real ramp that is well inside the readers' boundary, and the model
-under-segments large real nodules.
+to 1 mm, the mean HU starts to fall 2-3 mm inside the readers' consensus boundary; on the twins'
+nodules (>= 10 mm) the interior is flat up to 1 mm inside it. A Gaussian blur of about 1 mm on the
+twin gives the real profile (``python -m benchmarks.edge_contrast --blur-mm``; docs/transfer.md,
+ninth round). The idea: a model trained on sharp edges puts its boundary where the HU drops
+steeply, which on the real ramp is inside the readers' boundary.
 
 :func:`augment_crops` adds ``copies`` copies of every training crop, nodule and negative alike,
 so that blur is never a cue for a nodule. Each copy gets its own randomised acquisition: an
 anisotropic Gaussian blur (in-plane PSF, plus the slice profile along z) and then white noise.
-The label stays the sharp reader consensus, so the model learns that the boundary lies in the
-middle of a blurred edge. The originals are kept unchanged.
+The label stays the sharp reader consensus. The originals are kept unchanged.
 
-A copy can also be magnified about the crop centre (``zoom``, image and label alike), so that
-nodules larger than the twins' few 15-22 mm ones are seen in training: a model trained on the
-twins' sizes under-segments the twins' own 14-15 mm test nodules by 5-24 % of their volume and the
-real 23 mm one by 56 %.
-"""
+A copy can also be magnified about the crop centre (``zoom``, image and label alike), to show
+nodules larger than the twins' few 15-22 mm ones.
+
+Measured on the real nodule (docs/transfer.md, ninth round): neither helped at the transfer
+benchmark's 600 nnU-Net iterations; the magnified copies raised the real nodule's Dice but cost
+the semi-real yardstick's small nodules. Training three times as long did more than either.
 
 from __future__ import annotations
 

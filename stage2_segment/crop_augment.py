@@ -18,6 +18,7 @@ nodules larger than the twins' few 15-22 mm ones.
 Measured on the real nodule (docs/transfer.md, ninth round): neither helped at the transfer
 benchmark's 600 nnU-Net iterations; the magnified copies raised the real nodule's Dice but cost
 the semi-real yardstick's small nodules. Training three times as long did more than either.
+"""
 
 from __future__ import annotations
 

@@ -59,6 +59,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "stage1_detect.ensemble",
     "stage1_detect.monai_baseline",
     "stage1_detect.mmdet_adapter",
+    "stage1_detect.blob",
 )
 
 DetectorFactory = Callable[..., Any]

@@ -1,0 +1,575 @@
+"""``blob-lgbm``: a classical CAD detector, scale-space blobs scored by LightGBM.
+
+A detector of the pre-deep-learning kind (Lindeberg's scale-space blobs; the dot
+enhancement filter of Li et al., Med. Phys. 2003; the LUNA16 candidate systems), with
+a learned score. Everything it learns is a few dozen hand-made numbers per candidate, so
+it trains in minutes on a CPU and has little room to learn the twin's texture: the point
+of it in this project is transfer from generated to real CT.
+
+**Candidates.** The scan is resampled to ``spacing_mm`` (isotropic, linear), clipped to
+``hu_clip`` and, for each scale ``s`` of ``sigmas_mm``, smoothed with a Gaussian of SD ``s``;
+the scale-normalised blob response is ``R_s = -s^2 * laplacian(G_s)`` (HU; a bright sphere of
+radius ``r`` answers most at ``s = r / sqrt(3)``). Every local maximum of ``R_s`` (3x3x3) above
+``min_response`` inside the lung field (:func:`lidc_det.lungs.lung_fields`, dilated by
+``lung_margin_mm``; the whole volume with ``restrict_to_lungs: false``) is a candidate. Each is
+ranked by the dot enhancement of its scale's Hessian (``e2^2 / |e0|`` of the ascending
+eigenvalues when all three are negative, else 0: blobs high, vessels and fissures near 0), a
+candidate closer than ``merge_mm`` to a better one is dropped, and the ``max_candidates`` best
+are kept, together with the ``max_response_candidates`` of the strongest response (a nodule
+against a vessel is not blob-shaped at any scale).
+
+**Features** (:data:`FEATURE_NAMES`), at the candidate's centre:
+
+* the response and the eigenvalues of the scale-normalised Hessian at every scale (a blob has
+  three negative eigenvalues of similar size, a vessel two, a fissure one), and at the
+  candidate's own scale the smoothed HU;
+* the *object*: the connected component of voxels above half-way between the centre's HU and
+  the lung around it, in a cube of ``cube_radius_factor`` radii: its volume, its equivalent
+  diameter over the blob's, the share of it on the cube's faces (a vessel or the chest wall
+  runs out of the cube, a nodule does not), its principal-axis ratios, its mean and SD of HU;
+* the share of the cube outside the lung field (juxtapleural or mediastinal position).
+
+No absolute position is used.
+
+**Score.** LightGBM (binary) on those features; a training candidate is positive when it hits a
+target nodule (LUNA16 rule: world distance below the nodule's radius), left out when it hits
+only an irrelevant finding, negative otherwise. At inference candidates are scored, greedily
+suppressed within the radius of a better one, and the ``max_detections`` best returned
+(world centres, diameter ``2 * sqrt(3) * s``).
+
+:meth:`BlobDetector.fit` caches each training scan's features (``out_dir/features``) and writes
+``out_dir/blob_model.txt`` (LightGBM's text model) and ``blob_model.json`` (config, feature
+names, training figures); a rerun with the same settings and scans reuses them. Build a
+trained detector with ``build_detector({"name": "blob-lgbm", "checkpoint": "out/blob_model.txt"})``:
+a text model, no pickle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lidc_det.errors import ConfigError, LidcDetError
+from lidc_det.geometry import VolumeGeometry
+from lidc_det.results import Detections
+from stage1_detect.registry import register_detector
+
+MODEL_FILE = "blob_model.txt"
+META_FILE = "blob_model.json"
+SQRT3 = float(np.sqrt(3.0))
+
+
+class BlobModelError(LidcDetError):
+    """A blob-lgbm model file is missing, unreadable or does not match this code."""
+
+
+@dataclass(frozen=True)
+class BlobConfig:
+    """Settings of :class:`BlobDetector` (see the module docstring for what each does).
+
+    Candidate fields (all but ``lgbm_*``, ``seed``, ``max_detections``) define the features:
+    a model trained with other values is refused by :meth:`BlobDetector.from_checkpoint`.
+    """
+
+    spacing_mm: float = 1.0
+    hu_clip: tuple[float, float] = (-1000.0, 300.0)
+    sigmas_mm: tuple[float, ...] = (1.0, 1.5, 2.2, 3.3, 5.0, 7.5)
+    min_response: float = 30.0
+    lung_margin_mm: float = 5.0
+    restrict_to_lungs: bool = True
+    merge_mm: float = 3.0
+    max_candidates: int = 1500
+    max_response_candidates: int = 300
+    cube_radius_factor: float = 2.5
+    min_cube_mm: float = 8.0
+    max_cube_mm: float = 24.0
+    # scoring and output
+    max_detections: int = 100
+    lgbm_rounds: int = 300
+    lgbm_learning_rate: float = 0.05
+    lgbm_num_leaves: int = 15
+    lgbm_min_data_in_leaf: int = 10
+    lgbm_neg_per_pos: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.spacing_mm <= 0:
+            raise ConfigError(f"blob-lgbm: spacing_mm must be > 0, got {self.spacing_mm}")
+        s = tuple(float(v) for v in self.sigmas_mm)
+        if not s or any(v <= 0 for v in s) or list(s) != sorted(set(s)):
+            raise ConfigError(f"blob-lgbm: sigmas_mm must be positive and increasing, got {self.sigmas_mm}")
+        object.__setattr__(self, "sigmas_mm", s)
+        object.__setattr__(self, "hu_clip", (float(self.hu_clip[0]), float(self.hu_clip[1])))
+        if self.max_candidates < 1 or self.max_detections < 1:
+            raise ConfigError("blob-lgbm: max_candidates and max_detections must be >= 1")
+
+    def candidate_key(self) -> str:
+        """Hash of the fields that define candidates and features (the feature cache's key)."""
+        d = {k: v for k, v in asdict(self).items() if not k.startswith("lgbm_") and k not in ("seed", "max_detections")}
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def feature_names(sigmas_mm: Sequence[float]) -> list[str]:
+    """Names of the feature columns for these scales (the order of :func:`scan_candidates`' table)."""
+    names = ["scale_mm", "response", "dot", "hu_smooth", "hu_centre"]
+    for k in range(len(sigmas_mm)):
+        names += [f"r{k}", f"e0_{k}", f"e1_{k}", f"e2_{k}", f"tube_{k}", f"sheet_{k}"]
+    names += [
+        "obj_volume_mm3", "obj_diam_over_blob", "obj_on_faces", "obj_axis_mid", "obj_axis_min",
+        "obj_hu_mean", "obj_hu_sd", "obj_threshold_hu", "lung_bg_hu", "cube_outside_lung",
+    ]
+    return names
+
+
+FEATURE_NAMES: list[str] = feature_names(BlobConfig().sigmas_mm)
+"""The feature columns of the default scales."""
+
+
+@dataclass(frozen=True, eq=False)
+class BlobCandidates:
+    """Candidates of one scan before scoring.
+
+    Attributes:
+        centers_xyz_mm: ``(N, 3)`` world LPS centres (mm).
+        scales_mm: ``(N,)`` the Gaussian SD at which each answered most (mm); radius ``sqrt(3)`` times it.
+        features: ``(N, F)`` float32, columns :func:`feature_names` of the config's scales.
+        seconds: wall time of the candidate and feature stage.
+    """
+
+    centers_xyz_mm: np.ndarray
+    scales_mm: np.ndarray
+    features: np.ndarray
+    seconds: float
+
+    def __len__(self) -> int:
+        return int(self.scales_mm.shape[0])
+
+
+# ----------------------------------------------------------------------------- candidates
+def _lung_mask(hu: np.ndarray, geometry: VolumeGeometry, margin_mm: float) -> np.ndarray:
+    """Lung field dilated by ``margin_mm`` (bool ``[z, y, x]``); the whole body when none is found."""
+    import warnings
+
+    from scipy import ndimage as ndi
+
+    from lidc_det.lungs import LungFieldError, lung_fields
+    from stage1_detect.preprocess import body_mask
+
+    try:
+        mask = lung_fields(hu, geometry).mask
+    except LungFieldError as err:
+        warnings.warn(f"blob-lgbm: no lung field ({err}); using the body mask", stacklevel=3)
+        return body_mask(hu)
+    it = int(round(margin_mm / min(geometry.spacing_zyx)))
+    return ndi.binary_dilation(mask, iterations=it) if it > 0 else mask
+
+
+def _hessian_at(g: np.ndarray, pts: np.ndarray, spacing: float) -> np.ndarray:
+    """Hessian ``(N, 3, 3)`` of ``g`` at integer voxel points ``pts`` (central differences, per mm^2)."""
+    hi = np.asarray(g.shape) - 2
+    p = np.clip(pts, 1, hi)
+    z, y, x = p[:, 0], p[:, 1], p[:, 2]
+    c = g[z, y, x]
+    h = np.empty((len(p), 3, 3), dtype=np.float64)
+    axes = ((1, 0, 0), (0, 1, 0), (0, 0, 1))
+
+    def at(d: tuple[int, int, int]) -> np.ndarray:
+        return g[z + d[0], y + d[1], x + d[2]].astype(np.float64)
+
+    for i, a in enumerate(axes):
+        h[:, i, i] = at(a) + at(tuple(-v for v in a)) - 2 * c  # type: ignore[arg-type]
+        for j in range(i + 1, 3):
+            b = axes[j]
+            pp = tuple(u + v for u, v in zip(a, b))
+            mm = tuple(-u - v for u, v in zip(a, b))
+            pm = tuple(u - v for u, v in zip(a, b))
+            mp = tuple(-u + v for u, v in zip(a, b))
+            h[:, i, j] = h[:, j, i] = (at(pp) + at(mm) - at(pm) - at(mp)) / 4.0  # type: ignore[arg-type]
+    return h / spacing**2
+
+
+def _object_features(
+    hu: np.ndarray, lung: np.ndarray, pt: np.ndarray, radius_mm: float, hu_smooth: float, cfg: BlobConfig
+) -> list[float]:
+    """The connected-object features of one candidate (see the module docstring)."""
+    from scipy import ndimage as ndi
+
+    sp = cfg.spacing_mm
+    half = int(np.ceil(np.clip(cfg.cube_radius_factor * radius_mm, cfg.min_cube_mm / 2, cfg.max_cube_mm) / sp))
+    lo = np.maximum(pt - half, 0)
+    hi = np.minimum(pt + half + 1, hu.shape)
+    cube = hu[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    lcube = lung[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
+    c = tuple(pt - lo)
+    outside = 1.0 - float(lcube.mean())
+    inside_vals = cube[lcube]
+    bg = float(np.percentile(inside_vals, 20)) if inside_vals.size >= 10 else float(np.percentile(cube, 20))
+    thr = 0.5 * (max(hu_smooth, bg + 50.0) + bg)
+    above = cube > thr
+    labels, _ = ndi.label(above)
+    lab = labels[c]
+    if lab == 0:  # the centre fell just below the threshold: take the brightest labelled neighbour
+        zs, ys, xs = (slice(max(v - 1, 0), v + 2) for v in c)
+        near = labels[zs, ys, xs]
+        vals = np.where(near > 0, cube[zs, ys, xs], -np.inf)
+        lab = int(near.ravel()[int(np.argmax(vals))]) if np.isfinite(vals.max()) else 0
+    if lab == 0:
+        return [0.0, 0.0, 0.0, 0.0, 0.0, hu_smooth, 0.0, thr, bg, outside]
+    obj = labels == lab
+    n = int(obj.sum())
+    vol = n * sp**3
+    faces = np.zeros_like(obj)
+    faces[0], faces[-1], faces[:, 0], faces[:, -1], faces[:, :, 0], faces[:, :, -1] = (
+        obj[0], obj[-1], obj[:, 0], obj[:, -1], obj[:, :, 0], obj[:, :, -1]
+    )
+    on_faces = float(faces.sum()) / max(n, 1)
+    coords = np.argwhere(obj).astype(np.float64)
+    if n >= 4:
+        ev = np.sort(np.linalg.eigvalsh(np.cov(coords.T)))[::-1]
+        ev = np.maximum(ev, 1e-6)
+        ax_mid, ax_min = float(np.sqrt(ev[1] / ev[0])), float(np.sqrt(ev[2] / ev[0]))
+    else:
+        ax_mid = ax_min = 1.0
+    vals = cube[obj]
+    diam = 2.0 * (3.0 * vol / (4.0 * np.pi)) ** (1.0 / 3.0)
+    return [vol, diam / (2.0 * radius_mm), on_faces, ax_mid, ax_min, float(vals.mean()), float(vals.std()), thr, bg, outside]
+
+
+def scan_candidates(hu: np.ndarray, geometry: VolumeGeometry, cfg: BlobConfig) -> BlobCandidates:
+    """Blob candidates and their features in one scan (``hu``: ``[z, y, x]`` HU on ``geometry``)."""
+    from scipy import ndimage as ndi
+
+    from lidc_det.resample import resample_image
+
+    t0 = time.perf_counter()
+    hu = np.asarray(hu)
+    if hu.ndim != 3 or hu.shape != geometry.shape_zyx:
+        raise ValueError(f"blob-lgbm: hu shape {hu.shape} does not match geometry {geometry.shape_zyx}")
+    sp = cfg.spacing_mm
+    if not np.allclose(geometry.spacing_zyx, (sp, sp, sp), atol=1e-3):
+        hu, geometry = resample_image(hu, geometry, (sp, sp, sp))
+    img = np.clip(np.asarray(hu, dtype=np.float32), *cfg.hu_clip)
+    if cfg.restrict_to_lungs:
+        lung_full = _lung_mask(img, geometry, cfg.lung_margin_mm)
+    else:
+        lung_full = np.ones(img.shape, dtype=bool)
+    n_feat = len(feature_names(cfg.sigmas_mm))
+    empty = BlobCandidates(np.zeros((0, 3)), np.zeros(0), np.zeros((0, n_feat), np.float32), 0.0)
+    if not lung_full.any():
+        return replace(empty, seconds=time.perf_counter() - t0)
+    # work inside the lung box plus the largest filter's reach
+    pad = int(np.ceil(3 * max(cfg.sigmas_mm) / sp)) + 2
+    nz = np.argwhere(lung_full)
+    lo = np.maximum(nz.min(axis=0) - pad, 0)
+    hi = np.minimum(nz.max(axis=0) + pad + 1, img.shape)
+    box = tuple(slice(a, b) for a, b in zip(lo, hi))
+    sub = img[box]
+    lung = lung_full[box]
+    smoothed: list[np.ndarray] = []
+    responses: list[np.ndarray] = []
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []  # points, responses, dot, scale index
+    for k, s in enumerate(cfg.sigmas_mm):
+        g = ndi.gaussian_filter(sub, s / sp, truncate=3.0)
+        r = ndi.laplace(g)
+        r *= -((s / sp) ** 2)  # scale-normalised (the voxel units cancel)
+        peak = (r == ndi.maximum_filter(r, size=3)) & (r > cfg.min_response) & lung
+        p = np.argwhere(peak)
+        found.append((p, r[peak], _dot(np.linalg.eigvalsh(_hessian_at(g, p, sp) * s**2)), k))
+        smoothed.append(g)
+        responses.append(r)
+    pts = np.concatenate([f[0] for f in found])
+    if len(pts) == 0:
+        return replace(empty, seconds=time.perf_counter() - t0)
+    resp = np.concatenate([f[1] for f in found])
+    dot = np.concatenate([f[2] for f in found])
+    kidx = np.concatenate([np.full(len(f[0]), f[3]) for f in found])
+    keep = np.union1d(_merge(pts, dot + 1e-6 * resp, cfg.merge_mm / sp, cfg.max_candidates),
+                      _merge(pts, resp, cfg.merge_mm / sp, cfg.max_response_candidates))
+    pts, resp, dot, kidx = pts[keep], resp[keep], dot[keep], kidx[keep]
+    n = len(pts)
+    sig = np.asarray(cfg.sigmas_mm)[kidx]
+    z, y, x = pts[:, 0], pts[:, 1], pts[:, 2]
+    cols: list[np.ndarray] = [sig, resp, dot, np.array([smoothed[k][p[0], p[1], p[2]] for k, p in zip(kidx, pts)]),
+                              sub[z, y, x]]
+    for k, s in enumerate(cfg.sigmas_mm):
+        h = _hessian_at(smoothed[k], pts, sp) * s**2
+        ev = np.linalg.eigvalsh(h)  # ascending: a bright blob has all three negative
+        e0 = np.minimum(ev[:, 0], -1e-3)
+        cols += [responses[k][z, y, x], ev[:, 0], ev[:, 1], ev[:, 2], ev[:, 2] / e0, ev[:, 1] / e0]
+    hu_smooth = cols[3]
+    obj = np.array(
+        [_object_features(sub, lung, p, SQRT3 * s, float(hs), cfg) for p, s, hs in zip(pts, sig, hu_smooth)]
+    ).reshape(n, -1)
+    feats = np.column_stack([*cols, obj]).astype(np.float32)
+    centres = geometry.voxel_to_world((pts + lo).astype(np.float64))
+    return BlobCandidates(np.asarray(centres).reshape(-1, 3), sig.astype(np.float64), feats, time.perf_counter() - t0)
+
+
+def _dot(ev: np.ndarray) -> np.ndarray:
+    """Li's dot enhancement ``e2^2 / |e0|`` of ascending Hessian eigenvalues ``(N, 3)``, 0 unless all three are
+    negative (a bright blob); a vessel (``e2`` near 0) or a fissure scores near 0."""
+    e0, e2 = ev[:, 0], ev[:, 2]
+    return np.where(e2 < 0, e2**2 / np.maximum(-e0, 1e-6), 0.0)
+
+
+def _merge(pts: np.ndarray, priority: np.ndarray, reach_vox: float, cap: int) -> np.ndarray:
+    """Indices kept by the greedy merge (highest ``priority`` first; a point within ``reach_vox`` of a kept
+    one is dropped), at most ``cap``."""
+    from scipy.spatial import cKDTree
+
+    order = np.argsort(-priority, kind="stable")
+    tree = cKDTree(pts)
+    dead = np.zeros(len(pts), dtype=bool)
+    kept: list[int] = []
+    for i in order:
+        if dead[i]:
+            continue
+        kept.append(int(i))
+        if len(kept) >= cap:
+            break
+        dead[tree.query_ball_point(pts[i], reach_vox)] = True
+    return np.asarray(kept, dtype=int)
+
+
+# ----------------------------------------------------------------------------- labels
+def _findings_of(case: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """World centres ``(N, 3)`` and radii of a training case's targets, then of its irrelevant findings."""
+    if hasattr(case, "luna_findings"):
+        tg, ir = case.luna_findings()
+        out = []
+        for f in (tg, ir):
+            out += [np.array([v.center_xyz_mm for v in f], dtype=np.float64).reshape(-1, 3),
+                    np.array([v.diameter_mm / 2.0 for v in f], dtype=np.float64)]
+        return out[0], out[1], out[2], out[3]
+    from stage1_detect.data import case_boxes
+
+    out = []
+    for boxes in (case_boxes(case), getattr(case, "irrelevant_boxes_voxel", None)):
+        b = np.zeros((0, 6)) if boxes is None else np.asarray(boxes, dtype=np.float64).reshape(-1, 6)
+        centre = (b[:, :3] + b[:, 3:]) / 2.0 - 0.5
+        size_mm = (b[:, 3:] - b[:, :3]) * np.asarray(case.geometry.spacing_zyx)
+        out += [np.asarray(case.geometry.voxel_to_world(centre)).reshape(-1, 3), size_mm.mean(axis=1) / 2.0 if len(b) else np.zeros(0)]
+    return out[0], out[1], out[2], out[3]
+
+
+def candidate_labels(centres_xyz_mm: np.ndarray, case: Any) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per candidate ``1`` (hits a target), ``0`` (false positive) or ``-1`` (hits only an irrelevant
+    finding), the index of the target each hits (``-1`` if none), and the number of targets."""
+    tc, tr, ic, ir = _findings_of(case)
+    n = len(centres_xyz_mm)
+    lab = np.zeros(n, dtype=np.int8)
+    which = np.full(n, -1, dtype=int)
+    if n and len(tc):
+        d = np.linalg.norm(centres_xyz_mm[:, None] - tc[None], axis=2)
+        hit = d < tr[None]
+        lab[hit.any(axis=1)] = 1
+        which = np.where(hit.any(axis=1), np.argmin(np.where(hit, d, np.inf), axis=1), -1)
+    if n and len(ic):
+        d = np.linalg.norm(centres_xyz_mm[:, None] - ic[None], axis=2)
+        lab[(d < ir[None]).any(axis=1) & (lab == 0)] = -1
+    return lab, which, len(tc)
+
+
+# ----------------------------------------------------------------------------- detector
+@register_detector("blob-lgbm")
+class BlobDetector:
+    """Scale-space blob candidates scored by LightGBM (see the module docstring).
+
+    Args:
+        checkpoint: a ``blob_model.txt`` written by :meth:`fit` (or its folder); its config wins,
+            and ``overrides`` may only change ``max_detections``.
+        progress: tqdm bars over scans in :meth:`fit`.
+        overrides: :class:`BlobConfig` fields.
+    """
+
+    def __init__(self, *, checkpoint: str | Path | None = None, progress: bool = True, **overrides: Any) -> None:
+        unknown = set(overrides) - set(BlobConfig.__dataclass_fields__)
+        if unknown:
+            raise ConfigError(f"blob-lgbm: unknown settings {sorted(unknown)}; known: {sorted(BlobConfig.__dataclass_fields__)}")
+        self.progress = progress
+        self.device = "cpu"
+        self._booster: Any = None
+        self.meta: dict[str, Any] = {}
+        if checkpoint is not None:
+            self.config, self._booster, self.meta = load_blob_model(checkpoint)
+            changed = set(overrides) - {"max_detections"}
+            if changed:
+                raise ConfigError(f"blob-lgbm: {sorted(changed)} define the trained model in {checkpoint} and cannot change")
+            self.config = replace(self.config, **overrides)
+        else:
+            self.config = BlobConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()})
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
+
+    @property
+    def trained(self) -> bool:
+        return self._booster is not None
+
+    def candidates(self, hu: np.ndarray, geometry: VolumeGeometry) -> BlobCandidates:
+        """Unscored candidates of one scan (:func:`scan_candidates`)."""
+        return scan_candidates(hu, geometry, self.config)
+
+    def predict(self, hu: np.ndarray, geometry: VolumeGeometry, *, series_uid: str) -> Detections:
+        """Scored candidates of one scan, best first, at most ``max_detections``.
+
+        Raises:
+            BlobModelError: the detector has not been trained or loaded.
+        """
+        if self._booster is None:
+            raise BlobModelError("blob-lgbm: not trained; call fit() or build it with checkpoint=")
+        cand = self.candidates(hu, geometry)
+        scores = self._booster.predict(cand.features) if len(cand) else np.zeros(0)
+        keep = _suppress(cand.centers_xyz_mm, SQRT3 * cand.scales_mm, scores, self.config.max_detections)
+        return Detections(series_uid, cand.centers_xyz_mm[keep], 2 * SQRT3 * cand.scales_mm[keep], scores[keep])
+
+    def fit(self, train_cases: Sequence[Any], val_cases: Sequence[Any], out_dir: str | Path, **_: Any) -> dict[str, Any]:
+        """Extract (or reuse) every training scan's candidates, train LightGBM, write the model.
+
+        Returns the training summary also written to ``blob_model.json``: candidates, positives,
+        candidate recall (share of target nodules hit by at least one candidate) on the training
+        and validation scans, seconds.
+        """
+        import lightgbm as lgb
+        from tqdm.auto import tqdm
+
+        from lidc_det.atomic import write_json, write_text
+
+        t0 = time.perf_counter()
+        out = Path(out_dir)
+        if not train_cases:
+            raise ConfigError("blob-lgbm: fit needs at least one training scan")
+        key = self.config.candidate_key()
+        uids = sorted(c.series_uid for c in train_cases)
+        data_key = hashlib.sha1(json.dumps([asdict(self.config), uids], sort_keys=True).encode()).hexdigest()[:12]
+        model_path = out / MODEL_FILE
+        if model_path.exists():
+            try:
+                cfg, booster, meta = load_blob_model(model_path)
+            except BlobModelError:
+                meta = {}
+            if meta.get("data_key") == data_key:
+                self.config, self._booster, self.meta, self.checkpoint = cfg, booster, meta, model_path
+                return meta
+        xs, ys = [], []
+        recall: dict[str, list[int]] = {"train": [0, 0], "val": [0, 0]}
+        bar = tqdm([("train", c) for c in train_cases] + [("val", c) for c in val_cases],
+                   desc="blob-lgbm candidates", disable=not self.progress)
+        for part, case in bar:
+            cand = self._cached_candidates(case, out / "features" / key)
+            lab, which, n_targets = candidate_labels(cand.centers_xyz_mm, case)
+            recall[part][0] += len(set(which[which >= 0].tolist()))
+            recall[part][1] += n_targets
+            if part == "train":
+                xs.append(cand.features[lab >= 0])
+                ys.append(lab[lab >= 0].astype(np.float32))
+        x = np.concatenate(xs)
+        y = np.concatenate(ys)
+        if y.sum() == 0:
+            raise BlobModelError(f"blob-lgbm: no candidate hits a target nodule in {len(train_cases)} training scans")
+        params = {
+            "objective": "binary", "learning_rate": self.config.lgbm_learning_rate, "num_leaves": self.config.lgbm_num_leaves,
+            "min_data_in_leaf": self.config.lgbm_min_data_in_leaf, "feature_fraction": 0.8, "bagging_fraction": 0.8,
+            "bagging_freq": 1, "seed": self.config.seed, "deterministic": True, "num_threads": 2, "verbose": -1,
+        }
+        if self.config.lgbm_neg_per_pos > 0:
+            params["scale_pos_weight"] = float((y == 0).sum()) / float(max(y.sum(), 1)) / self.config.lgbm_neg_per_pos
+        names = feature_names(self.config.sigmas_mm)
+        booster = lgb.train(params, lgb.Dataset(x, y, feature_name=names), num_boost_round=self.config.lgbm_rounds)
+        meta = {
+            "kind": "lidc-det blob-lgbm model",
+            "config": asdict(self.config),
+            "feature_names": names,
+            "data_key": data_key,
+            "train_series_uids": uids,
+            "n_candidates": int(len(y)),
+            "n_positive_candidates": int(y.sum()),
+            "candidate_recall": {k: {"hit": v[0], "nodules": v[1], "recall": round(v[0] / v[1], 4) if v[1] else None}
+                                 for k, v in recall.items()},
+            "seconds": round(time.perf_counter() - t0, 1),
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(model_path, booster.model_to_string())
+        write_json(out / META_FILE, meta)
+        self._booster, self.meta, self.checkpoint = booster, meta, model_path
+        return meta
+
+    def _cached_candidates(self, case: Any, folder: Path) -> BlobCandidates:
+        """The candidates of a training scan, from ``folder`` when extracted before (atomic npz)."""
+        from lidc_det.atomic import write_with
+
+        path = folder / f"{case.series_uid}.npz"
+        if path.exists():
+            with np.load(path) as z:
+                return BlobCandidates(z["centres"], z["scales"], z["features"], float(z["seconds"]))
+        cand = self.candidates(np.asarray(case.image_hu), case.geometry)
+        folder.mkdir(parents=True, exist_ok=True)
+
+        def save(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                np.savez(f, centres=cand.centers_xyz_mm, scales=cand.scales_mm, features=cand.features, seconds=cand.seconds)
+
+        write_with(path, save)
+        return cand
+
+    def feature_importance(self) -> dict[str, float]:
+        """LightGBM gain per feature name (trained detectors only), largest first."""
+        if self._booster is None:
+            raise BlobModelError("blob-lgbm: not trained")
+        gain = self._booster.feature_importance(importance_type="gain")
+        pairs = sorted(zip(self._booster.feature_name(), gain.tolist()), key=lambda p: -p[1])
+        return {k: float(v) for k, v in pairs}
+
+
+def _suppress(centres: np.ndarray, radii_mm: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
+    """Greedy suppression: best score first, drop candidates within the radius of a kept one; ``k`` at most."""
+    order = np.argsort(-scores, kind="stable")
+    kept: list[int] = []
+    for i in order:
+        if all(np.linalg.norm(centres[i] - centres[j]) >= max(radii_mm[j], 1.0) for j in kept):
+            kept.append(int(i))
+            if len(kept) >= k:
+                break
+    return np.asarray(kept, dtype=int)
+
+
+def load_blob_model(path: str | Path) -> tuple[BlobConfig, Any, dict[str, Any]]:
+    """Config, LightGBM booster and training summary of a model written by :meth:`BlobDetector.fit`.
+
+    ``path`` is ``blob_model.txt`` or its folder; ``blob_model.json`` must lie beside it.
+
+    Raises:
+        BlobModelError: a file is missing, unreadable, or its features differ from this code's.
+    """
+    import lightgbm as lgb
+
+    p = Path(path)
+    if p.is_dir():
+        p = p / MODEL_FILE
+    meta_path = p.with_name(META_FILE)
+    for f in (p, meta_path):
+        if not f.is_file():
+            raise BlobModelError(f"{f}: no such blob-lgbm model file")
+    try:
+        meta = json.loads(meta_path.read_text())
+        c = dict(meta["config"])
+        c["hu_clip"] = tuple(c["hu_clip"])
+        c["sigmas_mm"] = tuple(c["sigmas_mm"])
+        cfg = BlobConfig(**c)
+        booster = lgb.Booster(model_str=p.read_text())
+    except (OSError, ValueError, KeyError, TypeError, lgb.basic.LightGBMError) as err:
+        raise BlobModelError(f"{p}: not a readable blob-lgbm model ({type(err).__name__}: {err})") from err
+    if booster.feature_name() != feature_names(cfg.sigmas_mm) or meta.get("feature_names") != feature_names(cfg.sigmas_mm):
+        raise BlobModelError(f"{p}: its features {booster.feature_name()[:4]}... differ from this version's")
+    return cfg, booster, meta
+
+
+__all__ = [
+    "BlobCandidates", "BlobConfig", "BlobDetector", "BlobModelError", "FEATURE_NAMES", "candidate_labels",
+    "feature_names", "load_blob_model", "scan_candidates",
+]

@@ -34,7 +34,8 @@ No absolute position is used.
 **Score.** LightGBM (binary) on those features; a training candidate is positive when it hits a
 target nodule (LUNA16 rule: world distance below the nodule's radius), left out when it hits
 only an irrelevant finding, negative otherwise. At inference candidates are scored, greedily
-suppressed within the radius of a better one, and the ``max_detections`` best returned
+suppressed within ``nms_radius_factor`` radii (at least ``merge_mm``) of a better one (a vessel
+answering at a large scale must not hide a small nodule beside it), and the ``max_detections`` best returned
 (world centres, diameter ``2 * sqrt(3) * s``).
 
 :meth:`BlobDetector.fit` caches each training scan's features (``out_dir/features``) and writes
@@ -74,7 +75,7 @@ class BlobModelError(LidcDetError):
 class BlobConfig:
     """Settings of :class:`BlobDetector` (see the module docstring for what each does).
 
-    Candidate fields (all but ``lgbm_*``, ``seed``, ``max_detections``) define the features:
+    Candidate fields (all but ``lgbm_*``, ``seed``, ``nms_radius_factor``, ``max_detections``) define the features:
     a model trained with other values is refused by :meth:`BlobDetector.from_checkpoint`.
     """
 
@@ -91,6 +92,7 @@ class BlobConfig:
     min_cube_mm: float = 8.0
     max_cube_mm: float = 24.0
     # scoring and output
+    nms_radius_factor: float = 0.5
     max_detections: int = 100
     lgbm_rounds: int = 300
     lgbm_learning_rate: float = 0.05
@@ -112,7 +114,8 @@ class BlobConfig:
 
     def candidate_key(self) -> str:
         """Hash of the fields that define candidates and features (the feature cache's key)."""
-        d = {k: v for k, v in asdict(self).items() if not k.startswith("lgbm_") and k not in ("seed", "max_detections")}
+        d = {k: v for k, v in asdict(self).items()
+             if not k.startswith("lgbm_") and k not in ("seed", "max_detections", "nms_radius_factor")}
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -384,7 +387,7 @@ class BlobDetector:
 
     Args:
         checkpoint: a ``blob_model.txt`` written by :meth:`fit` (or its folder); its config wins,
-            and ``overrides`` may only change ``max_detections``.
+            and ``overrides`` may only change ``max_detections`` and ``nms_radius_factor``.
         progress: tqdm bars over scans in :meth:`fit`.
         overrides: :class:`BlobConfig` fields.
     """
@@ -399,7 +402,7 @@ class BlobDetector:
         self.meta: dict[str, Any] = {}
         if checkpoint is not None:
             self.config, self._booster, self.meta = load_blob_model(checkpoint)
-            changed = set(overrides) - {"max_detections"}
+            changed = set(overrides) - {"max_detections", "nms_radius_factor"}
             if changed:
                 raise ConfigError(f"blob-lgbm: {sorted(changed)} define the trained model in {checkpoint} and cannot change")
             self.config = replace(self.config, **overrides)
@@ -425,7 +428,8 @@ class BlobDetector:
             raise BlobModelError("blob-lgbm: not trained; call fit() or build it with checkpoint=")
         cand = self.candidates(hu, geometry)
         scores = self._booster.predict(cand.features) if len(cand) else np.zeros(0)
-        keep = _suppress(cand.centers_xyz_mm, SQRT3 * cand.scales_mm, scores, self.config.max_detections)
+        reach = np.maximum(self.config.nms_radius_factor * SQRT3 * cand.scales_mm, self.config.merge_mm)
+        keep = _suppress(cand.centers_xyz_mm, reach, scores, self.config.max_detections)
         return Detections(series_uid, cand.centers_xyz_mm[keep], 2 * SQRT3 * cand.scales_mm[keep], scores[keep])
 
     def fit(self, train_cases: Sequence[Any], val_cases: Sequence[Any], out_dir: str | Path, **_: Any) -> dict[str, Any]:
@@ -446,7 +450,8 @@ class BlobDetector:
             raise ConfigError("blob-lgbm: fit needs at least one training scan")
         key = self.config.candidate_key()
         uids = sorted(c.series_uid for c in train_cases)
-        data_key = hashlib.sha1(json.dumps([asdict(self.config), uids], sort_keys=True).encode()).hexdigest()[:12]
+        trained = {k: v for k, v in asdict(self.config).items() if k not in ("max_detections", "nms_radius_factor")}
+        data_key = hashlib.sha1(json.dumps([trained, uids], sort_keys=True).encode()).hexdigest()[:12]
         model_path = out / MODEL_FILE
         if model_path.exists():
             try:
@@ -526,12 +531,12 @@ class BlobDetector:
         return {k: float(v) for k, v in pairs}
 
 
-def _suppress(centres: np.ndarray, radii_mm: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
-    """Greedy suppression: best score first, drop candidates within the radius of a kept one; ``k`` at most."""
+def _suppress(centres: np.ndarray, reach_mm: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
+    """Greedy suppression: best score first, drop candidates closer than ``reach_mm`` of a kept one; ``k`` at most."""
     order = np.argsort(-scores, kind="stable")
     kept: list[int] = []
     for i in order:
-        if all(np.linalg.norm(centres[i] - centres[j]) >= max(radii_mm[j], 1.0) for j in kept):
+        if all(np.linalg.norm(centres[i] - centres[j]) >= reach_mm[j] for j in kept):
             kept.append(int(i))
             if len(kept) >= k:
                 break

@@ -1,0 +1,133 @@
+"""blob-lgbm: scale-space candidates, labels, LightGBM training, model files (stage1_detect/blob.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lidc_det.errors import ConfigError
+from lidc_det.geometry import VolumeGeometry
+from stage1_detect.blob import (
+    META_FILE,
+    MODEL_FILE,
+    BlobConfig,
+    BlobDetector,
+    BlobModelError,
+    candidate_labels,
+    feature_names,
+    scan_candidates,
+)
+from stage1_detect.data import InMemoryCase
+from stage1_detect.registry import build_detector, list_detectors
+
+SHAPE = (48, 48, 48)
+
+
+def _phantom(uid: str, rng: np.random.Generator, spheres: list[tuple[tuple[float, float, float], float]],
+             tubes: list[tuple[int, int, float]]) -> InMemoryCase:
+    """Lung-like background (-850 HU + noise) with bright spheres (targets) and x-running tubes (vessels)."""
+    zz, yy, xx = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in SHAPE], indexing="ij")
+    hu = -850.0 + 15.0 * rng.standard_normal(SHAPE).astype(np.float32)
+    for z, y, r in tubes:
+        hu[(zz - z) ** 2 + (yy - y) ** 2 <= r**2] = 30.0
+    boxes = []
+    for c, d in spheres:
+        hu[(zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= (d / 2) ** 2] = 30.0
+        lo = np.asarray(c) - d / 2 + 0.5
+        boxes.append(np.concatenate([lo, lo + d]))
+    return InMemoryCase(uid, hu, VolumeGeometry(SHAPE, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0)), np.asarray(boxes).reshape(-1, 6))
+
+
+def _cases(n: int, seed: int) -> list[InMemoryCase]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        d = float(rng.uniform(6, 10))
+        sphere = ((float(rng.uniform(12, 36)), 34.0, float(rng.uniform(12, 36))), d)
+        out.append(_phantom(f"ph{seed}-{i}", rng, [sphere], [(int(rng.integers(10, 38)), 12, float(rng.uniform(2.5, 4.0)))]))
+    return out
+
+
+def _hits(centre_xyz: np.ndarray, case: InMemoryCase) -> bool:
+    lab, _, _ = candidate_labels(np.asarray(centre_xyz).reshape(1, 3), case)
+    return bool(lab[0] == 1)
+
+
+CFG = {"restrict_to_lungs": False, "lgbm_rounds": 60, "lgbm_min_data_in_leaf": 3}
+
+
+def test_candidates_rank_a_sphere_above_a_tube_of_the_same_calibre() -> None:
+    case = _phantom("one", np.random.default_rng(0), [((24.0, 34.0, 24.0), 7.0)], [(24, 12, 3.5)])
+    cand = scan_candidates(case.image_hu, case.geometry, BlobConfig(restrict_to_lungs=False))
+    assert cand.features.shape == (len(cand), len(feature_names(BlobConfig().sigmas_mm)))
+    dot = cand.features[:, feature_names(BlobConfig().sigmas_mm).index("dot")]
+    best = int(np.argmax(dot))
+    assert _hits(cand.centers_xyz_mm[best], case)
+    # the best candidate on the tube's axis has a far lower dot response than the sphere's
+    on_tube = np.abs(cand.centers_xyz_mm[:, 1] - 12) < 2
+    assert on_tube.any() and dot[on_tube].max() < 0.5 * dot[best]
+    # its object runs out of the cube (on_faces), the sphere's does not
+    faces = cand.features[:, feature_names(BlobConfig().sigmas_mm).index("obj_on_faces")]
+    assert faces[best] == 0.0 and faces[on_tube].max() > 0.05
+
+
+def test_candidate_labels_target_irrelevant_and_false_positive() -> None:
+    geom = VolumeGeometry((40, 40, 40), (1.0, 1.0, 1.0), (0.0, 0.0, 0.0))
+    case = InMemoryCase("c", np.zeros((40, 40, 40), np.float32), geom,
+                        np.array([[10, 10, 10, 16, 16, 16]], float), np.array([[30, 30, 30, 34, 34, 34]], float))
+    # world = voxel (x, y, z) here; target centre 12.5, radius 3; irrelevant centre 31.5, radius 2
+    pts = np.array([[12.5, 12.5, 14.0], [12.5, 12.5, 16.0], [31.5, 31.5, 31.5], [5.0, 5.0, 5.0]])
+    lab, which, n = candidate_labels(pts, case)
+    assert lab.tolist() == [1, 0, -1, 0] and which.tolist() == [0, -1, -1, -1] and n == 1
+
+
+def test_fit_predict_roundtrip_and_resume(tmp_path: Path) -> None:
+    train, test = _cases(6, 1), _cases(2, 2)
+    det = BlobDetector(progress=False, **CFG)
+    meta = det.fit(train, test, tmp_path)
+    assert meta["candidate_recall"]["train"]["recall"] == 1.0 and meta["n_positive_candidates"] >= 6
+    for case in test:
+        d = det.predict(case.image_hu, case.geometry, series_uid=case.series_uid)
+        assert len(d) <= BlobConfig().max_detections and np.all(np.diff(d.scores) <= 0)
+        assert _hits(d.centers_xyz_mm[0], case), "the best candidate is the sphere"
+    # a model file is read back to the same scores, through the registry
+    loaded = build_detector({"name": "blob-lgbm", "checkpoint": str(tmp_path / MODEL_FILE), "progress": False})
+    case = test[0]
+    a = det.predict(case.image_hu, case.geometry, series_uid="x")
+    b = loaded.predict(case.image_hu, case.geometry, series_uid="x")
+    np.testing.assert_allclose(a.scores, b.scores)
+    np.testing.assert_allclose(a.centers_xyz_mm, b.centers_xyz_mm)
+    # a second fit on the same scans reuses the model; other scans retrain from the cached features
+    stamp = (tmp_path / MODEL_FILE).stat().st_mtime_ns
+    assert BlobDetector(progress=False, **CFG).fit(train, test, tmp_path)["data_key"] == meta["data_key"]
+    assert (tmp_path / MODEL_FILE).stat().st_mtime_ns == stamp
+    meta2 = BlobDetector(progress=False, **CFG).fit(train[:5], test, tmp_path)
+    assert meta2["data_key"] != meta["data_key"] and meta2["train_series_uids"] == sorted(c.series_uid for c in train[:5])
+
+
+def test_model_errors(tmp_path: Path) -> None:
+    assert "blob-lgbm" in list_detectors()
+    case = _cases(1, 3)[0]
+    with pytest.raises(BlobModelError, match="not trained"):
+        BlobDetector(progress=False).predict(case.image_hu, case.geometry, series_uid="x")
+    with pytest.raises(BlobModelError, match="no such"):
+        BlobDetector(checkpoint=tmp_path / "nothing.txt")
+    with pytest.raises(ConfigError, match="unknown settings"):
+        BlobDetector(sigma=2.0)
+    with pytest.raises(ConfigError, match="increasing"):
+        BlobConfig(sigmas_mm=(2.0, 1.0))
+    BlobDetector(progress=False, **CFG).fit(_cases(4, 4), [], tmp_path)
+    with pytest.raises(ConfigError, match="cannot change"):
+        BlobDetector(checkpoint=tmp_path, min_response=10.0)
+    assert BlobDetector(checkpoint=tmp_path, max_detections=5).config.max_detections == 5
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    meta["feature_names"] = meta["feature_names"][:-1]
+    (tmp_path / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(BlobModelError, match="differ"):
+        BlobDetector(checkpoint=tmp_path)
+    (tmp_path / MODEL_FILE).write_text("not a model")
+    with pytest.raises(BlobModelError, match="not a readable"):
+        BlobDetector(checkpoint=tmp_path)

@@ -20,7 +20,8 @@ class UnknownCheckpointError(CheckpointError):
 
 
 def checkpoint_format(model: str | Path) -> str:
-    """``"onnx"`` for an ``.onnx`` export, else the ``format`` string of a training checkpoint
+    """``"onnx"`` for an ``.onnx`` export, ``"blob-lgbm"`` for a ``.txt`` LightGBM model of
+    :mod:`stage1_detect.blob`, else the ``format`` string of a training checkpoint
     (``""`` when it has none), read with the weights-only loader
     (:func:`lidc_det.checkpoint.load_checkpoint`: other pickled objects raise
     :class:`~lidc_det.errors.UnsafeCheckpointError` and are never unpickled). No model is built.
@@ -32,6 +33,8 @@ def checkpoint_format(model: str | Path) -> str:
         raise UnknownCheckpointError(path, "no such checkpoint file")
     if path.suffix == ".onnx":
         return "onnx"
+    if path.suffix == ".txt":
+        return "blob-lgbm"
     fmt = load_checkpoint(path, kind="checkpoint").get("format", "")
     return fmt if isinstance(fmt, str) else ""
 
@@ -39,7 +42,8 @@ def checkpoint_format(model: str | Path) -> str:
 def load_detector(model: str | Path, *, device: str | None = None, progress: bool = True) -> Any:
     """The detector stored in ``model`` (by :func:`checkpoint_format`): an ``.onnx`` file from
     ``lidc-det export`` (:class:`~stage1_detect.export.OnnxDetector`; ``device`` "cuda" picks the
-    CUDA provider), :class:`~stage1_detect.detector.Retina3DDetector` (``stage1_detect.retina3d/*``)
+    CUDA provider), :class:`~stage1_detect.blob.BlobDetector` (``blob_model.txt``),
+    :class:`~stage1_detect.detector.Retina3DDetector` (``stage1_detect.retina3d/*``)
     or :class:`~stage1_detect.monai_baseline.MonaiRetinaNetDetector` (``stage1_detect.monai_retinanet/*``)."""
     path = Path(model)
     fmt = checkpoint_format(path)
@@ -50,6 +54,10 @@ def load_detector(model: str | Path, *, device: str | None = None, progress: boo
             ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else ["CPUExecutionProvider"]
         )
         return OnnxDetector(path, providers=providers, progress=progress)
+    if fmt == "blob-lgbm":
+        from stage1_detect.blob import BlobDetector
+
+        return BlobDetector(checkpoint=path, progress=progress)
     if fmt.startswith("stage1_detect.retina3d/"):
         from stage1_detect.detector import Retina3DDetector
 

@@ -131,3 +131,12 @@ def test_model_errors(tmp_path: Path) -> None:
     (tmp_path / MODEL_FILE).write_text("not a model")
     with pytest.raises(BlobModelError, match="not a readable"):
         BlobDetector(checkpoint=tmp_path)
+
+
+def test_cli_loader_takes_a_blob_model(tmp_path: Path) -> None:
+    from stage1_detect.cli import checkpoint_format, load_detector
+
+    BlobDetector(progress=False, **CFG).fit(_cases(4, 5), [], tmp_path)
+    assert checkpoint_format(tmp_path / MODEL_FILE) == "blob-lgbm"
+    det = load_detector(tmp_path / MODEL_FILE, progress=False)
+    assert isinstance(det, BlobDetector) and det.trained

@@ -27,13 +27,17 @@ against a vessel is not blob-shaped at any scale).
   the lung around it, in a cube of ``cube_radius_factor`` radii: its volume, its equivalent
   diameter over the blob's, the share of it on the cube's faces (a vessel or the chest wall
   runs out of the cube, a nodule does not), its principal-axis ratios, its mean and SD of HU;
+  with ``branch_features``, the number of branches it sends through the cube's faces (0 for a
+  nodule, 2 for a vessel, 3 or more at a bifurcation) and the share of it that survives an
+  erosion by a third of the blob's radius;
 * the share of the cube outside the lung field (juxtapleural or mediastinal position).
 
 No absolute position is used.
 
 **Score.** LightGBM (binary) on those features; a training candidate is positive when it hits a
 target nodule (LUNA16 rule: world distance below the nodule's radius), left out when it hits
-only an irrelevant finding, negative otherwise. At inference candidates are scored, greedily
+only an irrelevant finding, negative otherwise; positives on subsolid nodules (texture rating
+<= 2, rare in LIDC and so in the twins) weigh ``lgbm_subsolid_weight``. At inference candidates are scored, greedily
 suppressed within ``nms_radius_factor`` radii (at least ``merge_mm``) of a better one (a vessel
 answering at a large scale must not hide a small nodule beside it), and the ``max_detections`` best returned
 (world centres, diameter ``2 * sqrt(3) * s``).
@@ -91,6 +95,7 @@ class BlobConfig:
     cube_radius_factor: float = 2.5
     min_cube_mm: float = 8.0
     max_cube_mm: float = 24.0
+    branch_features: bool = False
     # scoring and output
     nms_radius_factor: float = 0.5
     max_detections: int = 100
@@ -99,6 +104,7 @@ class BlobConfig:
     lgbm_num_leaves: int = 15
     lgbm_min_data_in_leaf: int = 10
     lgbm_neg_per_pos: float = 0.0
+    lgbm_subsolid_weight: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -119,19 +125,21 @@ class BlobConfig:
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
-def feature_names(sigmas_mm: Sequence[float]) -> list[str]:
-    """Names of the feature columns for these scales (the order of :func:`scan_candidates`' table)."""
+def feature_names(cfg: BlobConfig) -> list[str]:
+    """Names of the feature columns of a config (the order of :func:`scan_candidates`' table)."""
     names = ["scale_mm", "response", "dot", "hu_smooth", "hu_centre"]
-    for k in range(len(sigmas_mm)):
+    for k in range(len(cfg.sigmas_mm)):
         names += [f"r{k}", f"e0_{k}", f"e1_{k}", f"e2_{k}", f"tube_{k}", f"sheet_{k}"]
     names += [
         "obj_volume_mm3", "obj_diam_over_blob", "obj_on_faces", "obj_axis_mid", "obj_axis_min",
         "obj_hu_mean", "obj_hu_sd", "obj_threshold_hu", "lung_bg_hu", "cube_outside_lung",
     ]
+    if cfg.branch_features:
+        names += ["obj_face_crossings", "obj_core_fraction"]
     return names
 
 
-FEATURE_NAMES: list[str] = feature_names(BlobConfig().sigmas_mm)
+FEATURE_NAMES: list[str] = feature_names(BlobConfig())
 """The feature columns of the default scales."""
 
 
@@ -224,7 +232,7 @@ def _object_features(
         vals = np.where(near > 0, cube[zs, ys, xs], -np.inf)
         lab = int(near.ravel()[int(np.argmax(vals))]) if np.isfinite(vals.max()) else 0
     if lab == 0:
-        return [0.0, 0.0, 0.0, 0.0, 0.0, hu_smooth, 0.0, thr, bg, outside]
+        return [0.0, 0.0, 0.0, 0.0, 0.0, hu_smooth, 0.0, thr, bg, outside] + ([0.0, 0.0] if cfg.branch_features else [])
     obj = labels == lab
     n = int(obj.sum())
     vol = n * sp**3
@@ -242,7 +250,16 @@ def _object_features(
         ax_mid = ax_min = 1.0
     vals = cube[obj]
     diam = 2.0 * (3.0 * vol / (4.0 * np.pi)) ** (1.0 / 3.0)
-    return [vol, diam / (2.0 * radius_mm), on_faces, ax_mid, ax_min, float(vals.mean()), float(vals.std()), thr, bg, outside]
+    out = [vol, diam / (2.0 * radius_mm), on_faces, ax_mid, ax_min, float(vals.mean()), float(vals.std()), thr, bg, outside]
+    if cfg.branch_features:
+        # branches leaving the cube (0 for a nodule, 2 for a vessel, 3+ at a bifurcation) and the share of the
+        # object that survives an erosion by a third of the blob's radius (a nodule keeps its core, a vessel
+        # thinner than the blob does not)
+        _, crossings = ndi.label(faces, structure=np.ones((3, 3, 3), dtype=bool))
+        it = max(1, int(round(radius_mm / (3.0 * sp))))
+        core = ndi.binary_erosion(obj, iterations=it).sum() / max(n, 1)
+        out += [float(crossings), float(core)]
+    return out
 
 
 def scan_candidates(hu: np.ndarray, geometry: VolumeGeometry, cfg: BlobConfig) -> BlobCandidates:
@@ -263,7 +280,7 @@ def scan_candidates(hu: np.ndarray, geometry: VolumeGeometry, cfg: BlobConfig) -
         lung_full = _lung_mask(img, geometry, cfg.lung_margin_mm)
     else:
         lung_full = np.ones(img.shape, dtype=bool)
-    n_feat = len(feature_names(cfg.sigmas_mm))
+    n_feat = len(feature_names(cfg))
     empty = BlobCandidates(np.zeros((0, 3)), np.zeros(0), np.zeros((0, n_feat), np.float32), 0.0)
     if not lung_full.any():
         return replace(empty, seconds=time.perf_counter() - t0)
@@ -461,7 +478,7 @@ class BlobDetector:
             if meta.get("data_key") == data_key:
                 self.config, self._booster, self.meta, self.checkpoint = cfg, booster, meta, model_path
                 return meta
-        xs, ys = [], []
+        xs, ys, ws = [], [], []
         recall: dict[str, list[int]] = {"train": [0, 0], "val": [0, 0]}
         bar = tqdm([("train", c) for c in train_cases] + [("val", c) for c in val_cases],
                    desc="blob-lgbm candidates", disable=not self.progress)
@@ -473,8 +490,10 @@ class BlobDetector:
             if part == "train":
                 xs.append(cand.features[lab >= 0])
                 ys.append(lab[lab >= 0].astype(np.float32))
+                ws.append(_subsolid_weights(case, which, self.config.lgbm_subsolid_weight)[lab >= 0])
         x = np.concatenate(xs)
         y = np.concatenate(ys)
+        w = np.concatenate(ws)
         if y.sum() == 0:
             raise BlobModelError(f"blob-lgbm: no candidate hits a target nodule in {len(train_cases)} training scans")
         params = {
@@ -484,8 +503,8 @@ class BlobDetector:
         }
         if self.config.lgbm_neg_per_pos > 0:
             params["scale_pos_weight"] = float((y == 0).sum()) / float(max(y.sum(), 1)) / self.config.lgbm_neg_per_pos
-        names = feature_names(self.config.sigmas_mm)
-        booster = lgb.train(params, lgb.Dataset(x, y, feature_name=names), num_boost_round=self.config.lgbm_rounds)
+        names = feature_names(self.config)
+        booster = lgb.train(params, lgb.Dataset(x, y, weight=w, feature_name=names), num_boost_round=self.config.lgbm_rounds)
         meta = {
             "kind": "lidc-det blob-lgbm model",
             "config": asdict(self.config),
@@ -494,6 +513,7 @@ class BlobDetector:
             "train_series_uids": uids,
             "n_candidates": int(len(y)),
             "n_positive_candidates": int(y.sum()),
+            "n_subsolid_positive_candidates": int(((w != 1.0) & (y == 1)).sum()),
             "candidate_recall": {k: {"hit": v[0], "nodules": v[1], "recall": round(v[0] / v[1], 4) if v[1] else None}
                                  for k, v in recall.items()},
             "seconds": round(time.perf_counter() - t0, 1),
@@ -531,6 +551,19 @@ class BlobDetector:
         return {k: float(v) for k, v in pairs}
 
 
+def _subsolid_weights(case: Any, which: np.ndarray, weight: float) -> np.ndarray:
+    """Per candidate ``weight`` where it hits a subsolid target (texture rating <= 2), else 1. Cases
+    without ratings (no ``nodules[i].characteristics``) weigh 1 throughout."""
+    w = np.ones(len(which), dtype=np.float64)
+    nodules = getattr(case, "nodules", None)
+    if weight == 1.0 or not nodules:
+        return w
+    texture = np.array([float(n.characteristics.get("texture", 5.0)) for n in nodules])
+    hit = which >= 0
+    w[hit] = np.where(texture[which[hit]] <= 2.0, weight, 1.0)
+    return w
+
+
 def _suppress(centres: np.ndarray, reach_mm: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
     """Greedy suppression: best score first, drop candidates closer than ``reach_mm`` of a kept one; ``k`` at most."""
     order = np.argsort(-scores, kind="stable")
@@ -565,11 +598,12 @@ def load_blob_model(path: str | Path) -> tuple[BlobConfig, Any, dict[str, Any]]:
         c = dict(meta["config"])
         c["hu_clip"] = tuple(c["hu_clip"])
         c["sigmas_mm"] = tuple(c["sigmas_mm"])
+        c.setdefault("branch_features", False)  # models written before the field existed
         cfg = BlobConfig(**c)
         booster = lgb.Booster(model_str=p.read_text())
     except (OSError, ValueError, KeyError, TypeError, lgb.basic.LightGBMError) as err:
         raise BlobModelError(f"{p}: not a readable blob-lgbm model ({type(err).__name__}: {err})") from err
-    if booster.feature_name() != feature_names(cfg.sigmas_mm) or meta.get("feature_names") != feature_names(cfg.sigmas_mm):
+    if booster.feature_name() != feature_names(cfg) or meta.get("feature_names") != feature_names(cfg):
         raise BlobModelError(f"{p}: its features {booster.feature_name()[:4]}... differ from this version's")
     return cfg, booster, meta
 

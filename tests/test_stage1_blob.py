@@ -61,17 +61,23 @@ CFG = {"restrict_to_lungs": False, "lgbm_rounds": 60, "lgbm_min_data_in_leaf": 3
 
 def test_candidates_rank_a_sphere_above_a_tube_of_the_same_calibre() -> None:
     case = _phantom("one", np.random.default_rng(0), [((24.0, 34.0, 24.0), 7.0)], [(24, 12, 3.5)])
-    cand = scan_candidates(case.image_hu, case.geometry, BlobConfig(restrict_to_lungs=False))
-    assert cand.features.shape == (len(cand), len(feature_names(BlobConfig().sigmas_mm)))
-    dot = cand.features[:, feature_names(BlobConfig().sigmas_mm).index("dot")]
+    cfg = BlobConfig(restrict_to_lungs=False, branch_features=True)
+    names = feature_names(cfg)
+    cand = scan_candidates(case.image_hu, case.geometry, cfg)
+    assert cand.features.shape == (len(cand), len(names))
+    dot = cand.features[:, names.index("dot")]
     best = int(np.argmax(dot))
     assert _hits(cand.centers_xyz_mm[best], case)
     # the best candidate on the tube's axis has a far lower dot response than the sphere's
     on_tube = np.abs(cand.centers_xyz_mm[:, 1] - 12) < 2
     assert on_tube.any() and dot[on_tube].max() < 0.5 * dot[best]
     # its object runs out of the cube (on_faces), the sphere's does not
-    faces = cand.features[:, feature_names(BlobConfig().sigmas_mm).index("obj_on_faces")]
+    faces = cand.features[:, names.index("obj_on_faces")]
     assert faces[best] == 0.0 and faces[on_tube].max() > 0.05
+    # the tube sends two branches through the cube's faces, the sphere none
+    crossings = cand.features[:, names.index("obj_face_crossings")]
+    assert crossings[best] == 0.0 and 2.0 in set(crossings[on_tube].tolist())
+    assert cand.features[best, names.index("obj_core_fraction")] > 0.2
 
 
 def test_candidate_labels_target_irrelevant_and_false_positive() -> None:
@@ -140,3 +146,21 @@ def test_cli_loader_takes_a_blob_model(tmp_path: Path) -> None:
     assert checkpoint_format(tmp_path / MODEL_FILE) == "blob-lgbm"
     det = load_detector(tmp_path / MODEL_FILE, progress=False)
     assert isinstance(det, BlobDetector) and det.trained
+
+
+def test_subsolid_weights_and_models_without_branch_features(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from stage1_detect.blob import _subsolid_weights
+
+    case = SimpleNamespace(nodules=[SimpleNamespace(characteristics={"texture": 5.0}),
+                                    SimpleNamespace(characteristics={"texture": 1.0})])
+    assert _subsolid_weights(case, np.array([0, 1, -1, 1]), 4.0).tolist() == [1.0, 4.0, 1.0, 4.0]
+    assert _subsolid_weights(_cases(1, 6)[0], np.array([0, -1]), 4.0).tolist() == [1.0, 1.0]
+    # a model written before branch_features existed (its config lacks the key) loads with the old features
+    BlobDetector(progress=False, branch_features=False, **CFG).fit(_cases(4, 7), [], tmp_path)
+    meta = json.loads((tmp_path / META_FILE).read_text())
+    del meta["config"]["branch_features"]
+    (tmp_path / META_FILE).write_text(json.dumps(meta))
+    det = BlobDetector(checkpoint=tmp_path)
+    assert det.config.branch_features is False and "obj_face_crossings" not in feature_names(det.config)

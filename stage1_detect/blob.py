@@ -122,6 +122,8 @@ class BlobConfig:
         """Hash of the fields that define candidates and features (the feature cache's key)."""
         d = {k: v for k, v in asdict(self).items()
              if not k.startswith("lgbm_") and k not in ("seed", "max_detections", "nms_radius_factor")}
+        if not self.branch_features:  # features computed before the field existed keep their key
+            del d["branch_features"]
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

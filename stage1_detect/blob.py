@@ -95,7 +95,7 @@ class BlobConfig:
     cube_radius_factor: float = 2.5
     min_cube_mm: float = 8.0
     max_cube_mm: float = 24.0
-    branch_features: bool = False
+    branch_features: bool = True
     # scoring and output
     nms_radius_factor: float = 0.5
     max_detections: int = 100
@@ -104,7 +104,7 @@ class BlobConfig:
     lgbm_num_leaves: int = 15
     lgbm_min_data_in_leaf: int = 10
     lgbm_neg_per_pos: float = 0.0
-    lgbm_subsolid_weight: float = 1.0
+    lgbm_subsolid_weight: float = 3.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -600,7 +600,8 @@ def load_blob_model(path: str | Path) -> tuple[BlobConfig, Any, dict[str, Any]]:
         c = dict(meta["config"])
         c["hu_clip"] = tuple(c["hu_clip"])
         c["sigmas_mm"] = tuple(c["sigmas_mm"])
-        c.setdefault("branch_features", False)  # models written before the field existed
+        c.setdefault("branch_features", False)  # models written before these fields existed
+        c.setdefault("lgbm_subsolid_weight", 1.0)
         cfg = BlobConfig(**c)
         booster = lgb.Booster(model_str=p.read_text())
     except (OSError, ValueError, KeyError, TypeError, lgb.basic.LightGBMError) as err:

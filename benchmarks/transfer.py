@@ -980,8 +980,53 @@ def ablation_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+FROC_SETS = ("yardstick", "twin_test")
+"""Which FROC of a record :func:`plot_frocs` draws (an extra yardstick is named ``extra:<name>``)."""
+
+
+def _froc_of(record: dict[str, Any], which: str) -> dict[str, Any] | None:
+    if which.startswith("extra:"):
+        return record.get("extra_yardsticks", {}).get(which[len("extra:"):])
+    if which not in FROC_SETS:
+        raise ValueError(f"which must be one of {FROC_SETS} or extra:<name>, got {which!r}")
+    return record[which]
+
+
+def plot_frocs(records: list[dict[str, Any]], path: Path, *, which: str = "yardstick", title: str = "") -> Path:
+    """One FROC curve per transfer record (sensitivity at the 7 LUNA16 operating points, log2 FP/scan
+    axis), labelled by the detector label, its train seed and the CPM; written atomically to ``path``.
+    Records without that FROC are skipped; none at all raises ``ValueError``."""
+    from lidc_det.plots import new_figure, save_figure
+
+    fig, ax = new_figure(9.5, 4.8)
+    drawn = 0
+    for r in records:
+        f = _froc_of(r, which)
+        if not f:
+            continue
+        fps = sorted(f["sensitivity"], key=float)
+        x = [float(v) for v in fps]
+        kw = r["config"]["detector"].get("kwargs", {})
+        label = f"{r['config']['detector'].get('label') or r['config']['detector']['name']}"
+        label += f" s{kw['seed']}" if "seed" in kw else ""
+        ax.plot(x, [f["sensitivity"][v] for v in fps], marker="o", label=f"{label}: CPM {f['cpm']:.3f}")
+        drawn += 1
+    if not drawn:
+        raise ValueError(f"no record has a {which!r} FROC")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([0.125, 0.25, 0.5, 1, 2, 4, 8], ["1/8", "1/4", "1/2", "1", "2", "4", "8"])
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("false positives per scan")
+    ax.set_ylabel("sensitivity")
+    ax.grid(alpha=0.3)
+    ax.set_title(title or f"transfer benchmark: {which} FROC" + (" (SYNTHETIC)" if which == "twin_test" else " (semi-real)"))
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    return save_figure(fig, path)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m benchmarks.transfer table RUN/transfer.json ...``: the ablation table in Markdown."""
+    """``python -m benchmarks.transfer table RUN/transfer.json ...``: the ablation table in Markdown;
+    ``python -m benchmarks.transfer froc RUN/transfer.json ... --out froc.png [--which yardstick]``: their FROC curves."""
     import argparse
     import json
 
@@ -989,8 +1034,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("table", help="Markdown ablation table of transfer runs")
     t.add_argument("records", nargs="+", type=Path, help="transfer.json files")
+    f = sub.add_parser("froc", help="FROC curves of transfer runs in one PNG")
+    f.add_argument("records", nargs="+", type=Path, help="transfer.json files")
+    f.add_argument("--out", type=Path, required=True, help="PNG to write")
+    f.add_argument("--which", default="yardstick", help="yardstick (default), twin_test or extra:<yardstick name>")
+    f.add_argument("--title", default="", help="plot title (default: names the FROC)")
     a = p.parse_args(argv)
-    print(ablation_table([json.loads(Path(f).read_text()) for f in a.records]))
+    records = [json.loads(Path(r).read_text()) for r in a.records]
+    if a.cmd == "froc":
+        print(plot_frocs(records, a.out, which=a.which, title=a.title))
+        return 0
+    print(ablation_table(records))
     return 0
 
 

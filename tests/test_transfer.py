@@ -193,3 +193,22 @@ def test_ablation_table_shows_the_second_look_beside_the_detector() -> None:
     assert "(train seed 3) |" in lines[2]  # stage-2 seed 0 (the config's) is not named
     reseeded = dict(plain, config=dict(plain["config"], segmentation=dict(plain["config"]["segmentation"], seed=2)))
     assert "(train seed 3, stage-2 seed 2) |" in ablation_table([reseeded]).splitlines()[2]
+
+
+def test_froc_plot_of_records(tmp_path: Path) -> None:
+    from benchmarks.transfer import main, plot_frocs
+
+    def record(label: str, sens: float) -> dict:
+        froc = {"cpm": sens, "sensitivity": {str(v): sens for v in (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)}}
+        return {"config": {"detector": {"name": "x", "label": label, "kwargs": {"seed": 1}}},
+                "yardstick": froc, "twin_test": froc, "extra_yardsticks": {"tcga": froc}}
+
+    out = plot_frocs([record("a", 0.5), record("b", 0.7)], tmp_path / "f.png", which="extra:tcga")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="no record"):
+        plot_frocs([record("a", 0.5)], tmp_path / "g.png", which="extra:other")
+    with pytest.raises(ValueError, match="which must be"):
+        plot_frocs([record("a", 0.5)], tmp_path / "g.png", which="real")
+    (tmp_path / "r.json").write_text(json.dumps(record("c", 0.4)))
+    assert main(["froc", str(tmp_path / "r.json"), "--out", str(tmp_path / "h.png")]) == 0
+    assert (tmp_path / "h.png").stat().st_size > 1000

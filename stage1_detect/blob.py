@@ -37,7 +37,8 @@ No absolute position is used.
 **Score.** LightGBM (binary) on those features; a training candidate is positive when it hits a
 target nodule (LUNA16 rule: world distance below the nodule's radius), left out when it hits
 only an irrelevant finding, negative otherwise; positives on subsolid nodules (texture rating
-<= 2, rare in LIDC and so in the twins) weigh ``lgbm_subsolid_weight``. At inference candidates are scored, greedily
+<= 2, rare in LIDC and so in the twins) weigh ``lgbm_subsolid_weight``. With ``lgbm_bags`` > 1,
+that many boosters are trained with seeds ``seed + k`` and their probabilities averaged. At inference candidates are scored, greedily
 suppressed within ``nms_radius_factor`` radii (at least ``merge_mm``) of a better one (a vessel
 answering at a large scale must not hide a small nodule beside it), and the ``max_detections`` best returned
 (world centres, diameter ``2 * sqrt(3) * s``).
@@ -105,6 +106,7 @@ class BlobConfig:
     lgbm_min_data_in_leaf: int = 10
     lgbm_neg_per_pos: float = 0.0
     lgbm_subsolid_weight: float = 3.0
+    lgbm_bags: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -115,6 +117,8 @@ class BlobConfig:
             raise ConfigError(f"blob-lgbm: sigmas_mm must be positive and increasing, got {self.sigmas_mm}")
         object.__setattr__(self, "sigmas_mm", s)
         object.__setattr__(self, "hu_clip", (float(self.hu_clip[0]), float(self.hu_clip[1])))
+        if self.lgbm_bags < 1:
+            raise ConfigError(f"blob-lgbm: lgbm_bags must be >= 1, got {self.lgbm_bags}")
         if self.max_candidates < 1 or self.max_detections < 1:
             raise ConfigError("blob-lgbm: max_candidates and max_detections must be >= 1")
 
@@ -506,11 +510,15 @@ class BlobDetector:
         if self.config.lgbm_neg_per_pos > 0:
             params["scale_pos_weight"] = float((y == 0).sum()) / float(max(y.sum(), 1)) / self.config.lgbm_neg_per_pos
         names = feature_names(self.config)
-        booster = lgb.train(params, lgb.Dataset(x, y, weight=w, feature_name=names), num_boost_round=self.config.lgbm_rounds)
+        data = lgb.Dataset(x, y, weight=w, feature_name=names, free_raw_data=False)
+        boosters = [lgb.train({**params, "seed": self.config.seed + k}, data, num_boost_round=self.config.lgbm_rounds)
+                    for k in range(self.config.lgbm_bags)]
+        files = [MODEL_FILE] + [f"blob_model.bag{k}.txt" for k in range(1, len(boosters))]
         meta = {
             "kind": "lidc-det blob-lgbm model",
             "config": asdict(self.config),
             "feature_names": names,
+            "model_files": files,
             "data_key": data_key,
             "train_series_uids": uids,
             "n_candidates": int(len(y)),
@@ -521,9 +529,10 @@ class BlobDetector:
             "seconds": round(time.perf_counter() - t0, 1),
         }
         out.mkdir(parents=True, exist_ok=True)
-        write_text(model_path, booster.model_to_string())
+        for name, b in zip(files, boosters):
+            write_text(out / name, b.model_to_string())
         write_json(out / META_FILE, meta)
-        self._booster, self.meta, self.checkpoint = booster, meta, model_path
+        self._booster, self.meta, self.checkpoint = BoosterMean(boosters), meta, model_path
         return meta
 
     def _cached_candidates(self, case: Any, folder: Path) -> BlobCandidates:
@@ -578,10 +587,31 @@ def _suppress(centres: np.ndarray, reach_mm: np.ndarray, scores: np.ndarray, k: 
     return np.asarray(kept, dtype=int)
 
 
-def load_blob_model(path: str | Path) -> tuple[BlobConfig, Any, dict[str, Any]]:
-    """Config, LightGBM booster and training summary of a model written by :meth:`BlobDetector.fit`.
+class BoosterMean:
+    """The mean of the probabilities of LightGBM boosters trained on the same features with other
+    seeds (``lgbm_bags``): less seed-to-seed swing than one booster."""
 
-    ``path`` is ``blob_model.txt`` or its folder; ``blob_model.json`` must lie beside it.
+    def __init__(self, boosters: Sequence[Any]) -> None:
+        if not boosters:
+            raise ValueError("BoosterMean needs at least one booster")
+        self.boosters = list(boosters)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return np.mean([b.predict(x) for b in self.boosters], axis=0)
+
+    def feature_name(self) -> list[str]:
+        return list(self.boosters[0].feature_name())
+
+    def feature_importance(self, importance_type: str = "gain") -> np.ndarray:
+        return np.mean([b.feature_importance(importance_type=importance_type) for b in self.boosters], axis=0)
+
+
+def load_blob_model(path: str | Path) -> tuple[BlobConfig, BoosterMean, dict[str, Any]]:
+    """Config, LightGBM boosters (their mean) and training summary of a model written by
+    :meth:`BlobDetector.fit`.
+
+    ``path`` is ``blob_model.txt`` or its folder; ``blob_model.json`` and any other bag's
+    ``blob_model.bag<k>.txt`` must lie beside it.
 
     Raises:
         BlobModelError: a file is missing, unreadable, or its features differ from this code's.
@@ -603,15 +633,18 @@ def load_blob_model(path: str | Path) -> tuple[BlobConfig, Any, dict[str, Any]]:
         c.setdefault("branch_features", False)  # models written before these fields existed
         c.setdefault("lgbm_subsolid_weight", 1.0)
         cfg = BlobConfig(**c)
-        booster = lgb.Booster(model_str=p.read_text())
+        files = [p.with_name(f) for f in meta.get("model_files", [MODEL_FILE])]
+        booster = BoosterMean([lgb.Booster(model_str=f.read_text()) for f in files])
     except (OSError, ValueError, KeyError, TypeError, lgb.basic.LightGBMError) as err:
         raise BlobModelError(f"{p}: not a readable blob-lgbm model ({type(err).__name__}: {err})") from err
+    if len(booster.boosters) != cfg.lgbm_bags:
+        raise BlobModelError(f"{p}: {len(booster.boosters)} model files for lgbm_bags = {cfg.lgbm_bags}")
     if booster.feature_name() != feature_names(cfg) or meta.get("feature_names") != feature_names(cfg):
         raise BlobModelError(f"{p}: its features {booster.feature_name()[:4]}... differ from this version's")
     return cfg, booster, meta
 
 
 __all__ = [
-    "BlobCandidates", "BlobConfig", "BlobDetector", "BlobModelError", "FEATURE_NAMES", "candidate_labels",
+    "BlobCandidates", "BlobConfig", "BoosterMean", "BlobDetector", "BlobModelError", "FEATURE_NAMES", "candidate_labels",
     "feature_names", "load_blob_model", "scan_candidates",
 ]

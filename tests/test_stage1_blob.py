@@ -164,3 +164,25 @@ def test_subsolid_weights_and_models_without_branch_features(tmp_path: Path) -> 
     (tmp_path / META_FILE).write_text(json.dumps(meta))
     det = BlobDetector(checkpoint=tmp_path)
     assert det.config.branch_features is False and "obj_face_crossings" not in feature_names(det.config)
+
+
+def test_bags_average_boosters_of_other_seeds(tmp_path: Path) -> None:
+    import lightgbm as lgb
+
+    from stage1_detect.blob import scan_candidates
+
+    det = BlobDetector(progress=False, lgbm_bags=3, **CFG)
+    meta = det.fit(_cases(5, 8), [], tmp_path)
+    assert meta["model_files"] == [MODEL_FILE, "blob_model.bag1.txt", "blob_model.bag2.txt"]
+    case = _cases(1, 9)[0]
+    x = scan_candidates(case.image_hu, case.geometry, det.config).features
+    each = [lgb.Booster(model_file=str(tmp_path / f)).predict(x) for f in meta["model_files"]]
+    assert not np.allclose(each[0], each[1])  # other seeds, other boosters
+    np.testing.assert_allclose(det._booster.predict(x), np.mean(each, axis=0))
+    loaded = BlobDetector(checkpoint=tmp_path)
+    np.testing.assert_allclose(loaded._booster.predict(x), np.mean(each, axis=0))
+    (tmp_path / "blob_model.bag2.txt").unlink()
+    with pytest.raises(BlobModelError, match="not a readable"):
+        BlobDetector(checkpoint=tmp_path)
+    with pytest.raises(ConfigError, match="lgbm_bags"):
+        BlobConfig(lgbm_bags=0)

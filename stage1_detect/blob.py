@@ -473,8 +473,9 @@ class BlobDetector:
             raise ConfigError("blob-lgbm: fit needs at least one training scan")
         key = self.config.candidate_key()
         uids = sorted(c.series_uid for c in train_cases)
+        prints = sorted(scan_fingerprint(c) for c in train_cases)
         trained = {k: v for k, v in asdict(self.config).items() if k not in ("max_detections", "nms_radius_factor")}
-        data_key = hashlib.sha1(json.dumps([trained, uids], sort_keys=True).encode()).hexdigest()[:12]
+        data_key = hashlib.sha1(json.dumps([trained, prints], sort_keys=True).encode()).hexdigest()[:12]
         model_path = out / MODEL_FILE
         if model_path.exists():
             try:
@@ -536,10 +537,11 @@ class BlobDetector:
         return meta
 
     def _cached_candidates(self, case: Any, folder: Path) -> BlobCandidates:
-        """The candidates of a training scan, from ``folder`` when extracted before (atomic npz)."""
+        """The candidates of a training scan, from ``folder`` when extracted from the same image before
+        (atomic npz named by the series UID and :func:`scan_fingerprint`)."""
         from lidc_det.atomic import write_with
 
-        path = folder / f"{case.series_uid}.npz"
+        path = folder / f"{case.series_uid}-{scan_fingerprint(case)}.npz"
         if path.exists():
             with np.load(path) as z:
                 return BlobCandidates(z["centres"], z["scales"], z["features"], float(z["seconds"]))
@@ -560,6 +562,15 @@ class BlobDetector:
         gain = self._booster.feature_importance(importance_type="gain")
         pairs = sorted(zip(self._booster.feature_name(), gain.tolist()), key=lambda p: -p[1])
         return {k: float(v) for k, v in pairs}
+
+
+def scan_fingerprint(case: Any) -> str:
+    """A short hash of a scan's UID, geometry and image (every 4th voxel on each axis): a regenerated scan
+    with other pixels under the same UID gets another fingerprint, so cached features are not reused."""
+    h = hashlib.sha1(case.series_uid.encode())
+    h.update(json.dumps(case.geometry.to_dict(), sort_keys=True, default=str).encode())
+    h.update(np.ascontiguousarray(np.asarray(case.image_hu)[::4, ::4, ::4]).tobytes())
+    return h.hexdigest()[:12]
 
 
 def _subsolid_weights(case: Any, which: np.ndarray, weight: float) -> np.ndarray:

@@ -186,3 +186,17 @@ def test_bags_average_boosters_of_other_seeds(tmp_path: Path) -> None:
         BlobDetector(checkpoint=tmp_path)
     with pytest.raises(ConfigError, match="lgbm_bags"):
         BlobConfig(lgbm_bags=0)
+
+
+def test_feature_cache_follows_the_pixels(tmp_path: Path) -> None:
+    from stage1_detect.blob import scan_fingerprint
+
+    cases = _cases(4, 10)
+    det = BlobDetector(progress=False, **CFG)
+    first = det.fit(cases, [], tmp_path)
+    # the same UID with other pixels: a new feature file and a new model, not the cached ones
+    changed = InMemoryCase(cases[0].series_uid, cases[0].image_hu + 5.0, cases[0].geometry, cases[0].boxes_voxel)
+    assert scan_fingerprint(changed) != scan_fingerprint(cases[0])
+    second = BlobDetector(progress=False, **CFG).fit([changed, *cases[1:]], [], tmp_path)
+    assert second["data_key"] != first["data_key"]
+    assert len(list((tmp_path / "features").rglob(f"{cases[0].series_uid}-*.npz"))) == 2

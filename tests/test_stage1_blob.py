@@ -200,3 +200,16 @@ def test_feature_cache_follows_the_pixels(tmp_path: Path) -> None:
     second = BlobDetector(progress=False, **CFG).fit([changed, *cases[1:]], [], tmp_path)
     assert second["data_key"] != first["data_key"]
     assert len(list((tmp_path / "features").rglob(f"{cases[0].series_uid}-*.npz"))) == 2
+
+
+def test_a_blob_model_runs_in_the_pipeline(tmp_path: Path) -> None:
+    from lidc_det.pipeline import Pipeline, write_manifest
+
+    BlobDetector(progress=False, **CFG).fit(_cases(5, 11), [], tmp_path / "stage1")
+    write_manifest(tmp_path, detector=tmp_path / "stage1" / MODEL_FILE, segmenter=None, malignancy=None)
+    pipe = Pipeline.from_dir(tmp_path)
+    assert isinstance(pipe.detector, BlobDetector)
+    case = _cases(1, 12)[0]
+    result = pipe.run_volume(case.image_hu, case.geometry, series_uid=case.series_uid)
+    best = max(result.candidates, key=lambda c: c.score)
+    assert _hits(np.asarray(best.center_xyz_mm), case)

@@ -316,8 +316,8 @@ def scan_candidates(hu: np.ndarray, geometry: VolumeGeometry, cfg: BlobConfig) -
     resp = np.concatenate([f[1] for f in found])
     dot = np.concatenate([f[2] for f in found])
     kidx = np.concatenate([np.full(len(f[0]), f[3]) for f in found])
-    keep = np.union1d(_merge(pts, dot + 1e-6 * resp, cfg.merge_mm / sp, cfg.max_candidates),
-                      _merge(pts, resp, cfg.merge_mm / sp, cfg.max_response_candidates))
+    keep = np.union1d(_greedy_keep(pts, dot + 1e-6 * resp, cfg.merge_mm / sp, cfg.max_candidates),
+                      _greedy_keep(pts, resp, cfg.merge_mm / sp, cfg.max_response_candidates))
     pts, resp, dot, kidx = pts[keep], resp[keep], dot[keep], kidx[keep]
     n = len(pts)
     sig = np.asarray(cfg.sigmas_mm)[kidx]
@@ -345,50 +345,41 @@ def _dot(ev: np.ndarray) -> np.ndarray:
     return np.where(e2 < 0, e2**2 / np.maximum(-e0, 1e-6), 0.0)
 
 
-def _merge(pts: np.ndarray, priority: np.ndarray, reach_vox: float, cap: int) -> np.ndarray:
-    """Indices kept by the greedy merge (highest ``priority`` first; a point within ``reach_vox`` of a kept
-    one is dropped), at most ``cap``."""
+def _greedy_keep(points: np.ndarray, priority: np.ndarray, reach: float | np.ndarray, cap: int) -> np.ndarray:
+    """Indices kept by greedy suppression, highest ``priority`` first (stable): each kept point drops every
+    point within ``reach`` of it (its own entry when ``reach`` is per point; the distance ``<= reach``, in the
+    units of ``points``); at most ``cap``. Serves the candidate merge and the output suppression."""
     from scipy.spatial import cKDTree
 
-    order = np.argsort(-priority, kind="stable")
-    tree = cKDTree(pts)
-    dead = np.zeros(len(pts), dtype=bool)
+    reach = np.broadcast_to(np.asarray(reach, dtype=np.float64), (len(points),))
+    tree = cKDTree(points)
+    dead = np.zeros(len(points), dtype=bool)
     kept: list[int] = []
-    for i in order:
+    for i in np.argsort(-priority, kind="stable"):
         if dead[i]:
             continue
         kept.append(int(i))
         if len(kept) >= cap:
             break
-        dead[tree.query_ball_point(pts[i], reach_vox)] = True
+        dead[tree.query_ball_point(points[i], reach[i])] = True
     return np.asarray(kept, dtype=int)
 
 
 # ----------------------------------------------------------------------------- labels
-def _findings_of(case: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """World centres ``(N, 3)`` and radii of a training case's targets, then of its irrelevant findings."""
-    if hasattr(case, "luna_findings"):
-        tg, ir = case.luna_findings()
-        out = []
-        for f in (tg, ir):
-            out += [np.array([v.center_xyz_mm for v in f], dtype=np.float64).reshape(-1, 3),
-                    np.array([v.diameter_mm / 2.0 for v in f], dtype=np.float64)]
-        return out[0], out[1], out[2], out[3]
-    from stage1_detect.data import case_boxes
-
-    out = []
-    for boxes in (case_boxes(case), getattr(case, "irrelevant_boxes_voxel", None)):
-        b = np.zeros((0, 6)) if boxes is None else np.asarray(boxes, dtype=np.float64).reshape(-1, 6)
-        centre = (b[:, :3] + b[:, 3:]) / 2.0 - 0.5
-        size_mm = (b[:, 3:] - b[:, :3]) * np.asarray(case.geometry.spacing_zyx)
-        out += [np.asarray(case.geometry.voxel_to_world(centre)).reshape(-1, 3), size_mm.mean(axis=1) / 2.0 if len(b) else np.zeros(0)]
-    return out[0], out[1], out[2], out[3]
+def _findings_arrays(findings: Sequence[tuple[Sequence[float], float]]) -> tuple[np.ndarray, np.ndarray]:
+    """World centres ``(N, 3)`` and radii ``(N,)`` of ``(centre x, y, z mm, diameter mm)`` pairs."""
+    centres = np.array([c for c, _ in findings], dtype=np.float64).reshape(-1, 3)
+    return centres, np.array([d / 2.0 for _, d in findings], dtype=np.float64)
 
 
 def candidate_labels(centres_xyz_mm: np.ndarray, case: Any) -> tuple[np.ndarray, np.ndarray, int]:
     """Per candidate ``1`` (hits a target), ``0`` (false positive) or ``-1`` (hits only an irrelevant
     finding), the index of the target each hits (``-1`` if none), and the number of targets."""
-    tc, tr, ic, ir = _findings_of(case)
+    from stage1_detect.data import case_findings
+
+    targets, irrelevant = case_findings(case)
+    tc, tr = _findings_arrays(targets)
+    ic, ir = _findings_arrays(irrelevant)
     n = len(centres_xyz_mm)
     lab = np.zeros(n, dtype=np.int8)
     which = np.full(n, -1, dtype=int)
@@ -452,7 +443,8 @@ class BlobDetector:
         cand = self.candidates(hu, geometry)
         scores = self._booster.predict(cand.features) if len(cand) else np.zeros(0)
         reach = np.maximum(self.config.nms_radius_factor * SQRT3 * cand.scales_mm, self.config.merge_mm)
-        keep = _suppress(cand.centers_xyz_mm, reach, scores, self.config.max_detections)
+        # a candidate is dropped when strictly closer than a kept one's reach
+        keep = _greedy_keep(cand.centers_xyz_mm, scores, np.nextafter(reach, 0.0), self.config.max_detections)
         return Detections(series_uid, cand.centers_xyz_mm[keep], 2 * SQRT3 * cand.scales_mm[keep], scores[keep])
 
     def fit(self, train_cases: Sequence[Any], val_cases: Sequence[Any], out_dir: str | Path, **_: Any) -> dict[str, Any]:
@@ -473,7 +465,8 @@ class BlobDetector:
             raise ConfigError("blob-lgbm: fit needs at least one training scan")
         key = self.config.candidate_key()
         uids = sorted(c.series_uid for c in train_cases)
-        prints = sorted(scan_fingerprint(c) for c in train_cases)
+        fingerprints = {id(c): scan_fingerprint(c) for c in [*train_cases, *val_cases]}
+        prints = sorted(fingerprints[id(c)] for c in train_cases)
         trained = {k: v for k, v in asdict(self.config).items() if k not in ("max_detections", "nms_radius_factor")}
         data_key = hashlib.sha1(json.dumps([trained, prints], sort_keys=True).encode()).hexdigest()[:12]
         model_path = out / MODEL_FILE
@@ -490,7 +483,7 @@ class BlobDetector:
         bar = tqdm([("train", c) for c in train_cases] + [("val", c) for c in val_cases],
                    desc="blob-lgbm candidates", disable=not self.progress)
         for part, case in bar:
-            cand = self._cached_candidates(case, out / "features" / key)
+            cand = self._cached_candidates(case, out / "features" / key / f"{case.series_uid}-{fingerprints[id(case)]}.npz")
             lab, which, n_targets = candidate_labels(cand.centers_xyz_mm, case)
             recall[part][0] += len(set(which[which >= 0].tolist()))
             recall[part][1] += n_targets
@@ -536,17 +529,16 @@ class BlobDetector:
         self._booster, self.meta, self.checkpoint = BoosterMean(boosters), meta, model_path
         return meta
 
-    def _cached_candidates(self, case: Any, folder: Path) -> BlobCandidates:
-        """The candidates of a training scan, from ``folder`` when extracted from the same image before
-        (atomic npz named by the series UID and :func:`scan_fingerprint`)."""
+    def _cached_candidates(self, case: Any, path: Path) -> BlobCandidates:
+        """The candidates of a training scan, from ``path`` when extracted before (an atomic npz; :meth:`fit`
+        names it by the series UID and :func:`scan_fingerprint`, so other pixels get another file)."""
         from lidc_det.atomic import write_with
 
-        path = folder / f"{case.series_uid}-{scan_fingerprint(case)}.npz"
         if path.exists():
             with np.load(path) as z:
                 return BlobCandidates(z["centres"], z["scales"], z["features"], float(z["seconds"]))
         cand = self.candidates(np.asarray(case.image_hu), case.geometry)
-        folder.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
 
         def save(tmp: Path) -> None:
             with open(tmp, "wb") as f:
@@ -584,18 +576,6 @@ def _subsolid_weights(case: Any, which: np.ndarray, weight: float) -> np.ndarray
     hit = which >= 0
     w[hit] = np.where(texture[which[hit]] <= 2.0, weight, 1.0)
     return w
-
-
-def _suppress(centres: np.ndarray, reach_mm: np.ndarray, scores: np.ndarray, k: int) -> np.ndarray:
-    """Greedy suppression: best score first, drop candidates closer than ``reach_mm`` of a kept one; ``k`` at most."""
-    order = np.argsort(-scores, kind="stable")
-    kept: list[int] = []
-    for i in order:
-        if all(np.linalg.norm(centres[i] - centres[j]) >= reach_mm[j] for j in kept):
-            kept.append(int(i))
-            if len(kept) >= k:
-                break
-    return np.asarray(kept, dtype=int)
 
 
 class BoosterMean:

@@ -38,7 +38,7 @@ finished twins, semi-real scans and training.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -427,49 +427,53 @@ def with_seeds(cfg: TransferConfig, train_seed: int | None, stage2_seed: int | N
 
 
 # ------------------------------------------------------------------ the run
-def run_transfer(
-    config_path: Path,
-    out_dir: Path,
-    *,
-    dicom_root: Path | None = None,
-    data_dir: Path | None = None,
-    progress: bool = True,
-    train_seed: int | None = None,
-    stage2_seed: int | None = None,
-) -> dict[str, Any]:
-    """Run the transfer benchmark of ``config_path`` into ``out_dir``; return the record.
+@dataclass
+class TransferData:
+    """What a transfer config trains and scores on (:func:`prepare_transfer_data`).
 
-    ``data_dir`` (default ``out_dir``) holds the generated data (twins, semi-real scans,
-    yardstick), so runs of several configs (an ablation) can share what they have in common:
-    every scan there is keyed by its settings and regenerated when they differ.
-    ``train_seed`` replaces the detector's ``seed`` (its initialisation and patch sampling;
-    the data stay the same), and the record's config says so. ``stage2_seed`` likewise replaces
-    ``segmentation.seed`` (crops, augmentation; a new stage-2 model is trained for each seed).
+    Attributes:
+        ds_twin, split: the twins' prepared data set and its train / validation / test split.
+        seg_cases: stage-2-only twins (``segmentation_twins``); more_cases: extra training twins of both stages.
+        pool_ds: the second look's training pool (or None).
+        evals, yardstick_region, protocol: the real evaluation scans, the yardstick's scored region and
+            the protocol record of :func:`plan_protocol`.
+        semi: the semi-real training data sets (one per background); ds_yard: the yardstick;
+        ds_extra: the extra yardsticks, in the order of ``cfg.extra_yardsticks``.
     """
+
+    ds_twin: Any
+    split: Any
+    seg_cases: list[Any]
+    more_cases: list[Any]
+    pool_ds: Any
+    evals: list[EvalScan]
+    yardstick_region: str
+    protocol: dict[str, Any]
+    semi: list[Any]
+    ds_yard: Any
+    ds_extra: list[Any]
+
+    def train_cases(self) -> list[Any]:
+        """Stage 1's training scans: the split's training twins, the extra training twins, the semi-real scans."""
+        cases = [self.ds_twin.load_case(u) for u in self.split.train] + list(self.more_cases)
+        for ds in self.semi:
+            cases += [ds.load_case(u) for u in ds.series_uids]
+        return cases
+
+
+def prepare_transfer_data(
+    cfg: TransferConfig, data_dir: Path, dicom_root: Path, *, progress: bool = True,
+    lap: Callable[[str, float], None] | None = None,
+) -> TransferData:
+    """Generate (or reuse from ``data_dir``) every data set of ``cfg`` and check the protocol
+    (:func:`plan_protocol` raises :class:`TransferProtocolError` on an overlap). ``lap(name, t0)``
+    is called after the twins and after the semi-real data."""
     from benchmarks.data import materialize
-    from benchmarks.harness import _quiet
-    from lidc_det.atomic import write_json
-    from lidc_det.config import config_hash, to_plain
-    from lidc_det.data.lidc import load_annotations
-    from lidc_det.data.luna import LunaFinding
-    from lidc_det.io.dicom import read_series
-    from lidc_det.metrics.froc import evaluate_detections
-    from lidc_det.metrics.ranks import nodule_ranks, score_at_sensitivity
-    from lidc_det.provenance import device_info, provenance
     from lidc_det.synthetic.semireal import make_semireal_dataset
-    from stage1_detect.registry import build_detector
 
-    t_start = time.perf_counter()
-    cfg = with_seeds(load_transfer_config(Path(config_path)), train_seed, stage2_seed)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    dicom_root = Path(dicom_root) if dicom_root is not None else DEFAULT_DICOM_ROOT
-    data_dir = Path(data_dir) if data_dir is not None else out_dir
-    times: dict[str, float] = {}
-
-    def lap(name: str, t0: float) -> None:
-        times[name] = round(time.perf_counter() - t0, 1)
-        print(f"[transfer] {name}: {times[name]:.0f} s", flush=True)
+    def _lap(name: str, t0: float) -> None:
+        if lap is not None:
+            lap(name, t0)
 
     # -- twins and protocol
     t0 = time.perf_counter()
@@ -492,7 +496,7 @@ def run_transfer(
         pool_ds = prepared_data(cfg.second_look.data, data_dir / "second_look_pool", progress=progress)
     pool_patients = [] if pool_ds is None else sorted({pool_ds.load_case(u).patient_id for u in pool_ds.series_uids})
     evals, y_region, protocol = plan_protocol(cfg, dicom_root, twin_patients, seg_patients, more_patients, pool_patients)
-    lap("twins", t0)
+    _lap("twins", t0)
     print(f"[transfer] protocol: {protocol['label']}", flush=True)
 
     # -- semi-real training scans and the yardstick
@@ -512,14 +516,62 @@ def run_transfer(
                               data_dir / "yardstick" / b.name, progress=progress)
         for k, b in enumerate(cfg.extra_yardsticks)
     ]
-    lap("semi-real data", t0)
+    _lap("semi-real data", t0)
+
+    return TransferData(ds_twin, split, seg_cases, more_cases, pool_ds, evals, y_region, protocol, semi, ds_yard, ds_extra)
+
+
+def run_transfer(
+    config_path: Path,
+    out_dir: Path,
+    *,
+    dicom_root: Path | None = None,
+    data_dir: Path | None = None,
+    progress: bool = True,
+    train_seed: int | None = None,
+    stage2_seed: int | None = None,
+) -> dict[str, Any]:
+    """Run the transfer benchmark of ``config_path`` into ``out_dir``; return the record.
+
+    ``data_dir`` (default ``out_dir``) holds the generated data (twins, semi-real scans,
+    yardstick), so runs of several configs (an ablation) can share what they have in common:
+    every scan there is keyed by its settings and regenerated when they differ.
+    ``train_seed`` replaces the detector's ``seed`` (its initialisation and patch sampling;
+    the data stay the same), and the record's config says so. ``stage2_seed`` likewise replaces
+    ``segmentation.seed`` (crops, augmentation; a new stage-2 model is trained for each seed).
+    """
+    from benchmarks.harness import _quiet
+    from lidc_det.atomic import write_json
+    from lidc_det.config import config_hash, to_plain
+    from lidc_det.data.lidc import load_annotations
+    from lidc_det.data.luna import LunaFinding
+    from lidc_det.io.dicom import read_series
+    from lidc_det.metrics.froc import evaluate_detections
+    from lidc_det.metrics.ranks import nodule_ranks, score_at_sensitivity
+    from lidc_det.provenance import device_info, provenance
+    from stage1_detect.registry import build_detector
+
+    t_start = time.perf_counter()
+    cfg = with_seeds(load_transfer_config(Path(config_path)), train_seed, stage2_seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dicom_root = Path(dicom_root) if dicom_root is not None else DEFAULT_DICOM_ROOT
+    data_dir = Path(data_dir) if data_dir is not None else out_dir
+    times: dict[str, float] = {}
+
+    def lap(name: str, t0: float) -> None:
+        times[name] = round(time.perf_counter() - t0, 1)
+        print(f"[transfer] {name}: {times[name]:.0f} s", flush=True)
+
+    data = prepare_transfer_data(cfg, data_dir, dicom_root, progress=progress, lap=lap)
+    ds_twin, split, seg_cases, more_cases, pool_ds = data.ds_twin, data.split, data.seg_cases, data.more_cases, data.pool_ds
+    evals, y_region, protocol, semi, ds_yard, ds_extra = (
+        data.evals, data.yardstick_region, data.protocol, data.semi, data.ds_yard, data.ds_extra)
 
     # -- stage 1
     t0 = time.perf_counter()
     detector = build_detector({"name": cfg.detector.name, **_quiet(cfg.detector, progress)})
-    train_cases = [ds_twin.load_case(u) for u in split.train] + more_cases
-    for ds in semi:
-        train_cases += [ds.load_case(u) for u in ds.series_uids]
+    train_cases = data.train_cases()
     val_cases = [ds_twin.load_case(u) for u in split.val]
     if hasattr(detector, "fit"):
         detector.fit(train_cases, val_cases, out_dir / "stage1")

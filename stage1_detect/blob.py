@@ -107,6 +107,8 @@ class BlobConfig:
     lgbm_neg_per_pos: float = 0.0
     lgbm_subsolid_weight: float = 3.0
     lgbm_bags: int = 1
+    lgbm_relative_hu: bool = False
+    lgbm_drop_features: tuple[str, ...] = ()
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -117,6 +119,11 @@ class BlobConfig:
             raise ConfigError(f"blob-lgbm: sigmas_mm must be positive and increasing, got {self.sigmas_mm}")
         object.__setattr__(self, "sigmas_mm", s)
         object.__setattr__(self, "hu_clip", (float(self.hu_clip[0]), float(self.hu_clip[1])))
+        object.__setattr__(self, "lgbm_drop_features", tuple(str(v) for v in self.lgbm_drop_features))
+        known = feature_names(self) + (list(RELATIVE_HU) if self.lgbm_relative_hu else [])
+        unknown = sorted(set(self.lgbm_drop_features) - set(known))
+        if unknown:
+            raise ConfigError(f"blob-lgbm: lgbm_drop_features {unknown} are not features; known: {known}")
         if self.lgbm_bags < 1:
             raise ConfigError(f"blob-lgbm: lgbm_bags must be >= 1, got {self.lgbm_bags}")
         if self.max_candidates < 1 or self.max_detections < 1:
@@ -143,6 +150,31 @@ def feature_names(cfg: BlobConfig) -> list[str]:
     if cfg.branch_features:
         names += ["obj_face_crossings", "obj_core_fraction"]
     return names
+
+
+RELATIVE_HU: dict[str, str] = {
+    "hu_centre_rel": "hu_centre", "hu_smooth_rel": "hu_smooth", "obj_hu_mean_rel": "obj_hu_mean",
+    "obj_threshold_rel": "obj_threshold_hu",
+}
+"""With ``lgbm_relative_hu``: a column of HU above the lung around the candidate (``lung_bg_hu``) for each
+absolute HU column, named by the new column."""
+
+
+def model_matrix(features: np.ndarray, cfg: BlobConfig) -> tuple[np.ndarray, list[str]]:
+    """The columns LightGBM sees: the candidate features ``(N, F)`` of :func:`feature_names`, plus with
+    ``lgbm_relative_hu`` the :data:`RELATIVE_HU` contrasts, minus ``lgbm_drop_features``.
+
+    Returns ``(N, F')`` float32 and the ``F'`` column names. Both depend on the config only, so a
+    model trained on them scores any scan's candidates of the same ``candidate_key``.
+    """
+    names = feature_names(cfg)
+    x = np.asarray(features, dtype=np.float32).reshape(-1, len(names))
+    if cfg.lgbm_relative_hu:
+        bg = x[:, names.index("lung_bg_hu")]
+        x = np.concatenate([x, np.stack([x[:, names.index(src)] - bg for src in RELATIVE_HU.values()], axis=1)], axis=1)
+        names = names + list(RELATIVE_HU)
+    keep = [k for k, n in enumerate(names) if n not in cfg.lgbm_drop_features]
+    return x[:, keep], [names[k] for k in keep]
 
 
 FEATURE_NAMES: list[str] = feature_names(BlobConfig())
@@ -438,17 +470,29 @@ class BlobDetector:
         Raises:
             BlobModelError: the detector has not been trained or loaded.
         """
+        return self.score_candidates(self.candidates(hu, geometry), series_uid=series_uid)
+
+    def score_candidates(self, cand: BlobCandidates, *, series_uid: str) -> Detections:
+        """Score one scan's candidates (of this config's :meth:`BlobConfig.candidate_key`), suppress and
+        keep the ``max_detections`` best: the second half of :meth:`predict`.
+
+        Raises:
+            BlobModelError: the detector has not been trained or loaded.
+        """
         if self._booster is None:
             raise BlobModelError("blob-lgbm: not trained; call fit() or build it with checkpoint=")
-        cand = self.candidates(hu, geometry)
-        scores = self._booster.predict(cand.features) if len(cand) else np.zeros(0)
+        scores = self._booster.predict(model_matrix(cand.features, self.config)[0]) if len(cand) else np.zeros(0)
         reach = np.maximum(self.config.nms_radius_factor * SQRT3 * cand.scales_mm, self.config.merge_mm)
         # a candidate is dropped when strictly closer than a kept one's reach
         keep = _greedy_keep(cand.centers_xyz_mm, scores, np.nextafter(reach, 0.0), self.config.max_detections)
         return Detections(series_uid, cand.centers_xyz_mm[keep], 2 * SQRT3 * cand.scales_mm[keep], scores[keep])
 
-    def fit(self, train_cases: Sequence[Any], val_cases: Sequence[Any], out_dir: str | Path, **_: Any) -> dict[str, Any]:
+    def fit(self, train_cases: Sequence[Any], val_cases: Sequence[Any], out_dir: str | Path, *,
+            cache_dir: str | Path | None = None, **_: Any) -> dict[str, Any]:
         """Extract (or reuse) every training scan's candidates, train LightGBM, write the model.
+
+        ``cache_dir`` (default ``out_dir/features``) holds the cached features, one folder per
+        :meth:`BlobConfig.candidate_key`: models of other ``lgbm_*`` settings can share it.
 
         Returns the training summary also written to ``blob_model.json``: candidates, positives,
         candidate recall (share of target nodules hit by at least one candidate) on the training
@@ -461,13 +505,16 @@ class BlobDetector:
 
         t0 = time.perf_counter()
         out = Path(out_dir)
+        cache = out / "features" if cache_dir is None else Path(cache_dir)
         if not train_cases:
             raise ConfigError("blob-lgbm: fit needs at least one training scan")
-        key = self.config.candidate_key()
         uids = sorted(c.series_uid for c in train_cases)
         fingerprints = {id(c): scan_fingerprint(c) for c in [*train_cases, *val_cases]}
         prints = sorted(fingerprints[id(c)] for c in train_cases)
         trained = {k: v for k, v in asdict(self.config).items() if k not in ("max_detections", "nms_radius_factor")}
+        for k, default in (("lgbm_relative_hu", False), ("lgbm_drop_features", ())):
+            if trained[k] == default:  # models trained before these fields existed keep their key
+                del trained[k]
         data_key = hashlib.sha1(json.dumps([trained, prints], sort_keys=True).encode()).hexdigest()[:12]
         model_path = out / MODEL_FILE
         if model_path.exists():
@@ -483,12 +530,12 @@ class BlobDetector:
         bar = tqdm([("train", c) for c in train_cases] + [("val", c) for c in val_cases],
                    desc="blob-lgbm candidates", disable=not self.progress)
         for part, case in bar:
-            cand = self._cached_candidates(case, out / "features" / key / f"{case.series_uid}-{fingerprints[id(case)]}.npz")
+            cand = self.cached_candidates(case, cache, fingerprint=fingerprints[id(case)])
             lab, which, n_targets = candidate_labels(cand.centers_xyz_mm, case)
             recall[part][0] += len(set(which[which >= 0].tolist()))
             recall[part][1] += n_targets
             if part == "train":
-                xs.append(cand.features[lab >= 0])
+                xs.append(model_matrix(cand.features, self.config)[0][lab >= 0])
                 ys.append(lab[lab >= 0].astype(np.float32))
                 ws.append(_subsolid_weights(case, which, self.config.lgbm_subsolid_weight)[lab >= 0])
         x = np.concatenate(xs)
@@ -503,7 +550,7 @@ class BlobDetector:
         }
         if self.config.lgbm_neg_per_pos > 0:
             params["scale_pos_weight"] = float((y == 0).sum()) / float(max(y.sum(), 1)) / self.config.lgbm_neg_per_pos
-        names = feature_names(self.config)
+        names = model_matrix(np.zeros((0, len(feature_names(self.config)))), self.config)[1]
         data = lgb.Dataset(x, y, weight=w, feature_name=names, free_raw_data=False)
         boosters = [lgb.train({**params, "seed": self.config.seed + k}, data, num_boost_round=self.config.lgbm_rounds)
                     for k in range(self.config.lgbm_bags)]
@@ -529,11 +576,15 @@ class BlobDetector:
         self._booster, self.meta, self.checkpoint = BoosterMean(boosters), meta, model_path
         return meta
 
-    def _cached_candidates(self, case: Any, path: Path) -> BlobCandidates:
-        """The candidates of a training scan, from ``path`` when extracted before (an atomic npz; :meth:`fit`
-        names it by the series UID and :func:`scan_fingerprint`, so other pixels get another file)."""
+    def cached_candidates(self, case: Any, cache_dir: str | Path, *, fingerprint: str | None = None) -> BlobCandidates:
+        """The candidates of a scan (``case``: ``series_uid``, ``image_hu`` ``[z, y, x]``, ``geometry``), read
+        from ``cache_dir/<candidate_key>/<uid>-<fingerprint>.npz`` when extracted before, else extracted and
+        written there (atomically). The file is named by :func:`scan_fingerprint`, so other pixels under the
+        same UID get another file."""
         from lidc_det.atomic import write_with
 
+        fp = scan_fingerprint(case) if fingerprint is None else fingerprint
+        path = Path(cache_dir) / self.config.candidate_key() / f"{case.series_uid}-{fp}.npz"
         if path.exists():
             with np.load(path) as z:
                 return BlobCandidates(z["centres"], z["scales"], z["features"], float(z["seconds"]))
@@ -621,6 +672,7 @@ def load_blob_model(path: str | Path) -> tuple[BlobConfig, BoosterMean, dict[str
         c = dict(meta["config"])
         c["hu_clip"] = tuple(c["hu_clip"])
         c["sigmas_mm"] = tuple(c["sigmas_mm"])
+        c["lgbm_drop_features"] = tuple(c.get("lgbm_drop_features", ()))
         c.setdefault("branch_features", False)  # models written before these fields existed
         c.setdefault("lgbm_subsolid_weight", 1.0)
         cfg = BlobConfig(**c)
@@ -630,12 +682,13 @@ def load_blob_model(path: str | Path) -> tuple[BlobConfig, BoosterMean, dict[str
         raise BlobModelError(f"{p}: not a readable blob-lgbm model ({type(err).__name__}: {err})") from err
     if len(booster.boosters) != cfg.lgbm_bags:
         raise BlobModelError(f"{p}: {len(booster.boosters)} model files for lgbm_bags = {cfg.lgbm_bags}")
-    if booster.feature_name() != feature_names(cfg) or meta.get("feature_names") != feature_names(cfg):
+    names = model_matrix(np.zeros((0, len(feature_names(cfg)))), cfg)[1]
+    if booster.feature_name() != names or meta.get("feature_names") != names:
         raise BlobModelError(f"{p}: its features {booster.feature_name()[:4]}... differ from this version's")
     return cfg, booster, meta
 
 
 __all__ = [
     "BlobCandidates", "BlobConfig", "BoosterMean", "BlobDetector", "BlobModelError", "FEATURE_NAMES", "candidate_labels",
-    "feature_names", "load_blob_model", "scan_candidates",
+    "RELATIVE_HU", "feature_names", "load_blob_model", "model_matrix", "scan_candidates",
 ]

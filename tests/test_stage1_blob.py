@@ -213,3 +213,63 @@ def test_a_blob_model_runs_in_the_pipeline(tmp_path: Path) -> None:
     result = pipe.run_volume(case.image_hu, case.geometry, series_uid=case.series_uid)
     best = max(result.candidates, key=lambda c: c.score)
     assert _hits(np.asarray(best.center_xyz_mm), case)
+
+
+def test_relative_hu_and_dropped_features_shape_the_model(tmp_path: Path) -> None:
+    from stage1_detect.blob import RELATIVE_HU, model_matrix
+
+    cfg = BlobConfig(restrict_to_lungs=False, lgbm_relative_hu=True, lgbm_drop_features=("hu_centre", "lung_bg_hu"))
+    names = feature_names(cfg)
+    x = np.arange(2 * len(names), dtype=np.float32).reshape(2, len(names))
+    m, cols = model_matrix(x, cfg)
+    assert "hu_centre" not in cols and "lung_bg_hu" not in cols and cols[-len(RELATIVE_HU):] == list(RELATIVE_HU)
+    assert m.shape == (2, len(names) + len(RELATIVE_HU) - 2)
+    bg = x[:, names.index("lung_bg_hu")]
+    np.testing.assert_allclose(m[:, cols.index("hu_centre_rel")], x[:, names.index("hu_centre")] - bg)
+    np.testing.assert_allclose(m[:, cols.index("obj_threshold_rel")], x[:, names.index("obj_threshold_hu")] - bg)
+    assert model_matrix(x, BlobConfig())[1] == names  # the defaults leave the columns alone
+    with pytest.raises(ConfigError, match="not features"):
+        BlobConfig(lgbm_drop_features=("hu_centre_rel",))  # a relative column needs lgbm_relative_hu
+    # trained and read back with the same columns; the feature cache is shared with the plain model
+    kw = {**CFG, "lgbm_relative_hu": True, "lgbm_drop_features": ["hu_centre", "lung_bg_hu"]}
+    cases = _cases(5, 12)
+    det = BlobDetector(progress=False, **kw)
+    meta = det.fit(cases, [], tmp_path / "rel", cache_dir=tmp_path / "cache")
+    assert meta["feature_names"] == cols and set(det.feature_importance()) == set(cols)
+    loaded = BlobDetector(checkpoint=tmp_path / "rel")
+    assert loaded.config.lgbm_drop_features == ("hu_centre", "lung_bg_hu")
+    case = _cases(1, 13)[0]
+    a = det.predict(case.image_hu, case.geometry, series_uid="x")
+    np.testing.assert_allclose(a.scores, loaded.predict(case.image_hu, case.geometry, series_uid="x").scores)
+    assert _hits(a.centers_xyz_mm[0], case)
+    # score_candidates on cached candidates gives what predict gives
+    cand = det.cached_candidates(case, tmp_path / "cache")
+    np.testing.assert_allclose(det.score_candidates(cand, series_uid="x").scores, a.scores)
+    BlobDetector(progress=False, **CFG).fit(cases, [], tmp_path / "plain", cache_dir=tmp_path / "cache")
+    assert not (tmp_path / "plain" / "features").exists()
+    assert len(list((tmp_path / "cache").rglob("*.npz"))) == len(cases) + 1
+
+
+def test_ablation_config_refuses_candidate_fields(tmp_path: Path) -> None:
+    from benchmarks.blob_ablation import load_ablation_config, table
+    from lidc_det.config import ConfigFileError
+
+    p = tmp_path / "a.yaml"
+    p.write_text("transfer: t.yaml\ndata_dir: d\nwork_dir: w\nvariants:\n  - {name: base}\n"
+                 "  - {name: r, kwargs: {lgbm_relative_hu: true}}\n")
+    cfg = load_ablation_config(p)
+    assert [v.name for v in cfg.variants] == ["base", "r"] and cfg.variants[1].kwargs == {"lgbm_relative_hu": True}
+    p.write_text("transfer: t.yaml\ndata_dir: d\nwork_dir: w\nvariants:\n  - {name: s, kwargs: {min_response: 10}}\n")
+    with pytest.raises(ConfigFileError, match="define the cached candidates"):
+        load_ablation_config(p)
+    p.write_text("transfer: t.yaml\ndata_dir: d\nwork_dir: w\nvariants:\n  - {name: a}\n  - {name: a}\n")
+    with pytest.raises(ConfigFileError, match="distinct"):
+        load_ablation_config(p)
+    p.write_text("transfer: t.yaml\nvariants: []\n")
+    with pytest.raises(ConfigFileError, match="data_dir"):
+        load_ablation_config(p)
+    rec = {"sets": [{"name": "twin_test", "n_nodules": 8, "synthetic": True}, {"name": "yardstick", "n_nodules": 39, "synthetic": False}],
+           "rows": [{"name": "base", "kwargs": {}, "twin_test": {"cpm": 0.5}, "yardstick": {"cpm": 0.625},
+                     "real": [{"patient_id": "LIDC-IDRI-0001", "rank": 1, "fps_above": 0}]}]}
+    text = table(rec)
+    assert "twin_test CPM (8, SYNTHETIC)" in text and "| base | - | 0.500 | 0.625 | LIDC-IDRI-0001 1 (0) |" in text

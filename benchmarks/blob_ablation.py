@@ -40,8 +40,8 @@ from lidc_det.config import ConfigFileError
 
 @dataclass(frozen=True)
 class Variant:
-    """One row: ``kwargs`` override the transfer config's detector kwargs (``lgbm_*`` fields only:
-    the cached candidates must stay valid)."""
+    """One row: ``kwargs`` override the transfer config's detector kwargs (``lgbm_*`` and ``train_*``
+    fields, ``seed``, ``nms_radius_factor``, ``max_detections``: the cached candidates must stay valid)."""
 
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -74,7 +74,8 @@ def load_ablation_config(path: Path) -> AblationConfig:
     if not variants or len(set(names)) != len(names):
         raise ConfigFileError(f"{path}: variants need distinct names, got {names}")
     for v in variants:
-        bad = sorted(k for k in v.kwargs if not k.startswith("lgbm_") and k not in ("seed", "nms_radius_factor", "max_detections"))
+        bad = sorted(k for k in v.kwargs
+                     if not k.startswith(("lgbm_", "train_")) and k not in ("seed", "nms_radius_factor", "max_detections"))
         if bad:
             raise ConfigFileError(f"{path}: variant {v.name!r} changes {bad}, which define the cached candidates")
     return AblationConfig(Path(raw["transfer"]), Path(raw["data_dir"]), Path(raw["work_dir"]), variants,

@@ -80,7 +80,7 @@ class BlobModelError(LidcDetError):
 class BlobConfig:
     """Settings of :class:`BlobDetector` (see the module docstring for what each does).
 
-    Candidate fields (all but ``lgbm_*``, ``seed``, ``nms_radius_factor``, ``max_detections``) define the features:
+    Candidate fields (all but ``lgbm_*``, ``train_*``, ``seed``, ``nms_radius_factor``, ``max_detections``) define the features:
     a model trained with other values is refused by :meth:`BlobDetector.from_checkpoint`.
     """
 
@@ -109,6 +109,10 @@ class BlobConfig:
     lgbm_bags: int = 1
     lgbm_relative_hu: bool = False
     lgbm_drop_features: tuple[str, ...] = ()
+    # training augmentation: blurred copies of each training scan (thicker slices, softer kernel)
+    train_blur_copies: int = 0
+    train_blur_sigma_z_mm: tuple[float, float] = (0.3, 1.0)
+    train_blur_sigma_xy_mm: tuple[float, float] = (0.0, 0.5)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -120,6 +124,13 @@ class BlobConfig:
         object.__setattr__(self, "sigmas_mm", s)
         object.__setattr__(self, "hu_clip", (float(self.hu_clip[0]), float(self.hu_clip[1])))
         object.__setattr__(self, "lgbm_drop_features", tuple(str(v) for v in self.lgbm_drop_features))
+        for name in ("train_blur_sigma_z_mm", "train_blur_sigma_xy_mm"):
+            lo, hi = (float(v) for v in getattr(self, name))
+            if not 0.0 <= lo <= hi:
+                raise ConfigError(f"blob-lgbm: {name} must be a range 0 <= low <= high, got {getattr(self, name)}")
+            object.__setattr__(self, name, (lo, hi))
+        if self.train_blur_copies < 0:
+            raise ConfigError(f"blob-lgbm: train_blur_copies must be >= 0, got {self.train_blur_copies}")
         known = feature_names(self) + (list(RELATIVE_HU) if self.lgbm_relative_hu else [])
         unknown = sorted(set(self.lgbm_drop_features) - set(known))
         if unknown:
@@ -132,7 +143,7 @@ class BlobConfig:
     def candidate_key(self) -> str:
         """Hash of the fields that define candidates and features (the feature cache's key)."""
         d = {k: v for k, v in asdict(self).items()
-             if not k.startswith("lgbm_") and k not in ("seed", "max_detections", "nms_radius_factor")}
+             if not k.startswith(("lgbm_", "train_")) and k not in ("seed", "max_detections", "nms_radius_factor")}
         if not self.branch_features:  # features computed before the field existed keep their key
             del d["branch_features"]
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
@@ -512,9 +523,11 @@ class BlobDetector:
         fingerprints = {id(c): scan_fingerprint(c) for c in [*train_cases, *val_cases]}
         prints = sorted(fingerprints[id(c)] for c in train_cases)
         trained = {k: v for k, v in asdict(self.config).items() if k not in ("max_detections", "nms_radius_factor")}
-        for k, default in (("lgbm_relative_hu", False), ("lgbm_drop_features", ())):
+        for k, default in (("lgbm_relative_hu", False), ("lgbm_drop_features", ()), ("train_blur_copies", 0)):
             if trained[k] == default:  # models trained before these fields existed keep their key
                 del trained[k]
+        if self.config.train_blur_copies == 0:
+            del trained["train_blur_sigma_z_mm"], trained["train_blur_sigma_xy_mm"]
         data_key = hashlib.sha1(json.dumps([trained, prints], sort_keys=True).encode()).hexdigest()[:12]
         model_path = out / MODEL_FILE
         if model_path.exists():
@@ -527,7 +540,11 @@ class BlobDetector:
                 return meta
         xs, ys, ws = [], [], []
         recall: dict[str, list[int]] = {"train": [0, 0], "val": [0, 0]}
-        bar = tqdm([("train", c) for c in train_cases] + [("val", c) for c in val_cases],
+        copies = [BlurredCase(c, k, self.config, fingerprints[id(c)]) for c in train_cases
+                  for k in range(1, self.config.train_blur_copies + 1)]
+        for c in copies:
+            fingerprints[id(c)] = c.fingerprint
+        bar = tqdm([("train", c) for c in [*train_cases, *copies]] + [("val", c) for c in val_cases],
                    desc="blob-lgbm candidates", disable=not self.progress)
         for part, case in bar:
             cand = self.cached_candidates(case, cache, fingerprint=fingerprints[id(case)])
@@ -605,6 +622,42 @@ class BlobDetector:
         gain = self._booster.feature_importance(importance_type="gain")
         pairs = sorted(zip(self._booster.feature_name(), gain.tolist()), key=lambda p: -p[1])
         return {k: float(v) for k, v in pairs}
+
+
+class BlurredCase:
+    """Copy ``k`` of a training scan, blurred as a thicker slice and a softer kernel would (``train_blur_*``).
+
+    A Gaussian of SD ``sigma_z`` (mm, along z) and ``sigma_xy`` (mm, in plane), each drawn uniformly from
+    the config's range by a generator seeded with the scan's UID and ``k`` (not the LightGBM seed, so
+    models of other seeds share the cached features). Findings, ratings and geometry are the scan's;
+    the image is blurred when first read (a cached copy never is). Its ``fingerprint`` is the scan's
+    and the draw's, so the cache file follows both.
+    """
+
+    def __init__(self, case: Any, k: int, cfg: BlobConfig, fingerprint: str) -> None:
+        rng = np.random.default_rng(int(hashlib.sha1(f"{case.series_uid}/blur{k}".encode()).hexdigest()[:8], 16))
+        self.case = case
+        self.sigma_z_mm = float(rng.uniform(*cfg.train_blur_sigma_z_mm))
+        self.sigma_xy_mm = float(rng.uniform(*cfg.train_blur_sigma_xy_mm))
+        self.series_uid = f"{case.series_uid}~blur{k}"
+        self.fingerprint = hashlib.sha1(f"{fingerprint}/{self.sigma_z_mm:.6f}/{self.sigma_xy_mm:.6f}".encode()).hexdigest()[:12]
+        self._image: np.ndarray | None = None
+
+    @property
+    def image_hu(self) -> np.ndarray:
+        """``[z, y, x]`` float32 HU, blurred."""
+        from scipy.ndimage import gaussian_filter
+
+        if self._image is None:
+            sz, sy, sx = self.case.geometry.spacing_zyx
+            sigma = (self.sigma_z_mm / sz, self.sigma_xy_mm / sy, self.sigma_xy_mm / sx)
+            self._image = gaussian_filter(np.asarray(self.case.image_hu, dtype=np.float32), sigma, mode="nearest")
+        return self._image
+
+    def __getattr__(self, name: str) -> Any:  # geometry, nodules, irrelevant, boxes: the scan's own
+        if name == "case":
+            raise AttributeError(name)
+        return getattr(self.case, name)
 
 
 def scan_fingerprint(case: Any) -> str:
@@ -689,6 +742,6 @@ def load_blob_model(path: str | Path) -> tuple[BlobConfig, BoosterMean, dict[str
 
 
 __all__ = [
-    "BlobCandidates", "BlobConfig", "BoosterMean", "BlobDetector", "BlobModelError", "FEATURE_NAMES", "candidate_labels",
+    "BlobCandidates", "BlobConfig", "BoosterMean", "BlobDetector", "BlurredCase", "BlobModelError", "FEATURE_NAMES", "candidate_labels",
     "RELATIVE_HU", "feature_names", "load_blob_model", "model_matrix", "scan_candidates",
 ]

@@ -273,3 +273,28 @@ def test_ablation_config_refuses_candidate_fields(tmp_path: Path) -> None:
                      "real": [{"patient_id": "LIDC-IDRI-0001", "rank": 1, "fps_above": 0}]}]}
     text = table(rec)
     assert "twin_test CPM (8, SYNTHETIC)" in text and "| base | - | 0.500 | 0.625 | LIDC-IDRI-0001 1 (0) |" in text
+
+
+def test_blurred_training_copies(tmp_path: Path) -> None:
+    from stage1_detect.blob import BlurredCase, scan_fingerprint
+
+    cases = _cases(4, 14)
+    cfg = BlobConfig(restrict_to_lungs=False, train_blur_copies=1, train_blur_sigma_z_mm=(1.0, 1.5))
+    copy = BlurredCase(cases[0], 1, cfg, scan_fingerprint(cases[0]))
+    assert 1.0 <= copy.sigma_z_mm <= 1.5 and 0.0 <= copy.sigma_xy_mm <= 0.5
+    assert copy.geometry is cases[0].geometry and copy.boxes_voxel is cases[0].boxes_voxel
+    # blurred along z more than in plane: a sphere's peak falls, its z profile widens
+    assert copy.image_hu.max() < cases[0].image_hu.max() and copy.image_hu.shape == cases[0].image_hu.shape
+    again = BlurredCase(cases[0], 1, cfg, scan_fingerprint(cases[0]))
+    assert (again.sigma_z_mm, again.fingerprint) == (copy.sigma_z_mm, copy.fingerprint)  # deterministic
+    assert BlurredCase(cases[0], 2, cfg, scan_fingerprint(cases[0])).fingerprint != copy.fingerprint
+    # fit trains on the scans and their copies; the copies' features are cached beside the scans'
+    kw = {**CFG, "train_blur_copies": 1, "train_blur_sigma_z_mm": [1.0, 1.5]}
+    meta = BlobDetector(progress=False, **kw).fit(cases, [], tmp_path)
+    plain = BlobDetector(progress=False, **CFG).fit(cases, [], tmp_path / "plain", cache_dir=tmp_path / "features")
+    assert meta["n_candidates"] > plain["n_candidates"] and meta["data_key"] != plain["data_key"]
+    assert len(list((tmp_path / "features").rglob("*~blur1-*.npz"))) == len(cases)
+    assert BlobConfig().candidate_key() == BlobConfig(train_blur_copies=2).candidate_key()
+    assert BlobDetector(checkpoint=tmp_path).config.train_blur_sigma_z_mm == (1.0, 1.5)
+    with pytest.raises(ConfigError, match="train_blur_sigma_z_mm"):
+        BlobConfig(train_blur_sigma_z_mm=(1.0, 0.5))

@@ -38,7 +38,10 @@ No absolute position is used.
 target nodule (LUNA16 rule: world distance below the nodule's radius), left out when it hits
 only an irrelevant finding, negative otherwise; positives on subsolid nodules (texture rating
 <= 2, rare in LIDC and so in the twins) weigh ``lgbm_subsolid_weight``. With ``lgbm_bags`` > 1,
-that many boosters are trained with seeds ``seed + k`` and their probabilities averaged. At inference candidates are scored, greedily
+that many boosters are trained with seeds ``seed + k`` and their probabilities averaged. What LightGBM sees
+(:func:`model_matrix`) may add HU relative to the surrounding lung (``lgbm_relative_hu``) and leave columns out
+(``lgbm_drop_features``); ``train_blur_copies`` adds blurred copies of each training scan (:class:`BlurredCase`).
+None of these change the candidates, so they share the feature cache. At inference candidates are scored, greedily
 suppressed within ``nms_radius_factor`` radii (at least ``merge_mm``) of a better one (a vessel
 answering at a large scale must not hide a small nodule beside it), and the ``max_detections`` best returned
 (world centres, diameter ``2 * sqrt(3) * s``).
@@ -186,6 +189,11 @@ def model_matrix(features: np.ndarray, cfg: BlobConfig) -> tuple[np.ndarray, lis
         names = names + list(RELATIVE_HU)
     keep = [k for k, n in enumerate(names) if n not in cfg.lgbm_drop_features]
     return x[:, keep], [names[k] for k in keep]
+
+
+def model_columns(cfg: BlobConfig) -> list[str]:
+    """The names of :func:`model_matrix`'s columns for ``cfg`` (a trained model's feature names)."""
+    return model_matrix(np.zeros((0, len(feature_names(cfg))), dtype=np.float32), cfg)[1]
 
 
 FEATURE_NAMES: list[str] = feature_names(BlobConfig())
@@ -567,7 +575,7 @@ class BlobDetector:
         }
         if self.config.lgbm_neg_per_pos > 0:
             params["scale_pos_weight"] = float((y == 0).sum()) / float(max(y.sum(), 1)) / self.config.lgbm_neg_per_pos
-        names = model_matrix(np.zeros((0, len(feature_names(self.config)))), self.config)[1]
+        names = model_columns(self.config)
         data = lgb.Dataset(x, y, weight=w, feature_name=names, free_raw_data=False)
         boosters = [lgb.train({**params, "seed": self.config.seed + k}, data, num_boost_round=self.config.lgbm_rounds)
                     for k in range(self.config.lgbm_bags)]
@@ -630,8 +638,8 @@ class BlurredCase:
     A Gaussian of SD ``sigma_z`` (mm, along z) and ``sigma_xy`` (mm, in plane), each drawn uniformly from
     the config's range by a generator seeded with the scan's UID and ``k`` (not the LightGBM seed, so
     models of other seeds share the cached features). Findings, ratings and geometry are the scan's;
-    the image is blurred when first read (a cached copy never is). Its ``fingerprint`` is the scan's
-    and the draw's, so the cache file follows both.
+    the image is blurred when read (a copy found in the feature cache never is). Its ``fingerprint``
+    is the scan's and the draw's, so the cache file follows both.
     """
 
     def __init__(self, case: Any, k: int, cfg: BlobConfig, fingerprint: str) -> None:
@@ -641,18 +649,15 @@ class BlurredCase:
         self.sigma_xy_mm = float(rng.uniform(*cfg.train_blur_sigma_xy_mm))
         self.series_uid = f"{case.series_uid}~blur{k}"
         self.fingerprint = hashlib.sha1(f"{fingerprint}/{self.sigma_z_mm:.6f}/{self.sigma_xy_mm:.6f}".encode()).hexdigest()[:12]
-        self._image: np.ndarray | None = None
 
     @property
     def image_hu(self) -> np.ndarray:
-        """``[z, y, x]`` float32 HU, blurred."""
+        """``[z, y, x]`` float32 HU, blurred (computed at each read and not kept: a fit holds every copy)."""
         from scipy.ndimage import gaussian_filter
 
-        if self._image is None:
-            sz, sy, sx = self.case.geometry.spacing_zyx
-            sigma = (self.sigma_z_mm / sz, self.sigma_xy_mm / sy, self.sigma_xy_mm / sx)
-            self._image = gaussian_filter(np.asarray(self.case.image_hu, dtype=np.float32), sigma, mode="nearest")
-        return self._image
+        sz, sy, sx = self.case.geometry.spacing_zyx
+        sigma = (self.sigma_z_mm / sz, self.sigma_xy_mm / sy, self.sigma_xy_mm / sx)
+        return gaussian_filter(np.asarray(self.case.image_hu, dtype=np.float32), sigma, mode="nearest")
 
     def __getattr__(self, name: str) -> Any:  # geometry, nodules, irrelevant, boxes: the scan's own
         if name == "case":
@@ -735,7 +740,7 @@ def load_blob_model(path: str | Path) -> tuple[BlobConfig, BoosterMean, dict[str
         raise BlobModelError(f"{p}: not a readable blob-lgbm model ({type(err).__name__}: {err})") from err
     if len(booster.boosters) != cfg.lgbm_bags:
         raise BlobModelError(f"{p}: {len(booster.boosters)} model files for lgbm_bags = {cfg.lgbm_bags}")
-    names = model_matrix(np.zeros((0, len(feature_names(cfg)))), cfg)[1]
+    names = model_columns(cfg)
     if booster.feature_name() != names or meta.get("feature_names") != names:
         raise BlobModelError(f"{p}: its features {booster.feature_name()[:4]}... differ from this version's")
     return cfg, booster, meta
@@ -743,5 +748,5 @@ def load_blob_model(path: str | Path) -> tuple[BlobConfig, BoosterMean, dict[str
 
 __all__ = [
     "BlobCandidates", "BlobConfig", "BoosterMean", "BlobDetector", "BlurredCase", "BlobModelError", "FEATURE_NAMES", "candidate_labels",
-    "RELATIVE_HU", "feature_names", "load_blob_model", "model_matrix", "scan_candidates",
+    "RELATIVE_HU", "feature_names", "load_blob_model", "model_columns", "model_matrix", "scan_candidates",
 ]

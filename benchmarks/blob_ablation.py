@@ -176,7 +176,8 @@ def run_ablation(config_path: Path, *, progress: bool = True) -> dict[str, Any]:
             row[s.name] = {**froc, ("synthetic" if s.synthetic else "semi_real"): True, "region": s.region}
             if s.name == "twin_val":
                 thr, reached = score_at_sensitivity(dets, s.targets, tcfg.operating_sensitivity)
-                row["operating_threshold"] = None if thr is None else round(thr, 4)
+                row["operating_point"] = {"threshold": None if thr is None else round(thr, 4),
+                                          "twin_val_sensitivity_reached": round(reached, 3)}
         row["real"] = []
         for e, cand, tg, ir in real:
             d = _restrict_real(det.score_candidates(cand, series_uid=e.series_uid), e.region)

@@ -49,6 +49,9 @@ class Variant:
 
 @dataclass(frozen=True)
 class AblationConfig:
+    """An ablation YAML (see the module docstring): the transfer config whose data and protocol it
+    uses, where that data lies, where features and models go, and the variants."""
+
     transfer: Path
     data_dir: Path
     work_dir: Path

@@ -127,12 +127,9 @@ def run_ablation(config_path: Path, *, progress: bool = True) -> dict[str, Any]:
     """Extract (or reuse) the candidates of the transfer config's scans and score every variant.
     Returns the record (see :func:`main` for where it is written)."""
     from benchmarks.transfer import (
-        DEFAULT_DICOM_ROOT, _findings_in, _yardstick_findings, load_transfer_config, prepare_transfer_data,
+        DEFAULT_DICOM_ROOT, _yardstick_findings, load_transfer_config, prepare_transfer_data, read_real_scan,
     )
     from lidc_det.config import to_plain
-    from lidc_det.data.lidc import load_annotations
-    from lidc_det.data.luna import LunaFinding
-    from lidc_det.io.dicom import read_series
     from lidc_det.metrics.ranks import nodule_ranks, score_at_sensitivity
     from lidc_det.provenance import device_info, provenance
     from stage1_detect.blob import BlobDetector
@@ -157,10 +154,7 @@ def run_ablation(config_path: Path, *, progress: bool = True) -> dict[str, Any]:
                              False, cache, progress))
     real: list[tuple[Any, Any, list[Any], list[Any]]] = []  # (eval scan, candidates, targets, irrelevant)
     for e in data.evals:
-        vol = read_series(e.folder, series_uid=e.series_uid)
-        ann = load_annotations(vol.series_uid, vol.geometry)
-        tg = [LunaFinding(vol.series_uid, n.center_xyz_mm, n.equivalent_diameter_mm) for n in _findings_in(list(ann.nodules), e.region)]
-        ir = [LunaFinding(vol.series_uid, n.center_xyz_mm, n.equivalent_diameter_mm) for n in ann.irrelevant]
+        vol, _, tg, ir = read_real_scan(e)
         case = SimpleNamespace(series_uid=vol.series_uid, image_hu=vol.hu, geometry=vol.geometry)
         real.append((e, base.cached_candidates(case, cache), tg, ir))
 

@@ -318,6 +318,21 @@ def _findings_in(findings: list[Any], region: str) -> list[Any]:
     return [f for f in findings if in_region(np.asarray([f.center_xyz_mm]), region)[0]]
 
 
+def read_real_scan(e: EvalScan) -> tuple[Any, list[Any], list[Any], list[Any]]:
+    """A real evaluation scan: its volume, its annotated nodules in ``e.region`` (the scored ones), their
+    LUNA16 targets and the scan's irrelevant findings (:class:`~lidc_det.data.luna.LunaFinding`)."""
+    from lidc_det.data.lidc import load_annotations
+    from lidc_det.data.luna import LunaFinding
+    from lidc_det.io.dicom import read_series
+
+    vol = read_series(e.folder, series_uid=e.series_uid)
+    ann = load_annotations(vol.series_uid, vol.geometry)
+    scored = _findings_in(list(ann.nodules), e.region)
+    tg = [LunaFinding(vol.series_uid, n.center_xyz_mm, n.equivalent_diameter_mm) for n in scored]
+    ir = [LunaFinding(vol.series_uid, n.center_xyz_mm, n.equivalent_diameter_mm) for n in ann.irrelevant]
+    return vol, scored, tg, ir
+
+
 def _froc_dict(froc: Any) -> dict[str, Any]:
     return {
         "cpm": round(froc.cpm, 4),
@@ -543,9 +558,6 @@ def run_transfer(
     from benchmarks.harness import _quiet
     from lidc_det.atomic import write_json
     from lidc_det.config import config_hash, to_plain
-    from lidc_det.data.lidc import load_annotations
-    from lidc_det.data.luna import LunaFinding
-    from lidc_det.io.dicom import read_series
     from lidc_det.metrics.froc import evaluate_detections
     from lidc_det.metrics.ranks import nodule_ranks, score_at_sensitivity
     from lidc_det.provenance import device_info, provenance
@@ -606,11 +618,7 @@ def run_transfer(
     real_i: list[Any] = []
     pngs: list[dict[str, Any]] = []
     for e in evals:
-        vol = read_series(e.folder, series_uid=e.series_uid)
-        ann = load_annotations(vol.series_uid, vol.geometry)
-        scored = _findings_in(list(ann.nodules), e.region)
-        tg = [LunaFinding(vol.series_uid, n.center_xyz_mm, n.equivalent_diameter_mm) for n in scored]
-        ir = [LunaFinding(vol.series_uid, n.center_xyz_mm, n.equivalent_diameter_mm) for n in ann.irrelevant]
+        vol, scored, tg, ir = read_real_scan(e)
         det = _restrict(detector.predict(vol.hu, vol.geometry, series_uid=vol.series_uid), e.region).top_k(100)
         real_d.append(det)
         real_t += tg

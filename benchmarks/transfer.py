@@ -101,6 +101,32 @@ class BackgroundSpec:
 
 
 @dataclass(frozen=True)
+class TwinBackgroundSpec:
+    """Reader nodules inserted into the training twins: procedural, no real pixel.
+
+    The twin fits its lungs around each nodule with a margin, so its nodules are almost never
+    juxtapleural, and they are juxtavascular only by chance; real ones often are both. This inserts
+    nodules of ``train_sources`` into the DICOM of the first ``n_twins`` training twins (the split's
+    training twins, then ``train_twins``) with :func:`lidc_det.synthetic.semireal.make_semireal_dataset`,
+    placed by ``placement_weights`` (parenchymal, juxtapleural, juxtavascular); each twin keeps its own
+    nodules as targets. The copies train stage 1 (and stage 2) beside the twins.
+    """
+
+    n_twins: int = 20
+    copies: int = 3
+    nodules_per_copy: int = 5
+    placement_weights: tuple[float, float, float] = (0.0, 0.6, 0.4)
+
+    def __post_init__(self) -> None:
+        w = tuple(float(v) for v in self.placement_weights)
+        if len(w) != 3 or min(w) < 0 or sum(w) <= 0:
+            raise ConfigFileError(f"twin_backgrounds.placement_weights must be 3 weights >= 0, not all 0; got {w}")
+        object.__setattr__(self, "placement_weights", w)
+        if self.n_twins < 1 or self.copies < 1 or self.nodules_per_copy < 1:
+            raise ConfigFileError("twin_backgrounds: n_twins, copies and nodules_per_copy must be >= 1")
+
+
+@dataclass(frozen=True)
 class TransferConfig:
     """One transfer benchmark (one YAML file, see ``benchmarks/transfer.yaml``).
 
@@ -109,7 +135,9 @@ class TransferConfig:
         twins: the twin data (train / val / test folds of synthetic scans).
         detector: the stage-1 detector (registry name + kwargs).
         backgrounds: semi-real training scans (empty: twins only).
-        train_sources: patients whose nodules are inserted into the training backgrounds.
+        train_sources: patients whose nodules are inserted into the training backgrounds (real or twin).
+        twin_backgrounds: optional insertion of ``train_sources`` nodules into the training twins
+            (:class:`TwinBackgroundSpec`; procedural, no real pixel).
         yardstick: the semi-real yardstick background (a region nothing is trained on).
         yardstick_sources: patients whose nodules go into the yardstick (disjoint from the rest).
         extra_yardsticks: more semi-real yardsticks on other real backgrounds (nodules of the
@@ -147,6 +175,7 @@ class TransferConfig:
     extra_yardsticks: tuple[BackgroundSpec, ...] = ()
     backgrounds: tuple[BackgroundSpec, ...] = ()
     train_sources: PatientRange | None = None
+    twin_backgrounds: TwinBackgroundSpec | None = None
     segmentation: SegmenterConfig | None = None
     segmentation_twins: DataSpec | None = None
     train_twins: DataSpec | None = None
@@ -164,8 +193,8 @@ class TransferConfig:
             raise ConfigFileError("train_twins needs source: twin")
         if self.second_look is not None and (self.segmentation is None or not self.second_look.data.synthetic):
             raise ConfigFileError("second_look needs segmentation (its features come from stage-2 masks), and source: twin")
-        if self.backgrounds and self.train_sources is None:
-            raise ConfigFileError("backgrounds need train_sources (the patients whose nodules are inserted)")
+        if (self.backgrounds or self.twin_backgrounds is not None) and self.train_sources is None:
+            raise ConfigFileError("backgrounds and twin_backgrounds need train_sources (the patients whose nodules are inserted)")
         names = [b.name for b in (self.yardstick, *self.extra_yardsticks)]
         if len(set(names)) != len(names):
             raise ConfigFileError(f"yardstick names must be unique, got {names}")
@@ -292,6 +321,8 @@ def plan_protocol(
 
 def _protocol_label(cfg: TransferConfig, trained: dict[str, str]) -> str:
     if not cfg.backgrounds:
+        if cfg.twin_backgrounds is not None:
+            return "procedural only: twins and reader nodules inserted into twins, no real pixels in training"
         return "procedural only: twins, no real pixels in training"
     parts = []
     for b in cfg.backgrounds:
@@ -452,7 +483,8 @@ class TransferData:
         pool_ds: the second look's training pool (or None).
         evals, yardstick_region, protocol: the real evaluation scans, the yardstick's scored region and
             the protocol record of :func:`plan_protocol`.
-        semi: the semi-real training data sets (one per background); ds_yard: the yardstick;
+        semi: the semi-real training data sets (one per background); twin_inserted: the twins with inserted
+            nodules (``twin_backgrounds``; None without); ds_yard: the yardstick;
         ds_extra: the extra yardsticks, in the order of ``cfg.extra_yardsticks``.
     """
 
@@ -467,11 +499,13 @@ class TransferData:
     semi: list[Any]
     ds_yard: Any
     ds_extra: list[Any]
+    twin_inserted: Any = None
 
     def train_cases(self) -> list[Any]:
-        """Stage 1's training scans: the split's training twins, the extra training twins, the semi-real scans."""
+        """Stage 1's training scans: the split's training twins, the extra training twins, the semi-real scans,
+        the twins with inserted nodules."""
         cases = [self.ds_twin.load_case(u) for u in self.split.train] + list(self.more_cases)
-        for ds in self.semi:
+        for ds in [*self.semi, *([self.twin_inserted] if self.twin_inserted is not None else [])]:
             cases += [ds.load_case(u) for u in ds.series_uids]
         return cases
 
@@ -500,9 +534,11 @@ def prepare_transfer_data(
         seg_cases = [ds_seg.load_case(u) for u in ds_seg.series_uids]
     seg_patients = sorted({c.patient_id for c in seg_cases})
     more_cases: list[Any] = []
+    more_sets: list[tuple[Any, list[str]]] = []
     if cfg.train_twins is not None:
         ds_more, _ = materialize(cfg.train_twins, data_dir / "train_twins", progress=progress)
         more_cases = [ds_more.load_case(u) for u in ds_more.series_uids]
+        more_sets = [(ds_more, list(ds_more.series_uids))]
     more_patients = sorted({c.patient_id for c in more_cases})
     pool_ds = None
     if cfg.second_look is not None:
@@ -531,9 +567,42 @@ def prepare_transfer_data(
                               data_dir / "yardstick" / b.name, progress=progress)
         for k, b in enumerate(cfg.extra_yardsticks)
     ]
+    twin_inserted = None
+    if cfg.twin_backgrounds is not None and cfg.train_sources is not None:
+        twin_inserted = make_semireal_dataset(
+            twin_background_specs(cfg.twin_backgrounds, cfg.train_sources, [(ds_twin, split.train)] + more_sets,
+                                  cfg.seed + 2000, spacing),
+            data_dir / "twin_backgrounds", progress=progress,
+        )
     _lap("semi-real data", t0)
 
-    return TransferData(ds_twin, split, seg_cases, more_cases, pool_ds, evals, y_region, protocol, semi, ds_yard, ds_extra)
+    return TransferData(ds_twin, split, seg_cases, more_cases, pool_ds, evals, y_region, protocol, semi, ds_yard, ds_extra,
+                        twin_inserted)
+
+
+def twin_background_specs(
+    tb: TwinBackgroundSpec, sources: PatientRange, twin_sets: list[tuple[Any, list[str]]], seed: int,
+    spacing_zyx: tuple[float, float, float],
+) -> list[Any]:
+    """One :class:`~lidc_det.synthetic.semireal.SemiRealSpec` per twin background: the first ``tb.n_twins`` of
+    the scans of ``twin_sets`` (``(prepared twin data set, series uids)``, in order), each read from the twin
+    DICOM it was prepared from (``source_folder`` of its prepared record)."""
+    from lidc_det.synthetic.semireal import SemiRealSpec
+
+    uids_sources = sources.series_uids()
+    specs = []
+    for ds, uids in twin_sets:
+        records = {r["series_uid"]: r for r in ds.info["scans"]}
+        for uid in uids:
+            if len(specs) == tb.n_twins:
+                return specs
+            r = records[uid]
+            specs.append(SemiRealSpec(
+                f"twin-{r['patient_id']}", Path(r["source_folder"]), copies=tb.copies,
+                nodules_per_copy=tb.nodules_per_copy, source_scans=tuple(uids_sources), seed=seed,
+                spacing_zyx=spacing_zyx, placement_weights=tb.placement_weights,
+            ))
+    return specs
 
 
 def run_transfer(
@@ -671,6 +740,7 @@ def run_transfer(
         "protocol": protocol,
         "split": split.to_dict(),
         "n_train_scans": {"twin": len(split.train), "semi_real": sum(len(ds.series_uids) for ds in semi),
+                          "twin_inserted": 0 if data.twin_inserted is None else len(data.twin_inserted.series_uids),
                           "stage2_only_twins": len(seg_cases), "extra_training_twins": len(more_cases)},
         "twin_test": {**_froc_dict(twin_froc), "synthetic": True},
         "operating_point": {
@@ -909,7 +979,9 @@ def _write_report(rec: dict[str, Any], out_dir: Path) -> None:
     rep = Report(f"Transfer benchmark: {rec['config']['name']}")
     rep.add(Paragraph(
         f"Protocol: **{rec['protocol']['label']}**. Trained on {rec['n_train_scans']['twin']} twin scans (SYNTHETIC) and "
-        f"{rec['n_train_scans']['semi_real']} semi-real scans (real CT backgrounds, inserted LIDC reader nodules). "
+        f"{rec['n_train_scans']['semi_real']} semi-real scans (real CT backgrounds, inserted LIDC reader nodules)"
+        + (f" and {rec['n_train_scans']['twin_inserted']} twin scans with inserted LIDC reader nodules (SYNTHETIC)"
+           if rec["n_train_scans"].get("twin_inserted") else "") + ". "
         f"Git {rec['provenance'].get('git_revision')}, device {rec['device'].get('device')} ({rec['device'].get('name', '')}), "
         f"wall {rec['wall_seconds']:.0f} s, config hash {rec['config_hash']}."
     ))

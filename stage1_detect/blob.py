@@ -498,13 +498,21 @@ class BlobDetector:
         Raises:
             BlobModelError: the detector has not been trained or loaded.
         """
-        if self._booster is None:
-            raise BlobModelError("blob-lgbm: not trained; call fit() or build it with checkpoint=")
-        scores = self._booster.predict(model_matrix(cand.features, self.config)[0]) if len(cand) else np.zeros(0)
+        scores = self.candidate_scores(cand)
         reach = np.maximum(self.config.nms_radius_factor * SQRT3 * cand.scales_mm, self.config.merge_mm)
         # a candidate is dropped when strictly closer than a kept one's reach
         keep = _greedy_keep(cand.centers_xyz_mm, scores, np.nextafter(reach, 0.0), self.config.max_detections)
         return Detections(series_uid, cand.centers_xyz_mm[keep], 2 * SQRT3 * cand.scales_mm[keep], scores[keep])
+
+    def candidate_scores(self, cand: BlobCandidates) -> np.ndarray:
+        """LightGBM's probability for every candidate ``(N,)``, before suppression and the top-k cut.
+
+        Raises:
+            BlobModelError: the detector has not been trained or loaded.
+        """
+        if self._booster is None:
+            raise BlobModelError("blob-lgbm: not trained; call fit() or build it with checkpoint=")
+        return self._booster.predict(model_matrix(cand.features, self.config)[0]) if len(cand) else np.zeros(0)
 
     def fit(self, train_cases: Sequence[Any], val_cases: Sequence[Any], out_dir: str | Path, *,
             cache_dir: str | Path | None = None, **_: Any) -> dict[str, Any]:

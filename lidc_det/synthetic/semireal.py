@@ -307,6 +307,7 @@ def make_semireal_dataset(specs: Sequence[SemiRealSpec], out_dir: Path, *, progr
     if len(set(names)) != len(names):
         raise SemiRealError(f"semi-real spec names must be unique, got {names}")
     scans: list[dict[str, Any]] = []
+    source_cache: dict[tuple[str, ...], list[Any]] = {}
     bar = tqdm(total=sum(s.copies for s in specs), desc="semi-real scans", unit="scan", disable=not progress)
     for spec in specs:
         h = hash_settings({"format": "semireal-1", "insertion_version": insert.INSERTION_VERSION, **spec.settings()})
@@ -337,7 +338,9 @@ def make_semireal_dataset(specs: Sequence[SemiRealSpec], out_dir: Path, *, progr
             if not lungs.mask.any():
                 raise SemiRealError(f"{spec.dicom}: no lung field found")
             targets, irr, avoid = _background_findings(real_t, real_i, geometry, spec, src, valid)
-            sources = nodule_sources(list(spec.source_scans))
+            if spec.source_scans not in source_cache:  # specs of one call often share their sources
+                source_cache[spec.source_scans] = nodule_sources(list(spec.source_scans))
+            sources = source_cache[spec.source_scans]
             if not sources:
                 raise SemiRealError(f"{spec.name}: the source scans hold no insertable nodule")
             lo, hi = _crop_box(lungs.mask, geometry, spec.region, spec.other_side == "cut", spec.crop_margin_mm, spec.crop_in_plane)

@@ -100,6 +100,9 @@ class BlobConfig:
     min_cube_mm: float = 8.0
     max_cube_mm: float = 24.0
     branch_features: bool = True
+    ray_features: bool = False
+    masked_features: bool = False
+    max_masked_candidates: int = 300
     # scoring and output
     nms_radius_factor: float = 0.5
     max_detections: int = 100
@@ -140,8 +143,8 @@ class BlobConfig:
             raise ConfigError(f"blob-lgbm: lgbm_drop_features {unknown} are not features; known: {known}")
         if self.lgbm_bags < 1:
             raise ConfigError(f"blob-lgbm: lgbm_bags must be >= 1, got {self.lgbm_bags}")
-        if self.max_candidates < 1 or self.max_detections < 1:
-            raise ConfigError("blob-lgbm: max_candidates and max_detections must be >= 1")
+        if self.max_candidates < 1 or self.max_detections < 1 or self.max_masked_candidates < 1:
+            raise ConfigError("blob-lgbm: max_candidates, max_masked_candidates and max_detections must be >= 1")
 
     def candidate_key(self) -> str:
         """Hash of the fields that define candidates and features (the feature cache's key)."""
@@ -149,6 +152,10 @@ class BlobConfig:
              if not k.startswith(("lgbm_", "train_")) and k not in ("seed", "max_detections", "nms_radius_factor")}
         if not self.branch_features:  # features computed before the field existed keep their key
             del d["branch_features"]
+        if not self.ray_features:
+            del d["ray_features"]
+        if not self.masked_features:
+            del d["masked_features"], d["max_masked_candidates"]
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -163,7 +170,63 @@ def feature_names(cfg: BlobConfig) -> list[str]:
     ]
     if cfg.branch_features:
         names += ["obj_face_crossings", "obj_core_fraction"]
+    if cfg.ray_features:
+        names += list(RAY_FEATURES)
+    if cfg.masked_features:
+        names += list(MASKED_FEATURES)
     return names
+
+
+MASKED_FEATURES: tuple[str, ...] = ("masked_response", "masked_dot")
+"""With ``masked_features``: the blob response and dot enhancement at the candidate's own scale in the *wall-masked*
+scan, where every voxel outside the lung field (:func:`lidc_det.lungs.lung_fields`, not dilated; it holds
+juxtapleural nodules) is set to the lung's median HU. Against the chest wall a nodule is half a blob at best
+(one Hessian eigenvalue near 0, dot near 0); with the wall masked it is a blob again. The ``max_masked_candidates``
+best local maxima of the masked dot join the candidates."""
+
+
+RAY_FEATURES: tuple[str, ...] = ("ray_open_fraction", "ray_closed_median", "ray_closed_min", "ray_closed_cv")
+"""With ``ray_features``: from the candidate's centre, 26 rays (the directions of a voxel's 26 neighbours) run
+until the image falls below the object threshold (``obj_threshold_hu``) or to ``ray_reach_factor`` blob radii
+(6-24 mm): the share of rays that stay above it all the way (*open*: about 0 for a nodule, 0.1 for a vessel, 0.4-0.5
+against the chest wall), and the median, minimum and coefficient of variation of the other rays' lengths over the
+blob radius (near 1 with a small spread for a round nodule, also one on a vessel or on the wall)."""
+
+_RAY_DIRECTIONS: np.ndarray = np.array(
+    [d for d in np.ndindex(3, 3, 3) if d != (1, 1, 1)], dtype=np.float64
+) - 1.0
+_RAY_DIRECTIONS /= np.linalg.norm(_RAY_DIRECTIONS, axis=1, keepdims=True)
+
+
+def _ray_features(img: np.ndarray, pts: np.ndarray, radius_mm: np.ndarray, threshold_hu: np.ndarray,
+                  spacing_mm: float, reach_factor: float = 3.0, step_mm: float = 0.5) -> np.ndarray:
+    """:data:`RAY_FEATURES` ``(N, 4)`` of candidates at integer voxels ``pts`` ``(N, 3)`` of the isotropic
+    ``img`` (``[z, y, x]`` HU, voxel ``spacing_mm``), with blob radii and object thresholds ``(N,)``."""
+    from scipy.ndimage import map_coordinates
+
+    reach = np.clip(reach_factor * np.asarray(radius_mm, dtype=np.float64), 6.0, 24.0)
+    steps = np.arange(1, int(np.ceil(reach.max() / step_mm)) + 1) * step_mm  # (S,) mm
+    out = np.zeros((len(pts), len(RAY_FEATURES)), dtype=np.float64)
+    for lo in range(0, len(pts), 256):
+        p = np.asarray(pts[lo:lo + 256], dtype=np.float64)
+        n = len(p)
+        coords = p[:, None, None, :] + _RAY_DIRECTIONS[None, :, None, :] * (steps[None, None, :, None] / spacing_mm)
+        vals = map_coordinates(img, coords.reshape(-1, 3).T, order=1, mode="nearest").reshape(n, len(_RAY_DIRECTIONS), -1)
+        r = reach[lo:lo + n, None]
+        below = (vals < threshold_hu[lo:lo + n, None, None]) & (steps[None, None, :] <= r[:, :, None])
+        closed = below.any(axis=2)
+        length = np.where(closed, steps[np.argmax(below, axis=2)], r)  # (n, 26) mm
+        rad = np.asarray(radius_mm[lo:lo + n], dtype=np.float64)
+        for i in range(n):
+            c = length[i, closed[i]]
+            out[lo + i, 0] = 1.0 - closed[i].mean()
+            if len(c):
+                out[lo + i, 1] = np.median(c) / rad[i]
+                out[lo + i, 2] = c.min() / rad[i]
+                out[lo + i, 3] = c.std() / max(c.mean(), 1e-6)
+            else:
+                out[lo + i, 1] = out[lo + i, 2] = reach[lo + i] / rad[i]
+    return out
 
 
 RELATIVE_HU: dict[str, str] = {
@@ -221,8 +284,9 @@ class BlobCandidates:
 
 
 # ----------------------------------------------------------------------------- candidates
-def _lung_mask(hu: np.ndarray, geometry: VolumeGeometry, margin_mm: float) -> np.ndarray:
-    """Lung field dilated by ``margin_mm`` (bool ``[z, y, x]``); the whole body when none is found."""
+def _lung_mask(hu: np.ndarray, geometry: VolumeGeometry, margin_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """The lung field and the field dilated by ``margin_mm`` (bool ``[z, y, x]`` each); the body mask twice when
+    no field is found."""
     import warnings
 
     from scipy import ndimage as ndi
@@ -234,9 +298,10 @@ def _lung_mask(hu: np.ndarray, geometry: VolumeGeometry, margin_mm: float) -> np
         mask = lung_fields(hu, geometry).mask
     except LungFieldError as err:
         warnings.warn(f"blob-lgbm: no lung field ({err}); using the body mask", stacklevel=3)
-        return body_mask(hu)
+        body = body_mask(hu)
+        return body, body
     it = int(round(margin_mm / min(geometry.spacing_zyx)))
-    return ndi.binary_dilation(mask, iterations=it) if it > 0 else mask
+    return mask, (ndi.binary_dilation(mask, iterations=it) if it > 0 else mask)
 
 
 def _hessian_at(g: np.ndarray, pts: np.ndarray, spacing: float) -> np.ndarray:
@@ -334,9 +399,9 @@ def scan_candidates(hu: np.ndarray, geometry: VolumeGeometry, cfg: BlobConfig) -
         hu, geometry = resample_image(hu, geometry, (sp, sp, sp))
     img = np.clip(np.asarray(hu, dtype=np.float32), *cfg.hu_clip)
     if cfg.restrict_to_lungs:
-        lung_full = _lung_mask(img, geometry, cfg.lung_margin_mm)
+        field_full, lung_full = _lung_mask(img, geometry, cfg.lung_margin_mm)
     else:
-        lung_full = np.ones(img.shape, dtype=bool)
+        field_full = lung_full = np.ones(img.shape, dtype=bool)
     n_feat = len(feature_names(cfg))
     empty = BlobCandidates(np.zeros((0, 3)), np.zeros(0), np.zeros((0, n_feat), np.float32), 0.0)
     if not lung_full.any():
@@ -369,7 +434,13 @@ def scan_candidates(hu: np.ndarray, geometry: VolumeGeometry, cfg: BlobConfig) -
     kidx = np.concatenate([np.full(len(f[0]), f[3]) for f in found])
     keep = np.union1d(_greedy_keep(pts, dot + 1e-6 * resp, cfg.merge_mm / sp, cfg.max_candidates),
                       _greedy_keep(pts, resp, cfg.merge_mm / sp, cfg.max_response_candidates))
-    pts, resp, dot, kidx = pts[keep], resp[keep], dot[keep], kidx[keep]
+    masked = np.zeros((len(pts), 2))
+    if cfg.masked_features:
+        pts, resp, dot, kidx, masked = _with_masked_peaks(sub, field_full[box], pts, resp, dot, kidx, smoothed,
+                                                          responses, cfg)
+        keep = np.union1d(keep, _greedy_keep(pts, masked[:, 1] + 1e-6 * masked[:, 0], cfg.merge_mm / sp,
+                                             cfg.max_masked_candidates))
+    pts, resp, dot, kidx, masked = pts[keep], resp[keep], dot[keep], kidx[keep], masked[keep]
     n = len(pts)
     sig = np.asarray(cfg.sigmas_mm)[kidx]
     z, y, x = pts[:, 0], pts[:, 1], pts[:, 2]
@@ -384,9 +455,52 @@ def scan_candidates(hu: np.ndarray, geometry: VolumeGeometry, cfg: BlobConfig) -
     obj = np.array(
         [_object_features(sub, lung, p, SQRT3 * s, float(hs), cfg) for p, s, hs in zip(pts, sig, hu_smooth)]
     ).reshape(n, -1)
+    if cfg.ray_features:
+        thr = obj[:, feature_names(cfg).index("obj_threshold_hu") - len(cols)]
+        obj = np.column_stack([obj, _ray_features(sub, pts, SQRT3 * sig, thr, sp)])
+    if cfg.masked_features:
+        obj = np.column_stack([obj, masked])
     feats = np.column_stack([*cols, obj]).astype(np.float32)
     centres = geometry.voxel_to_world((pts + lo).astype(np.float64))
     return BlobCandidates(np.asarray(centres).reshape(-1, 3), sig.astype(np.float64), feats, time.perf_counter() - t0)
+
+
+def _with_masked_peaks(
+    sub: np.ndarray, field: np.ndarray, pts: np.ndarray, resp: np.ndarray, dot: np.ndarray, kidx: np.ndarray,
+    smoothed: list[np.ndarray], responses: list[np.ndarray], cfg: BlobConfig,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The candidate pool (points, response, dot, scale index) grown by the local maxima of the wall-masked
+    response (:data:`MASKED_FEATURES`), and for every point of it the masked response and dot at its own scale
+    ``(N, 2)``. ``sub``: the isotropic lung box, ``field``: its lung field, ``smoothed`` / ``responses``: the
+    unmasked scale space of ``sub``."""
+    from scipy import ndimage as ndi
+
+    sp = cfg.spacing_mm
+    fill = np.float32(np.median(sub[field])) if field.any() else np.float32(-850.0)
+    sub_m = np.where(field, sub, fill)
+    masked = np.zeros((len(pts), 2))
+    new: list[tuple[np.ndarray, int, np.ndarray, np.ndarray]] = []  # points, scale, masked response, masked dot
+    for k, s in enumerate(cfg.sigmas_mm):
+        g = ndi.gaussian_filter(sub_m, s / sp, truncate=3.0)
+        r = ndi.laplace(g)
+        r *= -((s / sp) ** 2)
+        sel = kidx == k
+        p = pts[sel]
+        masked[sel, 0] = r[p[:, 0], p[:, 1], p[:, 2]]
+        masked[sel, 1] = _dot(np.linalg.eigvalsh(_hessian_at(g, p, sp) * s**2))
+        peak = (r == ndi.maximum_filter(r, size=3)) & (r > cfg.min_response) & field
+        q = np.argwhere(peak)
+        new.append((q, k, r[peak], _dot(np.linalg.eigvalsh(_hessian_at(g, q, sp) * s**2))))
+    for q, k, mr, md in new:
+        if not len(q):
+            continue
+        s = cfg.sigmas_mm[k]
+        pts = np.concatenate([pts, q])
+        resp = np.concatenate([resp, responses[k][q[:, 0], q[:, 1], q[:, 2]]])
+        dot = np.concatenate([dot, _dot(np.linalg.eigvalsh(_hessian_at(smoothed[k], q, sp) * s**2))])
+        kidx = np.concatenate([kidx, np.full(len(q), k)])
+        masked = np.concatenate([masked, np.column_stack([mr, md])])
+    return pts, resp, dot, kidx, masked
 
 
 def _dot(ev: np.ndarray) -> np.ndarray:

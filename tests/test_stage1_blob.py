@@ -298,3 +298,96 @@ def test_blurred_training_copies(tmp_path: Path) -> None:
     assert BlobDetector(checkpoint=tmp_path).config.train_blur_sigma_z_mm == (1.0, 1.5)
     with pytest.raises(ConfigError, match="train_blur_sigma_z_mm"):
         BlobConfig(train_blur_sigma_z_mm=(1.0, 0.5))
+
+
+def test_ray_features_tell_a_nodule_a_vessel_and_a_juxtapleural_bulge_apart() -> None:
+    from stage1_detect.blob import RAY_FEATURES, _ray_features
+
+    zz, yy, xx = np.mgrid[:60, :60, :60].astype(np.float64)
+    img = np.full((60, 60, 60), -850.0)
+    img[(zz - 15) ** 2 + (yy - 15) ** 2 + (xx - 15) ** 2 <= 16] = 0.0  # nodule, radius 4
+    img[(zz - 45) ** 2 + (yy - 15) ** 2 <= 4] = 0.0  # vessel along x, radius 2
+    img[:, :, 50:] = 40.0  # chest wall
+    img[(zz - 30) ** 2 + (yy - 45) ** 2 + (xx - 48) ** 2 <= 16] = 0.0  # nodule against it
+    pts = np.array([[15, 15, 15], [45, 15, 30], [30, 45, 48]])
+    f = _ray_features(img, pts, np.array([4.0, 2.0, 4.0]), np.full(3, -425.0), 1.0)
+    assert f.shape == (3, len(RAY_FEATURES))
+    nodule, vessel, wall = f
+    assert nodule[0] == 0.0 and 0.9 <= nodule[1] <= 1.2 and nodule[3] < 0.2
+    assert 0.05 < vessel[0] < 0.15  # the two rays along the vessel (of 26) stay inside
+    assert wall[0] > 0.25 and 0.9 <= wall[1] <= 1.2  # the rays into the wall stay inside, the rest end at the edge
+
+
+def test_ray_features_extend_the_table_and_keep_old_cache_keys() -> None:
+    from stage1_detect.blob import RAY_FEATURES
+
+    assert BlobConfig().candidate_key() == "2d396bd95f86"  # the key of caches written before ray_features existed
+    cfg = BlobConfig(restrict_to_lungs=False, ray_features=True)
+    assert cfg.candidate_key() != BlobConfig(restrict_to_lungs=False).candidate_key()
+    assert feature_names(cfg)[-len(RAY_FEATURES):] == list(RAY_FEATURES)
+    case = _phantom("ray", np.random.default_rng(0), [((24.0, 34.0, 24.0), 7.0)], [(24, 12, 3.5)])
+    cand = scan_candidates(case.image_hu, case.geometry, cfg)
+    plain = scan_candidates(case.image_hu, case.geometry, BlobConfig(restrict_to_lungs=False))
+    np.testing.assert_array_equal(cand.features[:, : plain.features.shape[1]], plain.features)
+    names = feature_names(cfg)
+    best = int(np.argmax(cand.features[:, names.index("dot")]))
+    assert _hits(cand.centers_xyz_mm[best], case)
+    assert cand.features[best, names.index("ray_open_fraction")] == 0.0
+    on_tube = np.abs(cand.centers_xyz_mm[:, 1] - 12) < 2
+    assert cand.features[on_tube, names.index("ray_open_fraction")].max() > 0.05
+
+
+def test_miss_table_and_false_positive_groups(tmp_path: Path) -> None:
+    from benchmarks.blob_misses import fp_groups, nodule_rows, summary
+
+    det = BlobDetector(progress=False, **CFG)
+    det.fit(_cases(6, 1), _cases(2, 2), tmp_path)
+    # two copies of one background (same pixels): its false positives recur in both, at the same place
+    copies = [_phantom(f"copy{k}", np.random.default_rng(5), [((24.0, 34.0, 24.0), 7.0)], [(24, 12, 3.5)]) for k in range(2)]
+    sphere = {"center_xyz_mm": [24.0, 34.0, 24.0], "diameter_mm": 7.0,
+              "inserted": {"placement": "parenchymal", "texture": 5, "core_hu": 30.0}}
+    nothing = {"center_xyz_mm": [40.0, 40.0, 40.0], "diameter_mm": 3.0,
+               "inserted": {"placement": "juxtapleural", "texture": 1, "core_hu": -600.0}}
+    scans = [(c.series_uid, det.candidates(c.image_hu, c.geometry), [sphere] if k else [sphere, nothing])
+             for k, c in enumerate(copies)]
+    rows, dets = nodule_rows(det, scans, "whole", [], ("dot", "obj_on_faces"))
+    assert len(rows) == 3 and len(dets) == 2
+    found = [r for r in rows if r.placement == "parenchymal"]
+    assert all(r.proposed and r.score is not None and r.fp_per_scan_above == 0.0 for r in found)
+    assert set(found[0].features) == {"dot", "obj_on_faces"} and found[0].features["obj_on_faces"] == 0.0
+    (missed,) = [r for r in rows if r.placement == "juxtapleural"]
+    assert not missed.proposed and missed.score is None and missed.fp_per_scan_above is None
+    groups = fp_groups(dets, scans, [], top=10)
+    assert groups and groups[0]["n_scans"] == 2 and groups[0]["n_fp"] >= 2  # the best FP is in both copies
+    assert sum(g["n_fp"] for g in groups) == 10  # the ten best false positives, each in one group
+    assert all(g["best_score"] >= g["lowest_score"] for g in groups)
+    s = summary(rows)
+    assert s["all"] == {"n": 3, "not_proposed": 1, "below_1fp": 2, "below_8fp": 2}
+    assert s["juxtapleural"]["not_proposed"] == 1 and s["subsolid (texture <= 2)"]["n"] == 1
+
+
+def test_masked_scale_space_makes_a_juxtapleural_nodule_a_blob_again() -> None:
+    from scipy import ndimage as ndi
+
+    from stage1_detect.blob import MASKED_FEATURES, _dot, _hessian_at, _with_masked_peaks
+
+    zz, yy, xx = np.mgrid[:48, :48, :48].astype(np.float64)
+    sub = np.full((48, 48, 48), -850.0, dtype=np.float32)
+    sub[:, :, 36:] = 40.0  # chest wall
+    nodule = (zz - 24) ** 2 + (yy - 24) ** 2 + (xx - 34) ** 2 <= 16  # radius 4, its centre 2 mm from the wall
+    sub[nodule] = 0.0
+    field = (xx < 36) | nodule  # the lung field holds juxtapleural nodules (lidc_det.lungs closes over them)
+    cfg = BlobConfig(masked_features=True, max_masked_candidates=50)
+    k = 1  # sigma 1.5 mm ~ radius 4 / sqrt(3) * 0.65
+    smoothed = [ndi.gaussian_filter(sub, s, truncate=3.0) for s in cfg.sigmas_mm]
+    responses = [-(s**2) * ndi.laplace(g) for s, g in zip(cfg.sigmas_mm, smoothed)]
+    centre = np.array([[24, 24, 34]])
+    plain_dot = _dot(np.linalg.eigvalsh(_hessian_at(smoothed[k], centre, 1.0) * cfg.sigmas_mm[k] ** 2))
+    pts, resp, dot, kidx, masked = _with_masked_peaks(
+        sub, field, centre, responses[k][24, 24, 34:35], plain_dot, np.array([k]), smoothed, responses, cfg)
+    assert masked.shape == (len(pts), len(MASKED_FEATURES)) and len(pts) == len(resp) == len(dot) == len(kidx) > 1
+    assert masked[0, 1] > 3 * max(plain_dot[0], 1.0)  # with the wall masked, the nodule is a blob
+    # the masked scale space finds a maximum on the nodule; nothing inside the wall
+    new = pts[1:]
+    assert np.min(np.linalg.norm(new - centre, axis=1)) <= 2.0 and not np.any(new[:, 2] >= 38)
+    assert cfg.candidate_key() != BlobConfig().candidate_key() and feature_names(cfg)[-2:] == list(MASKED_FEATURES)

@@ -164,9 +164,39 @@ def test_smoke_transfer_run_end_to_end(tmp_path: Path) -> None:
     (row,) = rec["real"]["nodules"]
     assert row["patient_id"] == "LIDC-IDRI-0001" and row["diameter_mm"] == pytest.approx(23.4, abs=0.2)
     assert rec["yardstick"]["n_nodules"] >= 3 and rec["twin_test"]["synthetic"] is True
+    assert rec["n_train_scans"]["twin_inserted"] == 1  # one training twin with inserted nodules
     assert rec["stage2"]["real"][0]["true_centre"]["dice_human_loo"]  # readers' own leave-one-out beside the model
     saved = json.loads((tmp_path / "run" / "transfer.json").read_text())
     assert saved["config_hash"] == rec["config_hash"] and (tmp_path / "run" / "report.md").is_file()
+
+
+def test_twin_backgrounds_need_sources_and_name_the_training_twins() -> None:
+    from types import SimpleNamespace
+
+    from benchmarks.transfer import TwinBackgroundSpec, _protocol_label, twin_background_specs
+
+    c = load_transfer_config(REPO / "benchmarks" / "transfer" / "twins_blob_60_jp.yaml")
+    assert c.twin_backgrounds == TwinBackgroundSpec(20, 3, 5, (0.0, 0.6, 0.4)) and not c.backgrounds
+    assert _protocol_label(c, {}).startswith("procedural only") and "inserted into twins" in _protocol_label(c, {})
+    with pytest.raises(ConfigFileError, match="twin_backgrounds need train_sources"):
+        dataclasses.replace(c, train_sources=None)
+    with pytest.raises(ConfigFileError, match="placement_weights"):
+        TwinBackgroundSpec(placement_weights=(0.0, 0.0, 0.0))
+
+    def ds(pids: list[str]) -> SimpleNamespace:
+        return SimpleNamespace(info={"scans": [{"series_uid": f"uid-{p}", "patient_id": p, "source_folder": f"twin/{p}/s"}
+                                               for p in pids]})
+
+    a, b = ds(["LIDC-IDRI-0003", "LIDC-IDRI-0005"]), ds(["LIDC-IDRI-0046", "LIDC-IDRI-0049"])
+    sources = PatientRange("LIDC-IDRI-0300", "LIDC-IDRI-0310")
+    specs = twin_background_specs(TwinBackgroundSpec(n_twins=3, copies=2, nodules_per_copy=4), sources,
+                                  [(a, ["uid-LIDC-IDRI-0005", "uid-LIDC-IDRI-0003"]), (b, ["uid-LIDC-IDRI-0049", "uid-LIDC-IDRI-0046"])],
+                                  7, (1.0, 1.0, 1.0))
+    assert [s.name for s in specs] == ["twin-LIDC-IDRI-0005", "twin-LIDC-IDRI-0003", "twin-LIDC-IDRI-0049"]
+    assert [str(s.dicom) for s in specs] == ["twin/LIDC-IDRI-0005/s", "twin/LIDC-IDRI-0003/s", "twin/LIDC-IDRI-0049/s"]
+    assert {(s.copies, s.nodules_per_copy, s.placement_weights, s.seed, s.region) for s in specs} == {
+        (2, 4, (0.0, 0.6, 0.4), 7, "whole")}
+    assert specs[0].source_scans == tuple(sources.series_uids()) and len(specs[0].source_scans) > 0
 
 
 def test_ablation_table_shows_the_second_look_beside_the_detector() -> None:

@@ -109,15 +109,20 @@ class TwinBackgroundSpec:
     nodules of ``train_sources`` into the DICOM of the first ``n_twins`` training twins (the split's
     training twins, then ``train_twins``) with :func:`lidc_det.synthetic.semireal.make_semireal_dataset`,
     placed by ``placement_weights`` (parenchymal, juxtapleural, juxtavascular); each twin keeps its own
-    nodules as targets. The copies train stage 1 (and stage 2) beside the twins.
+    nodules as targets. ``subsolid_share``: the share of nodules drawn from the subsolid sources only
+    (ground glass and part solid are rare in LIDC, so in the twins). The copies train stage 1 (and
+    stage 2) beside the twins.
     """
 
     n_twins: int = 20
     copies: int = 3
     nodules_per_copy: int = 5
     placement_weights: tuple[float, float, float] = (0.0, 0.6, 0.4)
+    subsolid_share: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.subsolid_share <= 1.0:
+            raise ConfigFileError(f"twin_backgrounds.subsolid_share must be in [0, 1], got {self.subsolid_share}")
         w = tuple(float(v) for v in self.placement_weights)
         if len(w) != 3 or min(w) < 0 or sum(w) <= 0:
             raise ConfigFileError(f"twin_backgrounds.placement_weights must be 3 weights >= 0, not all 0; got {w}")
@@ -518,6 +523,7 @@ def prepare_transfer_data(
     (:func:`plan_protocol` raises :class:`TransferProtocolError` on an overlap). ``lap(name, t0)``
     is called after the twins and after the semi-real data."""
     from benchmarks.data import materialize
+    from lidc_det.config import config_hash
     from lidc_det.synthetic.semireal import make_semireal_dataset
 
     def _lap(name: str, t0: float) -> None:
@@ -569,11 +575,11 @@ def prepare_transfer_data(
     ]
     twin_inserted = None
     if cfg.twin_backgrounds is not None and cfg.train_sources is not None:
-        twin_inserted = make_semireal_dataset(
-            twin_background_specs(cfg.twin_backgrounds, cfg.train_sources, [(ds_twin, split.train)] + more_sets,
-                                  cfg.seed + 2000, spacing),
-            data_dir / "twin_backgrounds", progress=progress,
-        )
+        specs = twin_background_specs(cfg.twin_backgrounds, cfg.train_sources, [(ds_twin, split.train)] + more_sets,
+                                      cfg.seed + 2000, spacing)
+        # one folder per setting, so configs with other settings do not overwrite each other's copies
+        key = config_hash([s.settings() for s in specs])
+        twin_inserted = make_semireal_dataset(specs, data_dir / "twin_backgrounds" / key, progress=progress)
     _lap("semi-real data", t0)
 
     return TransferData(ds_twin, split, seg_cases, more_cases, pool_ds, evals, y_region, protocol, semi, ds_yard, ds_extra,
@@ -600,7 +606,7 @@ def twin_background_specs(
             specs.append(SemiRealSpec(
                 f"twin-{r['patient_id']}", Path(r["source_folder"]), copies=tb.copies,
                 nodules_per_copy=tb.nodules_per_copy, source_scans=tuple(uids_sources), seed=seed,
-                spacing_zyx=spacing_zyx, placement_weights=tb.placement_weights,
+                spacing_zyx=spacing_zyx, placement_weights=tb.placement_weights, subsolid_share=tb.subsolid_share,
             ))
     return specs
 

@@ -90,3 +90,28 @@ def test_mirrored_background_holds_no_voxel_of_the_other_lung(tmp_path: Path, mo
     monkeypatch.setattr(insert, "INSERTION_VERSION", insert.INSERTION_VERSION + 1)
     make_semireal_dataset([spec], tmp_path, progress=False)
     assert meta.stat().st_mtime_ns != stamp
+
+
+def test_subsolid_share_draws_ground_glass_sources_and_keeps_old_hashes() -> None:
+    from types import SimpleNamespace
+
+    from lidc_det.synthetic.semireal import _pick_sources, is_subsolid
+
+    def source(textures: list[int]) -> SimpleNamespace:
+        readers = [SimpleNamespace(rating=lambda name, default, t=t: t) for t in textures]
+        return SimpleNamespace(nodule=SimpleNamespace(readers=readers))
+
+    sources = [source([5, 5, 4])] * 8 + [source([1, 2, 5]), source([2, 1, 1])]  # two subsolid of ten
+    assert [is_subsolid(s) for s in sources[7:]] == [False, True, True]
+    all_sub = _pick_sources(sources, 2, 1.0, np.random.default_rng(0))
+    assert sorted(all_sub.tolist()) == [8, 9]
+    more = _pick_sources(sources, 5, 1.0, np.random.default_rng(1))  # the subsolid ones run out: the rest from all
+    assert len(set(more.tolist())) == 5 and {8, 9} <= set(more.tolist())
+    # share 0 is the draw made before the option existed
+    np.testing.assert_array_equal(_pick_sources(sources, 4, 0.0, np.random.default_rng(3)),
+                                  np.random.default_rng(3).choice(10, size=4, replace=False))
+    spec = SemiRealSpec("b", REAL_0001, source_scans=(SOURCE_UID,))
+    assert "subsolid_share" not in spec.settings()
+    assert SemiRealSpec("b", REAL_0001, source_scans=(SOURCE_UID,), subsolid_share=0.3).settings()["subsolid_share"] == 0.3
+    with pytest.raises(SemiRealError, match="subsolid_share"):
+        SemiRealSpec("b", REAL_0001, source_scans=(SOURCE_UID,), subsolid_share=1.5)

@@ -79,6 +79,9 @@ class SemiRealSpec:
         placement_weights: parenchymal, juxtapleural, juxtavascular probabilities.
         crop_margin_mm: the written volume is the lungs' box plus this margin (mm).
         crop_in_plane: cut y and x to the box too (True), or only z (False: whole slices).
+        subsolid_share: with probability ``subsolid_share`` each nodule is drawn from the subsolid
+            sources only (median reader texture rating <= 2: ground glass or part solid, rare in
+            LIDC), else from all; 0 (default) draws every nodule from all sources.
     """
 
     name: str
@@ -93,8 +96,11 @@ class SemiRealSpec:
     placement_weights: tuple[float, float, float] = (0.4, 0.3, 0.3)
     crop_margin_mm: float = 15.0
     crop_in_plane: bool = True
+    subsolid_share: float = 0.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.subsolid_share <= 1.0:
+            raise SemiRealError(f"{self.name}: subsolid_share must be in [0, 1], got {self.subsolid_share}")
         if self.region not in REGIONS:
             raise SemiRealError(f"{self.name}: region must be one of {REGIONS}, got {self.region!r}")
         if self.other_side not in OTHER_SIDES:
@@ -111,7 +117,31 @@ class SemiRealSpec:
     def settings(self) -> dict[str, Any]:
         d = asdict(self)
         d["dicom"] = str(Path(self.dicom).resolve())
+        if self.subsolid_share == 0.0:  # data written before the field existed keep their hash
+            del d["subsolid_share"]
         return d
+
+
+def is_subsolid(source: Any) -> bool:
+    """A nodule source (:class:`lidc_det.synthetic.insert.NoduleSource`) whose readers' median texture
+    rating is <= 2 (ground glass or part solid)."""
+    return float(np.median([r.rating("texture", 5) for r in source.nodule.readers])) <= 2.0
+
+
+def _pick_sources(sources: list[Any], n: int, subsolid_share: float, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``min(n, len(sources))`` distinct sources; with ``subsolid_share`` > 0 each is drawn from the
+    subsolid ones with that probability (while any are left). With 0, exactly the draw made before the option
+    existed."""
+    k = min(n, len(sources))
+    if subsolid_share == 0.0:
+        return rng.choice(len(sources), size=k, replace=False)
+    sub = [i for i, src in enumerate(sources) if is_subsolid(src)]
+    picks: list[int] = []
+    for _ in range(k):
+        pool = [i for i in (sub if rng.random() < subsolid_share else range(len(sources))) if i not in picks]
+        pool = pool or [i for i in range(len(sources)) if i not in picks]
+        picks.append(int(pool[int(rng.integers(len(pool)))]))
+    return np.asarray(picks)
 
 
 def in_region(points_xyz_mm: np.ndarray, region: str) -> np.ndarray:
@@ -353,7 +383,7 @@ def make_semireal_dataset(specs: Sequence[SemiRealSpec], out_dir: Path, *, progr
                     continue
                 t0 = time.perf_counter()
                 rng = np.random.default_rng([spec.seed, k, int.from_bytes(spec.name.encode()[:8].ljust(8, b"\0"), "little")])
-                picks = rng.choice(len(sources), size=min(spec.nodules_per_copy, len(sources)), replace=False)
+                picks = _pick_sources(sources, spec.nodules_per_copy, spec.subsolid_share, rng)
                 res = insert_nodules(
                     hu, geometry, lungs.mask, [sources[int(i)] for i in picks], rng,
                     slice_thickness_mm=vol.slice_thickness_mm, allowed=allowed, avoid_xyz_mm=avoid,

@@ -37,7 +37,8 @@ No absolute position is used.
 **Score.** LightGBM (binary) on those features; a training candidate is positive when it hits a
 target nodule (LUNA16 rule: world distance below the nodule's radius), left out when it hits
 only an irrelevant finding, negative otherwise; positives on subsolid nodules (texture rating
-<= 2, rare in LIDC and so in the twins) weigh ``lgbm_subsolid_weight``. With ``lgbm_bags`` > 1,
+<= 2, rare in LIDC and so in the twins) weigh ``lgbm_subsolid_weight``, and every candidate of a semi-real training
+scan (series UID ``semireal-...``: nodules inserted into a real or twin background) ``lgbm_semireal_weight``. With ``lgbm_bags`` > 1,
 that many boosters are trained with seeds ``seed + k`` and their probabilities averaged. What LightGBM sees
 (:func:`model_matrix`) may add HU relative to the surrounding lung (``lgbm_relative_hu``) and leave columns out
 (``lgbm_drop_features``); ``train_blur_copies`` adds blurred copies of each training scan (:class:`BlurredCase`).
@@ -73,6 +74,8 @@ from stage1_detect.registry import register_detector
 MODEL_FILE = "blob_model.txt"
 META_FILE = "blob_model.json"
 SQRT3 = float(np.sqrt(3.0))
+SEMIREAL_PREFIX = "semireal-"
+"""Series UIDs of semi-real scans (:func:`lidc_det.synthetic.semireal.make_semireal_dataset`) start with this."""
 
 
 class BlobModelError(LidcDetError):
@@ -112,6 +115,7 @@ class BlobConfig:
     lgbm_min_data_in_leaf: int = 10
     lgbm_neg_per_pos: float = 0.0
     lgbm_subsolid_weight: float = 3.0
+    lgbm_semireal_weight: float = 1.0
     lgbm_bags: int = 1
     lgbm_relative_hu: bool = False
     lgbm_drop_features: tuple[str, ...] = ()
@@ -141,6 +145,8 @@ class BlobConfig:
         unknown = sorted(set(self.lgbm_drop_features) - set(known))
         if unknown:
             raise ConfigError(f"blob-lgbm: lgbm_drop_features {unknown} are not features; known: {known}")
+        if self.lgbm_semireal_weight <= 0:
+            raise ConfigError(f"blob-lgbm: lgbm_semireal_weight must be > 0, got {self.lgbm_semireal_weight}")
         if self.lgbm_bags < 1:
             raise ConfigError(f"blob-lgbm: lgbm_bags must be >= 1, got {self.lgbm_bags}")
         if self.max_candidates < 1 or self.max_detections < 1 or self.max_masked_candidates < 1:
@@ -653,7 +659,8 @@ class BlobDetector:
         fingerprints = {id(c): scan_fingerprint(c) for c in [*train_cases, *val_cases]}
         prints = sorted(fingerprints[id(c)] for c in train_cases)
         trained = {k: v for k, v in asdict(self.config).items() if k not in ("max_detections", "nms_radius_factor")}
-        for k, default in (("lgbm_relative_hu", False), ("lgbm_drop_features", ()), ("train_blur_copies", 0)):
+        for k, default in (("lgbm_relative_hu", False), ("lgbm_drop_features", ()), ("train_blur_copies", 0),
+                           ("lgbm_semireal_weight", 1.0)):
             if trained[k] == default:  # models trained before these fields existed keep their key
                 del trained[k]
         if self.config.train_blur_copies == 0:
@@ -668,7 +675,7 @@ class BlobDetector:
             if meta.get("data_key") == data_key:
                 self.config, self._booster, self.meta, self.checkpoint = cfg, booster, meta, model_path
                 return meta
-        xs, ys, ws = [], [], []
+        xs, ys, ws, ks = [], [], [], []  # features, labels, subsolid weights, scan weights
         recall: dict[str, list[int]] = {"train": [0, 0], "val": [0, 0]}
         copies = [BlurredCase(c, k, self.config, fingerprints[id(c)]) for c in train_cases
                   for k in range(1, self.config.train_blur_copies + 1)]
@@ -685,6 +692,8 @@ class BlobDetector:
                 xs.append(model_matrix(cand.features, self.config)[0][lab >= 0])
                 ys.append(lab[lab >= 0].astype(np.float32))
                 ws.append(_subsolid_weights(case, which, self.config.lgbm_subsolid_weight)[lab >= 0])
+                semireal = str(case.series_uid).startswith(SEMIREAL_PREFIX)
+                ks.append(np.full(int((lab >= 0).sum()), self.config.lgbm_semireal_weight if semireal else 1.0))
         x = np.concatenate(xs)
         y = np.concatenate(ys)
         w = np.concatenate(ws)
@@ -698,7 +707,7 @@ class BlobDetector:
         if self.config.lgbm_neg_per_pos > 0:
             params["scale_pos_weight"] = float((y == 0).sum()) / float(max(y.sum(), 1)) / self.config.lgbm_neg_per_pos
         names = model_columns(self.config)
-        data = lgb.Dataset(x, y, weight=w, feature_name=names, free_raw_data=False)
+        data = lgb.Dataset(x, y, weight=w * np.concatenate(ks), feature_name=names, free_raw_data=False)
         boosters = [lgb.train({**params, "seed": self.config.seed + k}, data, num_boost_round=self.config.lgbm_rounds)
                     for k in range(self.config.lgbm_bags)]
         files = [MODEL_FILE] + [f"blob_model.bag{k}.txt" for k in range(1, len(boosters))]

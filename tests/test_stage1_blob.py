@@ -391,3 +391,26 @@ def test_masked_scale_space_makes_a_juxtapleural_nodule_a_blob_again() -> None:
     new = pts[1:]
     assert np.min(np.linalg.norm(new - centre, axis=1)) <= 2.0 and not np.any(new[:, 2] >= 38)
     assert cfg.candidate_key() != BlobConfig().candidate_key() and feature_names(cfg)[-2:] == list(MASKED_FEATURES)
+
+
+def test_semireal_weight_scales_only_semireal_scans(tmp_path: Path) -> None:
+    import dataclasses
+
+    train, val = _cases(6, 1), _cases(2, 2)
+    probe = val[0]
+
+    def scores(cases: list[InMemoryCase], weight: float, out: str) -> tuple[np.ndarray, str]:
+        det = BlobDetector(progress=False, **CFG, lgbm_semireal_weight=weight)
+        meta = det.fit(cases, val, tmp_path / out, cache_dir=tmp_path / "features")
+        return det.predict(probe.image_hu, probe.geometry, series_uid="p").scores, meta["data_key"]
+
+    base, key = scores(train, 1.0, "a")
+    same, key_w = scores(train, 0.2, "b")  # no semi-real scan: the weight changes nothing but the key
+    np.testing.assert_allclose(base, same)
+    assert key_w != key
+    semi = [dataclasses.replace(c, series_uid=f"semireal-x-{k:03d}") if k < 3 else c for k, c in enumerate(train)]
+    a, _ = scores(semi, 1.0, "c")
+    b, _ = scores(semi, 0.2, "d")
+    assert not np.allclose(a, b)
+    with pytest.raises(ConfigError, match="lgbm_semireal_weight"):
+        BlobConfig(lgbm_semireal_weight=0.0)

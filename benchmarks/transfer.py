@@ -110,8 +110,10 @@ class TwinBackgroundSpec:
     training twins, then ``train_twins``) with :func:`lidc_det.synthetic.semireal.make_semireal_dataset`,
     placed by ``placement_weights`` (parenchymal, juxtapleural, juxtavascular); each twin keeps its own
     nodules as targets. ``subsolid_share``: the share of nodules drawn from the subsolid sources only
-    (ground glass and part solid are rare in LIDC, so in the twins). The copies train stage 1 (and
-    stage 2) beside the twins.
+    (ground glass and part solid are rare in LIDC, so in the twins). ``wall_bulges_per_copy``: soft-tissue
+    bulges painted on the lung border of each copy as negatives (the twin's chest wall is smooth; a real one
+    is not, and a detector taught juxtapleural nodules takes its bumps for nodules). The copies train
+    stage 1 (and stage 2) beside the twins.
     """
 
     n_twins: int = 20
@@ -119,8 +121,11 @@ class TwinBackgroundSpec:
     nodules_per_copy: int = 5
     placement_weights: tuple[float, float, float] = (0.0, 0.6, 0.4)
     subsolid_share: float = 0.0
+    wall_bulges_per_copy: int = 0
 
     def __post_init__(self) -> None:
+        if self.wall_bulges_per_copy < 0:
+            raise ConfigFileError(f"twin_backgrounds.wall_bulges_per_copy must be >= 0, got {self.wall_bulges_per_copy}")
         if not 0.0 <= self.subsolid_share <= 1.0:
             raise ConfigFileError(f"twin_backgrounds.subsolid_share must be in [0, 1], got {self.subsolid_share}")
         w = tuple(float(v) for v in self.placement_weights)
@@ -607,6 +612,7 @@ def twin_background_specs(
                 f"twin-{r['patient_id']}", Path(r["source_folder"]), copies=tb.copies,
                 nodules_per_copy=tb.nodules_per_copy, source_scans=tuple(uids_sources), seed=seed,
                 spacing_zyx=spacing_zyx, placement_weights=tb.placement_weights, subsolid_share=tb.subsolid_share,
+                wall_bulges_per_copy=tb.wall_bulges_per_copy,
             ))
     return specs
 

@@ -126,3 +126,32 @@ def test_score_at_sensitivity() -> None:
     d_miss = [_dets("a", [(0, 0, 0)], [0.9])]
     thr, reached = score_at_sensitivity(d_miss, t, 0.8)
     assert thr is None and reached == pytest.approx(1 / 3)
+
+
+def test_wall_bulges_are_flat_bumps_on_the_lung_border() -> None:
+    from lidc_det.synthetic.insert import add_wall_bulges
+
+    g = VolumeGeometry((40, 80, 80), (2.0, 1.0, 1.0), (-40.0, -40.0, 0.0))
+    zz, yy, xx = np.mgrid[:40, :80, :80]
+    lung = (np.abs(xx - 40) < 25) & (np.abs(yy - 40) < 25) & (zz > 5) & (zz < 35)
+    hu = np.where(lung, -850.0, 40.0).astype(np.float32) + np.random.default_rng(0).normal(0, 10, lung.shape).astype(np.float32)
+    before = hu.copy()
+    allowed = np.zeros_like(lung)
+    allowed[:, :, :40] = True  # the right half only
+    avoid = [((-30.0, 0.0, 40.0), 6.0)]  # a nodule near the wall at x = -30 (world), z = 40
+    out = add_wall_bulges(hu, g, lung, 6, np.random.default_rng(1), allowed=allowed, avoid_xyz_mm=avoid)
+    assert len(out) == 6
+    changed = np.abs(hu - before) > 1.0
+    assert changed.any() and not changed[:, :, 56:].any()  # nothing beyond a long semi-axis of the allowed half
+    assert np.all(hu >= before - 1e-3)  # only brighter (max blend)
+    for b in out:
+        c = np.asarray(b.center_xyz_mm)
+        assert c[0] < 3.0  # centred on the allowed half's border
+        assert np.linalg.norm(c - np.array([-30.0, 0.0, 40.0])) >= 10.0 + 3.0  # clear of the nodule
+        a_n, a1, a2 = b.semi_axes_mm
+        assert 1.5 <= a_n <= 4.5 and 4.0 <= min(a1, a2) and max(a1, a2) <= 12.0 and a_n < min(a1, a2)
+        assert np.isclose(np.linalg.norm(b.normal_xyz), 1.0)
+    # the bulge reaches into the lung: lung voxels got brighter, the noise still runs through
+    grown = changed & lung
+    assert grown.sum() > 50 and (hu[grown] - before[grown]).max() > 500
+    assert add_wall_bulges(hu, g, lung, 0, np.random.default_rng(1)) == []

@@ -58,6 +58,8 @@ __all__ = [
     "InsertionResult",
     "NoduleSource",
     "PLACEMENTS",
+    "WallBulge",
+    "add_wall_bulges",
     "insert_nodules",
     "nodule_sources",
 ]
@@ -469,3 +471,98 @@ def insert_nodules(
         reader_masks.append((tuple(int(v) for v in lo), tuple(crops)))  # type: ignore[arg-type]
         taken.append((c_vox * spacing, radius))
     return InsertionResult(out, geometry, labels, tuple(inserted), tuple(reader_masks), skipped)
+
+
+@dataclass(frozen=True)
+class WallBulge:
+    """A soft-tissue bulge painted on the lung border by :func:`add_wall_bulges` (a negative: not a nodule).
+
+    Attributes:
+        center_xyz_mm: world centre of the ellipsoid (on or just behind the lung border).
+        normal_xyz: unit vector out of the lung (world axes).
+        semi_axes_mm: along the normal (how far it reaches into the lung), then the two along the border.
+        hu: its HU.
+    """
+
+    center_xyz_mm: tuple[float, float, float]
+    normal_xyz: tuple[float, float, float]
+    semi_axes_mm: tuple[float, float, float]
+    hu: float
+
+
+def add_wall_bulges(
+    hu: np.ndarray,
+    geometry: VolumeGeometry,
+    lung_mask: np.ndarray,
+    n: int,
+    rng: np.random.Generator,
+    *,
+    allowed: np.ndarray | None = None,
+    avoid_xyz_mm: Sequence[tuple[tuple[float, float, float], float]] = (),
+    clearance_mm: float = 10.0,
+    edge_mm: float = 0.8,
+) -> list[WallBulge]:
+    """Paint ``n`` broad, flat soft-tissue bulges of the chest wall or mediastinum into ``hu`` (in place).
+
+    Real lungs are not bounded by a smooth surface: the paravertebral soft tissue, the azygos vein, rib
+    heads, pleural thickening and fat make bumps on it that a detector taught juxtapleural nodules takes
+    for nodules, while the twin's chest wall is a smooth superellipse. Each bulge is an oblate ellipsoid
+    centred on a random voxel of the lung border (``allowed`` where given), its short semi-axis (1.5-4.5
+    mm) along the outward normal of the (smoothed) lung mask and its long ones (4-12 mm) along the border,
+    shifted up to half its short axis into the wall, of -50 to 60 HU, with soft edges of ``edge_mm``.
+    Like the nodules it is blended with ``max`` over a denoised copy of the neighbourhood and the
+    difference added, so the scan's noise runs through it. Centres keep ``clearance_mm`` plus the
+    finding's radius away from ``avoid_xyz_mm`` (``((x, y, z) mm, diameter mm)``: nodules).
+
+    Returns:
+        The painted bulges (fewer than ``n`` when the border has no room left).
+    """
+    from scipy.ndimage import binary_erosion, gaussian_filter
+
+    spacing = np.asarray(geometry.spacing_zyx, dtype=np.float64)
+    border = lung_mask & ~binary_erosion(lung_mask)
+    if allowed is not None:
+        border &= allowed
+    pts = np.argwhere(border)
+    if n <= 0 or len(pts) == 0:
+        return []
+    avoid = [(np.asarray(geometry.world_to_voxel(np.asarray(c, dtype=float))) * spacing, 0.5 * float(d))
+             for c, d in avoid_xyz_mm]
+    half = np.ceil((12.0 + 3.0 * edge_mm + 3.0) / spacing).astype(int)  # box half size (voxels)
+    out: list[WallBulge] = []
+    for _ in range(20 * n):
+        if len(out) == n:
+            break
+        p = pts[int(rng.integers(len(pts)))]
+        p_mm = p * spacing
+        if any(np.linalg.norm(p_mm - c) < clearance_mm + r for c, r in avoid):
+            continue
+        lo = np.maximum(p - half, 0)
+        hi = np.minimum(p + half + 1, lung_mask.shape)
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        local = gaussian_filter(lung_mask[box].astype(np.float32), sigma=3.0 / spacing)
+        c = tuple(p - lo)
+        grad = np.array([np.gradient(local, axis=k)[c] / spacing[k] for k in range(3)])
+        if np.linalg.norm(grad) < 1e-6:
+            continue
+        normal = -grad / np.linalg.norm(grad)  # out of the lung, (z, y, x)
+        t1 = np.cross(normal, rng.normal(size=3))
+        t1 /= np.linalg.norm(t1)
+        t2 = np.cross(normal, t1)
+        a_n = float(rng.uniform(1.5, 4.5))
+        a1, a2 = (float(v) for v in rng.uniform(4.0, 12.0, size=2))
+        centre = p_mm - lo * spacing + normal * float(rng.uniform(0.0, 0.5)) * a_n  # box mm
+        value = float(rng.uniform(-50.0, 60.0))
+        zz, yy, xx = np.meshgrid(*[np.arange(s) * spacing[k] for k, s in enumerate(local.shape)], indexing="ij")
+        d = np.stack([zz - centre[0], yy - centre[1], xx - centre[2]], axis=-1)
+        q = np.sqrt((d @ normal / a_n) ** 2 + (d @ t1 / a1) ** 2 + (d @ t2 / a2) ** 2)
+        occ = np.clip(0.5 - (q - 1.0) * a_n / edge_mm, 0.0, 1.0).astype(np.float32)
+        sub = hu[box]
+        smooth = gaussian_filter(sub, sigma=1.0)
+        sub += np.maximum(np.float32(value) - smooth, 0.0) * occ
+        c_vox = lo + centre / spacing
+        world = tuple(float(v) for v in geometry.voxel_to_world(c_vox))
+        n_world = np.array([normal[2], normal[1], normal[0]])  # (x, y, z) for an axis-aligned scan
+        out.append(WallBulge(world, tuple(float(v) for v in n_world), (a_n, a1, a2), round(value, 1)))  # type: ignore[arg-type]
+        avoid.append((c_vox * spacing, max(a1, a2)))
+    return out

@@ -79,6 +79,9 @@ class SemiRealSpec:
         placement_weights: parenchymal, juxtapleural, juxtavascular probabilities.
         crop_margin_mm: the written volume is the lungs' box plus this margin (mm).
         crop_in_plane: cut y and x to the box too (True), or only z (False: whole slices).
+        wall_bulges_per_copy: soft-tissue bulges of the chest wall and mediastinum painted on the lung
+            border of each copy (:func:`lidc_det.synthetic.insert.add_wall_bulges`; negatives, recorded
+            under ``wall_bulges`` in the scan's metadata); 0 (default) paints none.
         subsolid_share: with probability ``subsolid_share`` each nodule is drawn from the subsolid
             sources only (median reader texture rating <= 2: ground glass or part solid, rare in
             LIDC), else from all; 0 (default) draws every nodule from all sources.
@@ -97,8 +100,11 @@ class SemiRealSpec:
     crop_margin_mm: float = 15.0
     crop_in_plane: bool = True
     subsolid_share: float = 0.0
+    wall_bulges_per_copy: int = 0
 
     def __post_init__(self) -> None:
+        if self.wall_bulges_per_copy < 0:
+            raise SemiRealError(f"{self.name}: wall_bulges_per_copy must be >= 0, got {self.wall_bulges_per_copy}")
         if not 0.0 <= self.subsolid_share <= 1.0:
             raise SemiRealError(f"{self.name}: subsolid_share must be in [0, 1], got {self.subsolid_share}")
         if self.region not in REGIONS:
@@ -117,8 +123,9 @@ class SemiRealSpec:
     def settings(self) -> dict[str, Any]:
         d = asdict(self)
         d["dicom"] = str(Path(self.dicom).resolve())
-        if self.subsolid_share == 0.0:  # data written before the field existed keep their hash
-            del d["subsolid_share"]
+        for key in ("subsolid_share", "wall_bulges_per_copy"):  # data written before these existed keep their hash
+            if not d[key]:
+                del d[key]
         return d
 
 
@@ -389,6 +396,10 @@ def make_semireal_dataset(specs: Sequence[SemiRealSpec], out_dir: Path, *, progr
                     slice_thickness_mm=vol.slice_thickness_mm, allowed=allowed, avoid_xyz_mm=avoid,
                     placement_weights=spec.placement_weights,
                 )
+                bulges = insert.add_wall_bulges(
+                    res.hu, geometry, lungs.mask, spec.wall_bulges_per_copy, rng, allowed=allowed,
+                    avoid_xyz_mm=[*avoid, *((n.center_xyz_mm, n.diameter_mm) for n in res.nodules)],
+                ) if spec.wall_bulges_per_copy else []
                 image, geom = resample_image(res.hu[sl], sub_geom, spec.spacing_zyx)
                 masks: list[tuple[dict[str, Any], np.ndarray]] = []
                 for n in res.nodules:
@@ -420,6 +431,7 @@ def make_semireal_dataset(specs: Sequence[SemiRealSpec], out_dir: Path, *, progr
                         "slice_thickness_mm": vol.slice_thickness_mm,
                         "source_folder": str(vol.source),
                         "skipped_insertions": res.skipped,
+                        **({"wall_bulges": [asdict(b) for b in bulges]} if spec.wall_bulges_per_copy else {}),
                         "settings": spec.settings(),
                         "settings_hash": h,
                         "seconds": round(time.perf_counter() - t0, 2),

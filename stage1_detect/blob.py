@@ -30,7 +30,12 @@ against a vessel is not blob-shaped at any scale).
   with ``branch_features``, the number of branches it sends through the cube's faces (0 for a
   nodule, 2 for a vessel, 3 or more at a bifurcation) and the share of it that survives an
   erosion by a third of the blob's radius;
-* the share of the cube outside the lung field (juxtapleural or mediastinal position).
+* the share of the cube outside the lung field (juxtapleural or mediastinal position);
+* with ``ray_features`` (:data:`RAY_FEATURES`), how 26 rays from the centre leave the object (a nodule
+  closes all round, a vessel leaves two open, a nodule on the chest wall a third to a half);
+* with ``masked_features`` (:data:`MASKED_FEATURES`), the blob response and dot in the scan with everything
+  outside the lung field set to lung: a juxtapleural nodule is a blob there; the best maxima of that masked
+  dot also join the candidates (``max_masked_candidates``).
 
 No absolute position is used.
 
@@ -193,8 +198,7 @@ best local maxima of the masked dot join the candidates."""
 
 RAY_FEATURES: tuple[str, ...] = ("ray_open_fraction", "ray_closed_median", "ray_closed_min", "ray_closed_cv")
 """With ``ray_features``: from the candidate's centre, 26 rays (the directions of a voxel's 26 neighbours) run
-until the image falls below the object threshold (``obj_threshold_hu``) or to ``ray_reach_factor`` blob radii
-(6-24 mm): the share of rays that stay above it all the way (*open*: about 0 for a nodule, 0.1 for a vessel, 0.4-0.5
+until the image falls below the object threshold (``obj_threshold_hu``) or to 3 blob radii (6-24 mm): the share of rays that stay above it all the way (*open*: about 0 for a nodule, 0.1 for a vessel, 0.4-0.5
 against the chest wall), and the median, minimum and coefficient of variation of the other rays' lengths over the
 blob radius (near 1 with a small spread for a round nodule, also one on a vessel or on the wall)."""
 

@@ -110,7 +110,7 @@ class TwinBackgroundSpec:
     training twins, then ``train_twins``) with :func:`lidc_det.synthetic.semireal.make_semireal_dataset`,
     placed by ``placement_weights`` (parenchymal, juxtapleural, juxtavascular); each twin keeps its own
     nodules as targets. ``subsolid_share``: the share of nodules drawn from the subsolid sources only
-    (ground glass and part solid are rare in LIDC, so in the twins). ``wall_bulges_per_copy``: soft-tissue
+    (median texture rating <= 2, ground glass: rare in LIDC, so in the twins). ``wall_bulges_per_copy``: soft-tissue
     bulges painted on the lung border of each copy as negatives (the twin's chest wall is smooth; a real one
     is not, and a detector taught juxtapleural nodules takes its bumps for nodules). The copies train
     stage 1 (and stage 2) beside the twins.

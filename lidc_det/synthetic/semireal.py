@@ -83,7 +83,7 @@ class SemiRealSpec:
             border of each copy (:func:`lidc_det.synthetic.insert.add_wall_bulges`; negatives, recorded
             under ``wall_bulges`` in the scan's metadata); 0 (default) paints none.
         subsolid_share: with probability ``subsolid_share`` each nodule is drawn from the subsolid
-            sources only (median reader texture rating <= 2: ground glass or part solid, rare in
+            sources only (median reader texture rating <= 2: ground glass, rare in
             LIDC), else from all; 0 (default) draws every nodule from all sources.
     """
 
@@ -131,7 +131,7 @@ class SemiRealSpec:
 
 def is_subsolid(source: Any) -> bool:
     """A nodule source (:class:`lidc_det.synthetic.insert.NoduleSource`) whose readers' median texture
-    rating is <= 2 (ground glass or part solid)."""
+    rating is <= 2 (ground glass; the project's "subsolid")."""
     return float(np.median([r.rating("texture", 5) for r in source.nodule.readers])) <= 2.0
 
 

@@ -61,15 +61,7 @@ def nodule_rows(detector: Any, scans: list[tuple[str, Any, list[dict[str, Any]]]
 
     names = feature_names(detector.config)
     dets = [_restrict(detector.score_candidates(c, series_uid=uid), region) for uid, c, _ in scans]
-    # false positives of the whole set: detections that hit no nodule and no excluded finding
-    fp_scores: list[float] = []
-    for (uid, _, nods), d in zip(scans, dets):
-        found = [(np.asarray(n["center_xyz_mm"]), n["diameter_mm"] / 2) for n in nods]
-        found += [(np.asarray(f.center_xyz_mm), f.diameter_mm / 2) for f in excluded if f.series_uid == uid]
-        for c, s in zip(d.centers_xyz_mm, d.scores):
-            if not any(np.linalg.norm(c - p) < r for p, r in found):
-                fp_scores.append(float(s))
-    fp = np.sort(np.asarray(fp_scores))[::-1]
+    fp = np.sort(np.asarray([s for s, _, _ in _false_positives(dets, scans, excluded)]))[::-1]
     rows: list[NoduleRow] = []
     for uid, cand, nods in scans:
         raw = detector.candidate_scores(cand)
@@ -88,18 +80,25 @@ def nodule_rows(detector: Any, scans: list[tuple[str, Any, list[dict[str, Any]]]
     return rows, dets
 
 
-def fp_groups(dets: list[Any], scans: list[tuple[str, Any, list[dict[str, Any]]]], excluded: list[Any],
-              top: int = 40, reach_mm: float = 6.0) -> list[dict[str, Any]]:
-    """The ``top`` best false positives of the set grouped by place (within ``reach_mm``, greedily, best
-    first): world centre of the group's best, copies it appears in, best and lowest score."""
-    items: list[tuple[float, str, np.ndarray]] = []
+def _false_positives(dets: list[Any], scans: list[tuple[str, Any, list[dict[str, Any]]]],
+                     excluded: list[Any]) -> list[tuple[float, str, np.ndarray]]:
+    """``(score, series uid, world centre)`` of every detection that hits no inserted nodule and no excluded
+    finding of its scan (LUNA16 hit rule: closer than the radius)."""
+    out: list[tuple[float, str, np.ndarray]] = []
     for (uid, _, nods), d in zip(scans, dets):
         found = [(np.asarray(n["center_xyz_mm"]), n["diameter_mm"] / 2) for n in nods]
         found += [(np.asarray(f.center_xyz_mm), f.diameter_mm / 2) for f in excluded if f.series_uid == uid]
         for c, s in zip(d.centers_xyz_mm, d.scores):
             if not any(np.linalg.norm(c - p) < r for p, r in found):
-                items.append((float(s), uid, c))
-    items.sort(key=lambda t: -t[0])
+                out.append((float(s), uid, c))
+    return out
+
+
+def fp_groups(dets: list[Any], scans: list[tuple[str, Any, list[dict[str, Any]]]], excluded: list[Any],
+              top: int = 40, reach_mm: float = 6.0) -> list[dict[str, Any]]:
+    """The ``top`` best false positives of the set grouped by place (within ``reach_mm``, greedily, best
+    first): world centre of the group's best, copies it appears in, best and lowest score."""
+    items = sorted(_false_positives(dets, scans, excluded), key=lambda t: -t[0])
     groups: list[dict[str, Any]] = []
     for s, uid, c in items[:top]:
         for g in groups:

@@ -172,13 +172,14 @@ def main(argv: list[str] | None = None) -> int:
     det = BlobDetector(checkpoint=model, progress=False)
     base = BlobDetector(progress=False, **tcfg.detector.kwargs)
     features = tuple(f for f in args.features.split(",") if f)
+    from lidc_det.data.prepare import scan_dir
     from lidc_det.synthetic.semireal import in_region
 
     _, excluded = _yardstick_findings(ds)
     scans = []
     for uid in ds.series_uids:
         case = ds.load_case(uid)
-        meta = json.loads((Path(ds.root) / "scans" / uid / "meta.json").read_text())
+        meta = json.loads((scan_dir(ds.root, uid) / "meta.json").read_text())
         nods = [n for n in meta["nodules"] if ":inserted" in n["nodule_id"]
                 and in_region(np.asarray([n["center_xyz_mm"]]), region)[0]]
         scans.append((uid, base.cached_candidates(case, cfg.work_dir / "features"), nods))

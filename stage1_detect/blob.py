@@ -396,7 +396,6 @@ def _object_features(
 
 def scan_candidates(hu: np.ndarray, geometry: VolumeGeometry, cfg: BlobConfig) -> BlobCandidates:
     """Blob candidates and their features in one scan (``hu``: ``[z, y, x]`` HU on ``geometry``)."""
-    from scipy import ndimage as ndi
 
     from lidc_det.resample import resample_image
 
@@ -428,12 +427,8 @@ def scan_candidates(hu: np.ndarray, geometry: VolumeGeometry, cfg: BlobConfig) -
     responses: list[np.ndarray] = []
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []  # points, responses, dot, scale index
     for k, s in enumerate(cfg.sigmas_mm):
-        g = ndi.gaussian_filter(sub, s / sp, truncate=3.0)
-        r = ndi.laplace(g)
-        r *= -((s / sp) ** 2)  # scale-normalised (the voxel units cancel)
-        peak = (r == ndi.maximum_filter(r, size=3)) & (r > cfg.min_response) & lung
-        p = np.argwhere(peak)
-        found.append((p, r[peak], _dot(np.linalg.eigvalsh(_hessian_at(g, p, sp) * s**2)), k))
+        g, r, p, r_p, dot_p = _scale_level(sub, s, lung, cfg)
+        found.append((p, r_p, dot_p, k))
         smoothed.append(g)
         responses.append(r)
     pts = np.concatenate([f[0] for f in found])
@@ -475,6 +470,28 @@ def scan_candidates(hu: np.ndarray, geometry: VolumeGeometry, cfg: BlobConfig) -
     return BlobCandidates(np.asarray(centres).reshape(-1, 3), sig.astype(np.float64), feats, time.perf_counter() - t0)
 
 
+def _scale_level(
+    img: np.ndarray, s: float, region: np.ndarray, cfg: BlobConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One scale ``s`` (mm) of the scale space of the isotropic ``img``: the smoothed image, the scale-normalised
+    blob response ``-s^2 * laplacian`` (the voxel units cancel), and its local maxima (3x3x3) above
+    ``min_response`` inside ``region``: their voxels ``(M, 3)``, responses and dot enhancement ``(M,)``."""
+    from scipy import ndimage as ndi
+
+    sp = cfg.spacing_mm
+    g = ndi.gaussian_filter(img, s / sp, truncate=3.0)
+    r = ndi.laplace(g)
+    r *= -((s / sp) ** 2)
+    peak = (r == ndi.maximum_filter(r, size=3)) & (r > cfg.min_response) & region
+    p = np.argwhere(peak)
+    return g, r, p, r[peak], _dot_at(g, p, s, sp)
+
+
+def _dot_at(g: np.ndarray, pts: np.ndarray, s: float, spacing: float) -> np.ndarray:
+    """:func:`_dot` of the scale-normalised Hessian of the smoothed image ``g`` (scale ``s`` mm) at voxels ``pts``."""
+    return _dot(np.linalg.eigvalsh(_hessian_at(g, pts, spacing) * s**2))
+
+
 def _with_masked_peaks(
     sub: np.ndarray, field: np.ndarray, pts: np.ndarray, resp: np.ndarray, dot: np.ndarray, kidx: np.ndarray,
     smoothed: list[np.ndarray], responses: list[np.ndarray], cfg: BlobConfig,
@@ -483,7 +500,6 @@ def _with_masked_peaks(
     response (:data:`MASKED_FEATURES`), and for every point of it the masked response and dot at its own scale
     ``(N, 2)``. ``sub``: the isotropic lung box, ``field``: its lung field, ``smoothed`` / ``responses``: the
     unmasked scale space of ``sub``."""
-    from scipy import ndimage as ndi
 
     sp = cfg.spacing_mm
     fill = np.float32(np.median(sub[field])) if field.any() else np.float32(-850.0)
@@ -491,23 +507,18 @@ def _with_masked_peaks(
     masked = np.zeros((len(pts), 2))
     new: list[tuple[np.ndarray, int, np.ndarray, np.ndarray]] = []  # points, scale, masked response, masked dot
     for k, s in enumerate(cfg.sigmas_mm):
-        g = ndi.gaussian_filter(sub_m, s / sp, truncate=3.0)
-        r = ndi.laplace(g)
-        r *= -((s / sp) ** 2)
+        g, r, q, r_q, dot_q = _scale_level(sub_m, s, field, cfg)
         sel = kidx == k
         p = pts[sel]
         masked[sel, 0] = r[p[:, 0], p[:, 1], p[:, 2]]
-        masked[sel, 1] = _dot(np.linalg.eigvalsh(_hessian_at(g, p, sp) * s**2))
-        peak = (r == ndi.maximum_filter(r, size=3)) & (r > cfg.min_response) & field
-        q = np.argwhere(peak)
-        new.append((q, k, r[peak], _dot(np.linalg.eigvalsh(_hessian_at(g, q, sp) * s**2))))
+        masked[sel, 1] = _dot_at(g, p, s, sp)
+        new.append((q, k, r_q, dot_q))
     for q, k, mr, md in new:
         if not len(q):
             continue
-        s = cfg.sigmas_mm[k]
         pts = np.concatenate([pts, q])
         resp = np.concatenate([resp, responses[k][q[:, 0], q[:, 1], q[:, 2]]])
-        dot = np.concatenate([dot, _dot(np.linalg.eigvalsh(_hessian_at(smoothed[k], q, sp) * s**2))])
+        dot = np.concatenate([dot, _dot_at(smoothed[k], q, cfg.sigmas_mm[k], sp)])
         kidx = np.concatenate([kidx, np.full(len(q), k)])
         masked = np.concatenate([masked, np.column_stack([mr, md])])
     return pts, resp, dot, kidx, masked

@@ -336,6 +336,15 @@ def _pick_centre(
 
 
 # ------------------------------------------------------------------ insertion
+def _avoided(
+    geometry: VolumeGeometry, avoid_xyz_mm: Sequence[tuple[tuple[float, float, float], float]]
+) -> list[tuple[np.ndarray, float]]:
+    """Findings to keep clear of (``((x, y, z) mm, diameter mm)``) as ``(voxel index * spacing (mm), radius mm)``."""
+    spacing = np.asarray(geometry.spacing_zyx, dtype=np.float64)
+    return [(np.asarray(geometry.world_to_voxel(np.asarray(xyz, dtype=float))) * spacing, 0.5 * float(diam))
+            for xyz, diam in avoid_xyz_mm]
+
+
 def insert_nodules(
     hu: np.ndarray,
     geometry: VolumeGeometry,
@@ -391,9 +400,7 @@ def insert_nodules(
     out = np.array(hu, dtype=np.float32, copy=True)
     labels = np.zeros(shape, dtype=np.int16)
     maps = _placement_maps(out, lung_mask, allowed, spacing)
-    taken: list[tuple[np.ndarray, float]] = []
-    for xyz, diam in avoid_xyz_mm:
-        taken.append((np.asarray(geometry.world_to_voxel(np.asarray(xyz, dtype=float))) * spacing, 0.5 * float(diam)))
+    taken = _avoided(geometry, avoid_xyz_mm)
 
     inserted: list[InsertedNodule] = []
     reader_masks: list[tuple[tuple[int, int, int], tuple[np.ndarray, ...]]] = []
@@ -526,8 +533,7 @@ def add_wall_bulges(
     pts = np.argwhere(border)
     if n <= 0 or len(pts) == 0:
         return []
-    avoid = [(np.asarray(geometry.world_to_voxel(np.asarray(c, dtype=float))) * spacing, 0.5 * float(d))
-             for c, d in avoid_xyz_mm]
+    avoid = _avoided(geometry, avoid_xyz_mm)
     half = np.ceil((12.0 + 3.0 * edge_mm + 3.0) / spacing).astype(int)  # box half size (voxels)
     out: list[WallBulge] = []
     for _ in range(20 * n):

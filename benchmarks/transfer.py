@@ -555,7 +555,9 @@ def prepare_transfer_data(
     if cfg.second_look is not None:
         from benchmarks.second_look import prepared_data
 
-        pool_ds = prepared_data(cfg.second_look.data, data_dir / "second_look_pool", progress=progress)
+        # one folder per pool, so that configs with other pools never share (or overwrite) its prepared scans
+        pool_ds = prepared_data(cfg.second_look.data, data_dir / "second_look_pool" / config_hash(cfg.second_look.data),
+                                progress=progress)
     pool_patients = [] if pool_ds is None else sorted({pool_ds.load_case(u).patient_id for u in pool_ds.series_uids})
     evals, y_region, protocol = plan_protocol(cfg, dicom_root, twin_patients, seg_patients, more_patients, pool_patients)
     _lap("twins", t0)

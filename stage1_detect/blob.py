@@ -169,6 +169,21 @@ class BlobConfig:
             del d["masked_features"], d["max_masked_candidates"]
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
+    def model_settings(self) -> dict[str, Any]:
+        """The fields that define a trained model (with the training scans, the model file's ``data_key``):
+        all but the inference-only ones. A field added later is left out while at its default, so that
+        models trained before it existed keep their key and are reused."""
+        d = {k: v for k, v in asdict(self).items() if k not in ("max_detections", "nms_radius_factor")}
+        for k, default in (("lgbm_relative_hu", False), ("lgbm_drop_features", ()), ("train_blur_copies", 0),
+                           ("lgbm_semireal_weight", 1.0), ("ray_features", False), ("masked_features", False)):
+            if d[k] == default:
+                del d[k]
+        if not self.masked_features:
+            del d["max_masked_candidates"]
+        if self.train_blur_copies == 0:
+            del d["train_blur_sigma_z_mm"], d["train_blur_sigma_xy_mm"]
+        return d
+
 
 def feature_names(cfg: BlobConfig) -> list[str]:
     """Names of the feature columns of a config (the order of :func:`scan_candidates`' table)."""
@@ -673,14 +688,7 @@ class BlobDetector:
         uids = sorted(c.series_uid for c in train_cases)
         fingerprints = {id(c): scan_fingerprint(c) for c in [*train_cases, *val_cases]}
         prints = sorted(fingerprints[id(c)] for c in train_cases)
-        trained = {k: v for k, v in asdict(self.config).items() if k not in ("max_detections", "nms_radius_factor")}
-        for k, default in (("lgbm_relative_hu", False), ("lgbm_drop_features", ()), ("train_blur_copies", 0),
-                           ("lgbm_semireal_weight", 1.0)):
-            if trained[k] == default:  # models trained before these fields existed keep their key
-                del trained[k]
-        if self.config.train_blur_copies == 0:
-            del trained["train_blur_sigma_z_mm"], trained["train_blur_sigma_xy_mm"]
-        data_key = hashlib.sha1(json.dumps([trained, prints], sort_keys=True).encode()).hexdigest()[:12]
+        data_key = hashlib.sha1(json.dumps([self.config.model_settings(), prints], sort_keys=True).encode()).hexdigest()[:12]
         model_path = out / MODEL_FILE
         if model_path.exists():
             try:

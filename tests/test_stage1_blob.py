@@ -414,3 +414,16 @@ def test_semireal_weight_scales_only_semireal_scans(tmp_path: Path) -> None:
     assert not np.allclose(a, b)
     with pytest.raises(ConfigError, match="lgbm_semireal_weight"):
         BlobConfig(lgbm_semireal_weight=0.0)
+
+
+def test_model_settings_of_default_config_match_models_trained_before_later_fields() -> None:
+    # the fields of a blob_model.json written in the tenth round (before relative HU, dropped features, blur
+    # copies, semi-real weight, ray and masked features existed): such a model must keep its data_key
+    tenth_round = {"branch_features", "cube_radius_factor", "hu_clip", "lgbm_bags", "lgbm_learning_rate",
+                   "lgbm_min_data_in_leaf", "lgbm_neg_per_pos", "lgbm_num_leaves", "lgbm_rounds", "lgbm_subsolid_weight",
+                   "lung_margin_mm", "max_candidates", "max_cube_mm", "max_response_candidates", "merge_mm", "min_cube_mm",
+                   "min_response", "restrict_to_lungs", "seed", "sigmas_mm", "spacing_mm"}
+    assert set(BlobConfig().model_settings()) == tenth_round
+    assert {"ray_features", "masked_features", "max_masked_candidates"} <= set(
+        BlobConfig(ray_features=True, masked_features=True).model_settings())
+    assert BlobConfig(lgbm_semireal_weight=0.3).model_settings()["lgbm_semireal_weight"] == 0.3

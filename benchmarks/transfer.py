@@ -555,9 +555,7 @@ def prepare_transfer_data(
     if cfg.second_look is not None:
         from benchmarks.second_look import prepared_data
 
-        # one folder per pool, so that configs with other pools never share (or overwrite) its prepared scans
-        pool_ds = prepared_data(cfg.second_look.data, data_dir / "second_look_pool" / config_hash(cfg.second_look.data),
-                                progress=progress)
+        pool_ds = prepared_data(cfg.second_look.data, second_look_pool_dir(data_dir, cfg.second_look.data), progress=progress)
     pool_patients = [] if pool_ds is None else sorted({pool_ds.load_case(u).patient_id for u in pool_ds.series_uids})
     evals, y_region, protocol = plan_protocol(cfg, dicom_root, twin_patients, seg_patients, more_patients, pool_patients)
     _lap("twins", t0)
@@ -591,6 +589,14 @@ def prepare_transfer_data(
 
     return TransferData(ds_twin, split, seg_cases, more_cases, pool_ds, evals, y_region, protocol, semi, ds_yard, ds_extra,
                         twin_inserted)
+
+
+def second_look_pool_dir(data_dir: Path, pool: DataSpec) -> Path:
+    """Where the second look's pool twins are generated and prepared: one folder per pool spec under
+    ``data_dir/second_look_pool``, so that configs with other pools never share (or overwrite) its scans."""
+    from lidc_det.config import config_hash
+
+    return Path(data_dir) / "second_look_pool" / config_hash(pool)
 
 
 def twin_background_specs(

@@ -242,3 +242,15 @@ def test_froc_plot_of_records(tmp_path: Path) -> None:
     (tmp_path / "r.json").write_text(json.dumps(record("c", 0.4)))
     assert main(["froc", str(tmp_path / "r.json"), "--out", str(tmp_path / "h.png")]) == 0
     assert (tmp_path / "h.png").stat().st_size > 1000
+
+
+def test_second_look_pools_get_their_own_folders(tmp_path: Path) -> None:
+    from benchmarks.transfer import second_look_pool_dir
+
+    cnn = load_transfer_config(REPO / "benchmarks" / "transfer" / "twins_demo_tta_look.yaml").second_look
+    blob = load_transfer_config(REPO / "benchmarks" / "transfer" / "twins_blob_60_look.yaml").second_look
+    rm = load_transfer_config(REPO / "benchmarks" / "transfer" / "twins_blob_60_rm_look.yaml").second_look
+    assert cnn is not None and blob is not None and blob == rm
+    assert second_look_pool_dir(tmp_path, blob.data) == second_look_pool_dir(tmp_path, rm.data)
+    assert second_look_pool_dir(tmp_path, blob.data) != second_look_pool_dir(tmp_path, cnn.data)
+    assert second_look_pool_dir(tmp_path, blob.data).parent == tmp_path / "second_look_pool"

@@ -18,7 +18,6 @@ matches one data set's edges to another's; docs/transfer.md, ninth round).
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any

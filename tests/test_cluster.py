@@ -87,8 +87,8 @@ def test_twins_and_predict_on_the_cluster_equal_serial(address: str, toy_models:
     opts = PredictOptions(n_overlays=1, torch_threads=1)
     rd = predict_collection(toy_models, tmp_path / "twin_dist", tmp_path / "pred_dist", scheduler=address,
                             options=opts, progress=False)
-    rs = predict_collection(toy_models, tmp_path / "twin_dist", tmp_path / "pred_serial", scheduler="serial",
-                            options=opts, progress=False)
+    predict_collection(toy_models, tmp_path / "twin_dist", tmp_path / "pred_serial", scheduler="serial",
+                       options=opts, progress=False)
     assert not rd.failed and [r["status"] for r in rd.rows] == ["done"] * 3
     assert all(t["worker"].startswith("tcp://") and t["peak_rss_mb"] > 10 for t in rd.run["tasks"])
     for spec in specs:

@@ -393,8 +393,6 @@ def test_pylidc_dicom_root_keeps_an_existing_user_config(tmp_path: Path, monkeyp
     monkeypatch.setenv("HOME", str(home))
     import sys
 
-    import pylidc
-
     scan_module = sys.modules["pylidc.Scan"]
     root = tmp_path / "dicom 100%"  # a '%' would break pylidc's interpolating config parser
     root.mkdir()

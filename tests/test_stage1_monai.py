@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import torch
 import monai  # noqa: F401  (a required dependency: a broken install fails)
 
 from lidc_det.boxes import mask_to_box, to_monai_boxes  # noqa: E402

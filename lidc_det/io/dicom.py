@@ -229,7 +229,6 @@ def _read_headers(files: Iterable[Path], **dcmread_kwargs: Any) -> tuple[Members
     Nothing is warned here: the caller decides (a damaged file may be an error).
     """
     import pydicom
-    from pydicom.errors import InvalidDicomError
     from tqdm import tqdm
 
     files = list(files)

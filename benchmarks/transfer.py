@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -171,6 +171,10 @@ class TransferConfig:
             (``second_look.data``; same patient rules as ``train_twins``), then applied to the
             top ``max_candidates_per_scan`` candidates of the twin test, the yardsticks and the
             real scans. Recorded beside the detector's figures on the same top candidates.
+        second_look_backgrounds: semi-real scans (nodules of ``train_sources`` inserted into real
+            backgrounds) added to the second look's pool only: stage 1 and stage 2 never see them, the
+            second look learns real vessels and walls as negatives. Trained regions under the same rules
+            as ``backgrounds`` (never scored; a one-lung background restricts scoring to the other lung).
         operating_sensitivity: twin-validation sensitivity that fixes the reported operating point.
         n_bootstrap: bootstrap replicates for CIs.
         n_fp_pngs: real false positives shown (highest scores first).
@@ -190,6 +194,7 @@ class TransferConfig:
     segmentation_twins: DataSpec | None = None
     train_twins: DataSpec | None = None
     second_look: SecondLookStepConfig | None = None
+    second_look_backgrounds: tuple[BackgroundSpec, ...] = ()
     operating_sensitivity: float = 0.8
     n_bootstrap: int = 1000
     n_fp_pngs: int = 10
@@ -203,12 +208,18 @@ class TransferConfig:
             raise ConfigFileError("train_twins needs source: twin")
         if self.second_look is not None and (self.segmentation is None or not self.second_look.data.synthetic):
             raise ConfigFileError("second_look needs segmentation (its features come from stage-2 masks), and source: twin")
-        if (self.backgrounds or self.twin_backgrounds is not None) and self.train_sources is None:
-            raise ConfigFileError("backgrounds and twin_backgrounds need train_sources (the patients whose nodules are inserted)")
+        if (self.backgrounds or self.second_look_backgrounds or self.twin_backgrounds is not None) and self.train_sources is None:
+            raise ConfigFileError("backgrounds, second_look_backgrounds and twin_backgrounds need train_sources "
+                                  "(the patients whose nodules are inserted)")
+        if self.second_look_backgrounds and self.second_look is None:
+            raise ConfigFileError("second_look_backgrounds need a second_look section (they join its pool)")
+        look_names = [b.name for b in self.second_look_backgrounds]
+        if set(look_names) & {b.name for b in self.backgrounds} or len(set(look_names)) != len(look_names):
+            raise ConfigFileError(f"second_look_backgrounds need names of their own, got {look_names}")
         names = [b.name for b in (self.yardstick, *self.extra_yardsticks)]
         if len(set(names)) != len(names):
             raise ConfigFileError(f"yardstick names must be unique, got {names}")
-        for b in (self.yardstick, *self.extra_yardsticks, *self.backgrounds):
+        for b in (self.yardstick, *self.extra_yardsticks, *self.backgrounds, *self.second_look_backgrounds):
             if b.other_side not in ("keep", "cut", "mirror"):
                 raise ConfigFileError(f"{b.name}: other_side must be keep, cut or mirror, got {b.other_side!r}")
             if b.region == "whole" and b.other_side != "keep":
@@ -280,9 +291,12 @@ def plan_protocol(
     if not series:
         raise TransferProtocolError(f"{dicom_root}: no DICOM series to evaluate")
     trained: dict[str, str] = {}  # series uid -> region trained on
-    for b in cfg.backgrounds:
+    for b in (*cfg.backgrounds, *cfg.second_look_backgrounds):
         uid, _ = _series_uid_of(b.dicom)
-        trained[uid] = "whole" if b.other_side == "keep" else b.region
+        region = "whole" if b.other_side == "keep" else b.region
+        if trained.get(uid, region) != region:
+            region = "whole"  # both lungs of one scan trained on
+        trained[uid] = region
     evals: list[EvalScan] = []
     for s in series:
         pid = s.patient_id
@@ -330,15 +344,24 @@ def plan_protocol(
 
 
 def _protocol_label(cfg: TransferConfig, trained: dict[str, str]) -> str:
+    def named(backgrounds: Sequence[BackgroundSpec]) -> str:
+        how = {"cut": ", cut at x = 0", "mirror": ", mirrored onto the other side"}
+        return ", ".join(f"{b.name} ({'one lung: ' + b.region + how[b.other_side] if b.other_side != 'keep' else 'whole scan'})"
+                         for b in backgrounds)
+
     if not cfg.backgrounds:
         if cfg.twin_backgrounds is not None:
-            return "procedural only: twins and reader nodules inserted into twins, no real pixels in training"
-        return "procedural only: twins, no real pixels in training"
-    parts = []
-    for b in cfg.backgrounds:
-        how = {"cut": ", cut at x = 0", "mirror": ", mirrored onto the other side"}
-        parts.append(f"{b.name} ({'one lung: ' + b.region + how[b.other_side] if b.other_side != 'keep' else 'whole scan'})")
-    return "twins + real-background insertion: " + ", ".join(parts)
+            label = "procedural only: twins and reader nodules inserted into twins, no real pixels in training"
+        else:
+            label = "procedural only: twins, no real pixels in training"
+        if cfg.second_look_backgrounds:
+            label = (label.replace("procedural only", "stages 1-2 procedural only", 1).replace("in training", "in stages 1-2")
+                     + "; second look: twins + real-background insertion: " + named(cfg.second_look_backgrounds))
+        return label
+    label = "twins + real-background insertion: " + named(cfg.backgrounds)
+    if cfg.second_look_backgrounds:
+        label += "; second look also: " + named(cfg.second_look_backgrounds)
+    return label
 
 
 # ------------------------------------------------------------------ scoring helpers
@@ -495,6 +518,7 @@ class TransferData:
             the protocol record of :func:`plan_protocol`.
         semi: the semi-real training data sets (one per background); twin_inserted: the twins with inserted
             nodules (``twin_backgrounds``; None without); ds_yard: the yardstick;
+        look_semi: the semi-real scans of ``second_look_backgrounds`` (the second look's pool only);
         ds_extra: the extra yardsticks, in the order of ``cfg.extra_yardsticks``.
     """
 
@@ -510,6 +534,7 @@ class TransferData:
     ds_yard: Any
     ds_extra: list[Any]
     twin_inserted: Any = None
+    look_semi: list[Any] = field(default_factory=list)
 
     def train_cases(self) -> list[Any]:
         """Stage 1's training scans: the split's training twins, the extra training twins, the semi-real scans,
@@ -569,6 +594,11 @@ def prepare_transfer_data(
         for b in cfg.backgrounds
         if cfg.train_sources is not None
     ]
+    look_semi = [
+        make_semireal_dataset([b.semireal(cfg.train_sources, cfg.seed, spacing)], data_dir / "semireal" / b.name, progress=progress)
+        for b in cfg.second_look_backgrounds
+        if cfg.train_sources is not None
+    ]
     y = cfg.yardstick
     ds_yard = make_semireal_dataset(
         [y.semireal(cfg.yardstick_sources, cfg.seed + 1000, spacing)], data_dir / "yardstick" / y.name, progress=progress
@@ -588,7 +618,7 @@ def prepare_transfer_data(
     _lap("semi-real data", t0)
 
     return TransferData(ds_twin, split, seg_cases, more_cases, pool_ds, evals, y_region, protocol, semi, ds_yard, ds_extra,
-                        twin_inserted)
+                        twin_inserted, look_semi)
 
 
 def second_look_pool_dir(data_dir: Path, pool: DataSpec) -> Path:
@@ -742,7 +772,7 @@ def run_transfer(
             scored_sets = [("twin_test", ds_twin, test_d, test_t, test_i), ("yardstick", ds_yard, y_d, y_t, y_i),
                            *((f"yardstick {name}", *rest) for name, *rest in extra_scored)]
             second_look = _run_second_look(
-                cfg.second_look, detector, segmenter, pool_ds, out_dir / "second_look", scored_sets,
+                cfg.second_look, detector, segmenter, [pool_ds, *data.look_semi], out_dir / "second_look", scored_sets,
                 evals, real_d, real_t, real_i, seg_train[0].geometry.spacing_zyx, cfg, progress,
             )
             lap("second look", t0)
@@ -885,12 +915,13 @@ def _rank_row(r: Any) -> dict[str, Any]:
 
 
 def _run_second_look(
-    sl: SecondLookStepConfig, detector: Any, seg: Any, pool_ds: Any, work_dir: Path,
+    sl: SecondLookStepConfig, detector: Any, seg: Any, pool_sets: list[Any], work_dir: Path,
     scored_sets: list[tuple[str, Any, list[Any], list[Any], list[Any]]],
     evals: list[EvalScan], real_dets: list[Any], real_t: list[Any], real_i: list[Any],
     spacing_zyx: tuple[float, float, float], cfg: TransferConfig, progress: bool,
 ) -> dict[str, Any]:
-    """Train the second look on the pool twins' top candidates (never seen by either stage) and
+    """Train the second look on the top candidates of the pool (``pool_sets``: the pool twins' prepared data set,
+    then the semi-real data sets of ``second_look_backgrounds``; never seen by either stage) and
     rescore the top ``sl.max_candidates_per_scan`` candidates of every scored set (name, prepared
     data set, detections, targets, irrelevant findings) and of the real scans.
 
@@ -905,8 +936,8 @@ def _run_second_look(
     from stage2_segment.second_look import SecondLook
 
     k = sl.max_candidates_per_scan
-    pool = collect("pool", pool_ds, pool_ds.series_uids, detector, seg, k, sl.model,
-                   work_dir / "candidates" / models_key(detector, seg), progress=progress)
+    cache = work_dir / "candidates" / models_key(detector, seg)
+    pool = [s for ds in pool_sets for s in collect("pool", ds, ds.series_uids, detector, seg, k, sl.model, cache, progress=progress)]
     table = table_of(pool)
     oof = SecondLook(sl.model).out_of_fold(table)
     look = SecondLook(sl.model).fit(table)
@@ -919,7 +950,8 @@ def _run_second_look(
         "model": look.name,
         "max_candidates_per_scan": k,
         "pool": {"n_scans": len(pool), "n_candidates": len(table), "n_hits": int((table.labels == 1).sum()),
-                 "synthetic": True, "patients": sorted({s.patient_id for s in pool}),
+                 "synthetic": len(pool_sets) == 1, "n_semi_real_scans": sum(len(ds.series_uids) for ds in pool_sets[1:]),
+                 "patients": sorted({s.patient_id for s in pool}),
                  "out_of_fold": compare(pool, {"detector": ([s.detections.scores for s in pool], None),
                                                "second look": (_split_scores(pool, oof), None)},
                                         n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)},

@@ -254,3 +254,28 @@ def test_second_look_pools_get_their_own_folders(tmp_path: Path) -> None:
     assert second_look_pool_dir(tmp_path, blob.data) == second_look_pool_dir(tmp_path, rm.data)
     assert second_look_pool_dir(tmp_path, blob.data) != second_look_pool_dir(tmp_path, cnn.data)
     assert second_look_pool_dir(tmp_path, blob.data).parent == tmp_path / "second_look_pool"
+
+
+@requires_real
+def test_second_look_backgrounds_are_trained_regions_for_the_second_look_only() -> None:
+    look = load_transfer_config(REPO / "benchmarks" / "transfer" / "twins_blob_60_look_real.yaml")
+    tcga = BackgroundSpec("tcga", OTHER_CT, "whole", crop_in_plane=False)
+    right = BackgroundSpec("r", REAL_0001, "right", other_side="mirror")
+    cfg = dataclasses.replace(look, yardstick=dataclasses.replace(look.yardstick, dicom=REAL_0001),
+                              second_look_backgrounds=(tcga, right))
+    evals, y_region, protocol = plan_protocol(cfg, REAL_ROOT, twin_patients=[])
+    assert [e.region for e in evals] == ["left"] and y_region == "left" and not cfg.backgrounds
+    assert protocol["label"].startswith("stages 1-2 procedural only") and "second look: twins + real-background" in protocol["label"]
+    # a yardstick on a second-look background is refused like one on a training background
+    with pytest.raises(TransferProtocolError, match="overlaps the trained region"):
+        plan_protocol(dataclasses.replace(cfg, extra_yardsticks=(dataclasses.replace(tcga, name="t"),)), REAL_ROOT, [])
+    # both lungs of 0001 trained on (one by stage 1, the other by the second look): 0001 is no longer scored
+    with pytest.raises(TransferProtocolError, match="whole training background"):
+        plan_protocol(dataclasses.replace(cfg, backgrounds=(BackgroundSpec("l", REAL_0001, "left", other_side="cut"),)),
+                      REAL_ROOT, [])
+    with pytest.raises(ConfigFileError, match="need a second_look section"):
+        dataclasses.replace(cfg, second_look=None, segmentation=None)
+    with pytest.raises(ConfigFileError, match="need train_sources"):
+        dataclasses.replace(cfg, train_sources=None)
+    with pytest.raises(ConfigFileError, match="names of their own"):
+        dataclasses.replace(cfg, backgrounds=(dataclasses.replace(tcga, dicom=REAL_0001, region="right", other_side="cut"),))

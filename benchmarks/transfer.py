@@ -927,7 +927,8 @@ def _run_second_look(
 
     Every figure is given for the detector's scores and the second look's on the *same* top
     candidates (the detector's own record keeps its top 100). Writes the model to
-    ``work_dir/model`` and the rescored real candidates to ``work_dir/candidates_real.csv``."""
+    ``work_dir/model`` and the rescored candidates of each set to ``work_dir/candidates_<set>.csv`` (LUNA16
+    format; ``candidates_real.csv`` for the real scans)."""
     from benchmarks.second_look import _split_scores, collect, compare, models_key, table_of
     from lidc_det.io.dicom import read_series
     from lidc_det.metrics.froc import evaluate_detections
@@ -964,6 +965,7 @@ def _run_second_look(
             case = ds.load_case(d.series_uid)
             looked.append(_looked(look, seg, np.asarray(case.image_hu, dtype=np.float32), case.geometry, d))
         rec[name] = {"detector_top_k": froc(targets, top, irrelevant), "second_look": froc(targets, looked, irrelevant)}
+        _write_candidates(work_dir / f"candidates_{name.replace(' ', '_')}.csv", looked)
     real_top, real_looked, rows = [], [], []
     for e, d in zip(evals, real_dets):
         vol = read_series(e.folder, series_uid=e.series_uid)

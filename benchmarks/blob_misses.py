@@ -24,29 +24,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from benchmarks.yardstick_breakdown import NoduleRow, false_positives, fp_groups, inserted_nodules, nodule_row, summary
+
 DEFAULT_FEATURES = ("scale_mm", "response", "dot", "hu_centre", "obj_diam_over_blob", "obj_on_faces",
                     "obj_face_crossings", "obj_core_fraction", "cube_outside_lung")
-
-
-@dataclass(frozen=True)
-class NoduleRow:
-    """One inserted nodule and the detector's answer to it (see the module docstring)."""
-
-    series_uid: str
-    diameter_mm: float
-    texture: int | None
-    placement: str | None
-    core_hu: float | None
-    proposed: bool
-    score: float | None
-    fp_per_scan_above: float | None
-    features: dict[str, float]
 
 
 def nodule_rows(detector: Any, scans: list[tuple[str, Any, list[dict[str, Any]]]], region: str,
@@ -61,56 +47,18 @@ def nodule_rows(detector: Any, scans: list[tuple[str, Any, list[dict[str, Any]]]
 
     names = feature_names(detector.config)
     dets = [_restrict(detector.score_candidates(c, series_uid=uid), region) for uid, c, _ in scans]
-    fp = np.sort(np.asarray([s for s, _, _ in _false_positives(dets, scans, excluded)]))[::-1]
+    by_scan = [(uid, nods) for uid, _, nods in scans]
+    fp = np.asarray([s for s, _, _ in false_positives(dets, by_scan, excluded)])
     rows: list[NoduleRow] = []
     for uid, cand, nods in scans:
         raw = detector.candidate_scores(cand)
         for n in nods:
-            centre, radius = np.asarray(n["center_xyz_mm"]), n["diameter_mm"] / 2
-            hit = np.linalg.norm(cand.centers_xyz_mm - centre, axis=1) < radius
-            ins = n.get("inserted", {})
+            hit = np.linalg.norm(cand.centers_xyz_mm - np.asarray(n["center_xyz_mm"]), axis=1) < n["diameter_mm"] / 2
             best = int(np.flatnonzero(hit)[np.argmax(raw[hit])]) if hit.any() else None
-            score = None if best is None else float(raw[best])
-            rows.append(NoduleRow(
-                uid, round(float(n["diameter_mm"]), 1), ins.get("texture"), ins.get("placement"), ins.get("core_hu"),
-                best is not None, None if score is None else round(score, 4),
-                None if score is None else float((fp > score).sum()) / len(scans),
-                {} if best is None else {k: round(float(cand.features[best, names.index(k)]), 2) for k in features},
-            ))
+            rows.append(nodule_row(uid, n, None if best is None else float(raw[best]), fp, len(scans),
+                                   {} if best is None else {k: round(float(cand.features[best, names.index(k)]), 2)
+                                                             for k in features}))
     return rows, dets
-
-
-def _false_positives(dets: list[Any], scans: list[tuple[str, Any, list[dict[str, Any]]]],
-                     excluded: list[Any]) -> list[tuple[float, str, np.ndarray]]:
-    """``(score, series uid, world centre)`` of every detection that hits no inserted nodule and no excluded
-    finding of its scan (LUNA16 hit rule: closer than the radius)."""
-    out: list[tuple[float, str, np.ndarray]] = []
-    for (uid, _, nods), d in zip(scans, dets):
-        found = [(np.asarray(n["center_xyz_mm"]), n["diameter_mm"] / 2) for n in nods]
-        found += [(np.asarray(f.center_xyz_mm), f.diameter_mm / 2) for f in excluded if f.series_uid == uid]
-        for c, s in zip(d.centers_xyz_mm, d.scores):
-            if not any(np.linalg.norm(c - p) < r for p, r in found):
-                out.append((float(s), uid, c))
-    return out
-
-
-def fp_groups(dets: list[Any], scans: list[tuple[str, Any, list[dict[str, Any]]]], excluded: list[Any],
-              top: int = 40, reach_mm: float = 6.0) -> list[dict[str, Any]]:
-    """The ``top`` best false positives of the set grouped by place (within ``reach_mm``, greedily, best
-    first): world centre of the group's best, copies it appears in, best and lowest score."""
-    items = sorted(_false_positives(dets, scans, excluded), key=lambda t: -t[0])
-    groups: list[dict[str, Any]] = []
-    for s, uid, c in items[:top]:
-        for g in groups:
-            if np.linalg.norm(g["centre"] - c) <= reach_mm:
-                g["scans"].add(uid)
-                g["n"] += 1
-                g["lowest"] = s
-                break
-        else:
-            groups.append({"centre": c, "scans": {uid}, "n": 1, "best": s, "lowest": s})
-    return [{"world_xyz_mm": [round(float(v), 1) for v in g["centre"]], "n_fp": g["n"], "n_scans": len(g["scans"]),
-             "best_score": round(g["best"], 4), "lowest_score": round(g["lowest"], 4)} for g in groups]
 
 
 def _markdown(rows: list[NoduleRow], groups: list[dict[str, Any]], features: tuple[str, ...]) -> str:
@@ -125,21 +73,6 @@ def _markdown(rows: list[NoduleRow], groups: list[dict[str, Any]], features: tup
     lines += [f"| {g['world_xyz_mm']} | {g['n_fp']} | {g['n_scans']} | {g['best_score']} | {g['lowest_score']} |"
               for g in groups]
     return "\n".join(lines)
-
-
-def summary(rows: list[NoduleRow]) -> dict[str, Any]:
-    """Counts of the table: nodules, never proposed, found below 1 and 8 FP/scan, by placement and size."""
-    def part(rs: list[NoduleRow]) -> dict[str, int]:
-        return {"n": len(rs), "not_proposed": sum(not r.proposed for r in rs),
-                "below_1fp": sum(r.fp_per_scan_above is not None and r.fp_per_scan_above < 1 for r in rs),
-                "below_8fp": sum(r.fp_per_scan_above is not None and r.fp_per_scan_above < 8 for r in rs)}
-
-    out = {"all": part(rows), "<=6mm": part([r for r in rows if r.diameter_mm <= 6]),
-           ">6mm": part([r for r in rows if r.diameter_mm > 6]),
-           "subsolid (texture <= 2)": part([r for r in rows if r.texture is not None and r.texture <= 2])}
-    for p in sorted({r.placement for r in rows if r.placement}):
-        out[p] = part([r for r in rows if r.placement == p])
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,19 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     det = BlobDetector(checkpoint=model, progress=False)
     base = BlobDetector(progress=False, **tcfg.detector.kwargs)
     features = tuple(f for f in args.features.split(",") if f)
-    from lidc_det.data.prepare import scan_dir
-    from lidc_det.synthetic.semireal import in_region
-
     _, excluded = _yardstick_findings(ds)
-    scans = []
-    for uid in ds.series_uids:
-        case = ds.load_case(uid)
-        meta = json.loads((scan_dir(ds.root, uid) / "meta.json").read_text())
-        nods = [n for n in meta["nodules"] if ":inserted" in n["nodule_id"]
-                and in_region(np.asarray([n["center_xyz_mm"]]), region)[0]]
-        scans.append((uid, base.cached_candidates(case, cfg.work_dir / "features"), nods))
+    scans = [(uid, base.cached_candidates(ds.load_case(uid), cfg.work_dir / "features"), inserted_nodules(ds, uid, region))
+             for uid in ds.series_uids]
     rows, dets = nodule_rows(det, scans, region, excluded, features)
-    groups = fp_groups(dets, scans, excluded)
+    groups = fp_groups(dets, [(uid, nods) for uid, _, nods in scans], excluded)
     print(f"# {args.set} ({region}), variant {args.variant}: SYNTHETIC nodules on a real background\n")
     print(_markdown(rows, groups, features))
     print("\n" + json.dumps(summary(rows), indent=1))

@@ -599,15 +599,7 @@ def prepare_transfer_data(
         for b in cfg.second_look_backgrounds
         if cfg.train_sources is not None
     ]
-    y = cfg.yardstick
-    ds_yard = make_semireal_dataset(
-        [y.semireal(cfg.yardstick_sources, cfg.seed + 1000, spacing)], data_dir / "yardstick" / y.name, progress=progress
-    )
-    ds_extra = [
-        make_semireal_dataset([b.semireal(cfg.yardstick_sources, cfg.seed + 1001 + k, spacing)],
-                              data_dir / "yardstick" / b.name, progress=progress)
-        for k, b in enumerate(cfg.extra_yardsticks)
-    ]
+    ds_yard, *ds_extra = yardstick_data(cfg, data_dir, progress=progress)
     twin_inserted = None
     if cfg.twin_backgrounds is not None and cfg.train_sources is not None:
         specs = twin_background_specs(cfg.twin_backgrounds, cfg.train_sources, [(ds_twin, split.train)] + more_sets,
@@ -619,6 +611,42 @@ def prepare_transfer_data(
 
     return TransferData(ds_twin, split, seg_cases, more_cases, pool_ds, evals, y_region, protocol, semi, ds_yard, ds_extra,
                         twin_inserted, look_semi)
+
+
+def yardstick_data(cfg: TransferConfig, data_dir: Path, *, progress: bool = True) -> list[Any]:
+    """The semi-real data sets of the yardstick and of each extra yardstick, in that order (made under
+    ``data_dir/yardstick/<name>``, or reused when they are there)."""
+    from lidc_det.synthetic.semireal import make_semireal_dataset
+
+    spacing = cfg.twins.spacing_zyx
+    return [make_semireal_dataset([b.semireal(cfg.yardstick_sources, cfg.seed + 1000 + k, spacing)],
+                                  Path(data_dir) / "yardstick" / b.name, progress=progress)
+            for k, b in enumerate((cfg.yardstick, *cfg.extra_yardsticks))]
+
+
+def kinds_of_runs(run_dirs: Sequence[Path], data_dir: Path) -> list[tuple[str, dict[str, Any]]]:
+    """``(run: yardstick, breakdown)`` of every yardstick of finished transfer runs, from each run's
+    ``transfer.json`` (its config) and candidate CSVs and the yardstick data under ``data_dir``
+    (:mod:`benchmarks.yardstick_breakdown`)."""
+    import json
+
+    from benchmarks.yardstick_breakdown import breakdown
+    from lidc_det.config import from_mapping
+    from lidc_det.data.luna import detections_from_candidates, read_candidates
+
+    out = []
+    for run in run_dirs:
+        rec = json.loads((Path(run) / "transfer.json").read_text())
+        cfg = from_mapping(TransferConfig, rec["config"], where=str(run))
+        for b, ds in zip((cfg.yardstick, *cfg.extra_yardsticks), yardstick_data(cfg, data_dir, progress=False)):
+            csv = Path(run) / ("candidates_yardstick.csv" if b is cfg.yardstick else f"candidates_yardstick_{b.name}.csv")
+            if not csv.is_file():
+                raise FileNotFoundError(f"{csv}: not a finished transfer run of this config")
+            cands = read_candidates(csv)
+            dets = [detections_from_candidates([c for c in cands if c.series_uid == uid], uid) for uid in ds.series_uids]
+            _, irrelevant = _yardstick_findings(ds)
+            out.append((f"{Path(run).name}: {b.name}", breakdown(ds, dets, b.region, irrelevant)))
+    return out
 
 
 def second_look_pool_dir(data_dir: Path, pool: DataSpec) -> Path:
@@ -675,6 +703,7 @@ def run_transfer(
     ``segmentation.seed`` (crops, augmentation; a new stage-2 model is trained for each seed).
     """
     from benchmarks.harness import _quiet
+    from benchmarks.yardstick_breakdown import breakdown
     from lidc_det.atomic import write_json
     from lidc_det.config import config_hash, to_plain
     from lidc_det.metrics.froc import evaluate_detections
@@ -725,7 +754,7 @@ def run_transfer(
         b_d, b_t, b_i, b_froc = _score_yardstick(detector, ds_b, b.region, cfg, progress)
         extra_scored.append((b.name, ds_b, b_d, b_t, b_i))
         extra_yards[b.name] = {**_froc_dict(b_froc), "semi_real": True, "region": b.region,
-                               "top_score": _top_scores(b_d)}
+                               "top_score": _top_scores(b_d), "by_kind": breakdown(ds_b, b_d, b.region, b_i)}
         _write_candidates(out_dir / f"candidates_yardstick_{b.name}.csv", b_d)
     lap("yardstick", t0)
 
@@ -800,7 +829,8 @@ def run_transfer(
             "real_fp_per_scan": _fp_at(real_d, real_t, real_i, thr),
             "yardstick_fp_per_scan": _fp_at(y_d, y_t, y_i, thr),
         },
-        "yardstick": {**_froc_dict(yard_froc), "semi_real": True, "region": y_region},
+        "yardstick": {**_froc_dict(yard_froc), "semi_real": True, "region": y_region,
+                      "by_kind": breakdown(ds_yard, y_d, y_region, y_i)},
         "extra_yardsticks": extra_yards,
         "real": {
             "nodules": real_rows,
@@ -1069,6 +1099,14 @@ def _write_report(rec: dict[str, Any], out_dir: Path) -> None:
              t["sensitivity"]["0.125"], t["sensitivity"]["1.0"], t["sensitivity"]["8.0"], "-"],
         ],
     ))
+    kinds = [(name, e["by_kind"]) for name, e in [("yardstick", y), *rec.get("extra_yardsticks", {}).items()]
+             if e.get("by_kind")]
+    if kinds:
+        from benchmarks.yardstick_breakdown import summary_table
+
+        rep.add(Paragraph("Yardstick nodules by kind (SYNTHETIC nodules on real CT): found below 1 / below 8 FP/scan / "
+                          "inserted; `not_proposed` in `transfer.json` counts those no detection reached."))
+        rep.add(Table(*summary_table(kinds)))
     s2 = rec.get("stage2")
     if s2:
         rep.add(Heading("Stage 2 on real nodules"))
@@ -1212,7 +1250,8 @@ def plot_frocs(records: list[dict[str, Any]], path: Path, *, which: str = "yards
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m benchmarks.transfer table RUN/transfer.json ...``: the ablation table in Markdown;
-    ``python -m benchmarks.transfer froc RUN/transfer.json ... --out froc.png [--which yardstick]``: their FROC curves."""
+    ``python -m benchmarks.transfer froc RUN/transfer.json ... --out froc.png [--which yardstick]``: their FROC curves;
+    ``python -m benchmarks.transfer kinds RUN_DIR ... --data-dir DIR``: their yardstick nodules found by kind."""
     import argparse
     import json
 
@@ -1225,7 +1264,17 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--out", type=Path, required=True, help="PNG to write")
     f.add_argument("--which", default="yardstick", help="yardstick (default), twin_test or extra:<yardstick name>")
     f.add_argument("--title", default="", help="plot title (default: names the FROC)")
+    k = sub.add_parser("kinds", help="yardstick nodules found below 1 / 8 FP/scan by kind, from finished runs")
+    k.add_argument("runs", nargs="+", type=Path, help="transfer output folders (transfer.json + candidate CSVs)")
+    k.add_argument("--data-dir", type=Path, required=True, help="the runs' --data-dir (their yardstick data)")
     a = p.parse_args(argv)
+    if a.cmd == "kinds":
+        from benchmarks.yardstick_breakdown import summary_markdown
+
+        named = kinds_of_runs(a.runs, a.data_dir)
+        print("SYNTHETIC nodules on real CT backgrounds\n")
+        print(summary_markdown(named))
+        return 0
     records = [json.loads(Path(r).read_text()) for r in a.records]
     if a.cmd == "froc":
         print(plot_frocs(records, a.out, which=a.which, title=a.title))

@@ -338,7 +338,8 @@ def test_ray_features_extend_the_table_and_keep_old_cache_keys() -> None:
 
 
 def test_miss_table_and_false_positive_groups(tmp_path: Path) -> None:
-    from benchmarks.blob_misses import fp_groups, nodule_rows, summary
+    from benchmarks.blob_misses import nodule_rows
+    from benchmarks.yardstick_breakdown import fp_groups, summary
 
     det = BlobDetector(progress=False, **CFG)
     det.fit(_cases(6, 1), _cases(2, 2), tmp_path)
@@ -357,7 +358,7 @@ def test_miss_table_and_false_positive_groups(tmp_path: Path) -> None:
     assert set(found[0].features) == {"dot", "obj_on_faces"} and found[0].features["obj_on_faces"] == 0.0
     (missed,) = [r for r in rows if r.placement == "juxtapleural"]
     assert not missed.proposed and missed.score is None and missed.fp_per_scan_above is None
-    groups = fp_groups(dets, scans, [], top=10)
+    groups = fp_groups(dets, [(uid, nods) for uid, _, nods in scans], [], top=10)
     assert groups and groups[0]["n_scans"] == 2 and groups[0]["n_fp"] >= 2  # the best FP is in both copies
     assert sum(g["n_fp"] for g in groups) == 10  # the ten best false positives, each in one group
     assert all(g["best_score"] >= g["lowest_score"] for g in groups)

@@ -168,6 +168,15 @@ def test_smoke_transfer_run_end_to_end(tmp_path: Path) -> None:
     assert rec["stage2"]["real"][0]["true_centre"]["dice_human_loo"]  # readers' own leave-one-out beside the model
     saved = json.loads((tmp_path / "run" / "transfer.json").read_text())
     assert saved["config_hash"] == rec["config_hash"] and (tmp_path / "run" / "report.md").is_file()
+    # the yardstick by kind counts every scored nodule, and the same from the run's candidate CSVs afterwards
+    kinds = rec["yardstick"]["by_kind"]["summary"]
+    assert kinds["all"]["n"] == rec["yardstick"]["n_nodules"]
+    assert sum(v["n"] for k, v in kinds.items() if k in ("parenchymal", "juxtapleural", "juxtavascular")) == kinds["all"]["n"]
+    assert "by kind" in (tmp_path / "run" / "report.md").read_text()
+    from benchmarks.transfer import kinds_of_runs
+
+    (name, again), = kinds_of_runs([tmp_path / "run"], tmp_path / "run")
+    assert name == f"run: {rec['config']['yardstick']['name']}" and again["summary"] == kinds
 
 
 def test_twin_backgrounds_need_sources_and_name_the_training_twins() -> None:

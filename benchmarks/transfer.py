@@ -624,10 +624,11 @@ def yardstick_data(cfg: TransferConfig, data_dir: Path, *, progress: bool = True
             for k, b in enumerate((cfg.yardstick, *cfg.extra_yardsticks))]
 
 
-def kinds_of_runs(run_dirs: Sequence[Path], data_dir: Path) -> list[tuple[str, dict[str, Any]]]:
+def kinds_of_runs(run_dirs: Sequence[Path], data_dir: Path, *, second_look: bool = False) -> list[tuple[str, dict[str, Any]]]:
     """``(run: yardstick, breakdown)`` of every yardstick of finished transfer runs, from each run's
     ``transfer.json`` (its config) and candidate CSVs and the yardstick data under ``data_dir``
-    (:mod:`benchmarks.yardstick_breakdown`)."""
+    (:mod:`benchmarks.yardstick_breakdown`). ``second_look``: the second look's rescored top candidates
+    (``second_look/candidates_yardstick*.csv``) instead of the detector's."""
     import json
 
     from benchmarks.yardstick_breakdown import breakdown
@@ -639,13 +640,15 @@ def kinds_of_runs(run_dirs: Sequence[Path], data_dir: Path) -> list[tuple[str, d
         rec = json.loads((Path(run) / "transfer.json").read_text())
         cfg = from_mapping(TransferConfig, rec["config"], where=str(run))
         for b, ds in zip((cfg.yardstick, *cfg.extra_yardsticks), yardstick_data(cfg, data_dir, progress=False)):
-            csv = Path(run) / ("candidates_yardstick.csv" if b is cfg.yardstick else f"candidates_yardstick_{b.name}.csv")
+            name = "candidates_yardstick.csv" if b is cfg.yardstick else f"candidates_yardstick_{b.name}.csv"
+            csv = Path(run) / "second_look" / name if second_look else Path(run) / name
             if not csv.is_file():
                 raise FileNotFoundError(f"{csv}: not a finished transfer run of this config")
             cands = read_candidates(csv)
             dets = [detections_from_candidates([c for c in cands if c.series_uid == uid], uid) for uid in ds.series_uids]
             _, irrelevant = _yardstick_findings(ds)
-            out.append((f"{Path(run).name}: {b.name}", breakdown(ds, dets, b.region, irrelevant)))
+            label = f"{Path(run).name}{' (second look)' if second_look else ''}: {b.name}"
+            out.append((label, breakdown(ds, dets, b.region, irrelevant)))
     return out
 
 
@@ -1267,11 +1270,12 @@ def main(argv: list[str] | None = None) -> int:
     k = sub.add_parser("kinds", help="yardstick nodules found below 1 / 8 FP/scan by kind, from finished runs")
     k.add_argument("runs", nargs="+", type=Path, help="transfer output folders (transfer.json + candidate CSVs)")
     k.add_argument("--data-dir", type=Path, required=True, help="the runs' --data-dir (their yardstick data)")
+    k.add_argument("--second-look", action="store_true", help="the second look's rescored candidates, not the detector's")
     a = p.parse_args(argv)
     if a.cmd == "kinds":
         from benchmarks.yardstick_breakdown import summary_markdown
 
-        named = kinds_of_runs(a.runs, a.data_dir)
+        named = kinds_of_runs(a.runs, a.data_dir, second_look=a.second_look)
         print("SYNTHETIC nodules on real CT backgrounds\n")
         print(summary_markdown(named))
         return 0

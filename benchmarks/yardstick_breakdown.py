@@ -151,19 +151,19 @@ def breakdown(ds: Any, dets: Sequence[Any], region: str, excluded: Sequence[Any]
 
 
 def summary_table(named: Sequence[tuple[str, dict[str, Any]]]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of one table of several breakdowns (``(column name, breakdown)``): per kind of nodule,
-    ``found below 1 FP/scan / below 8 / n`` in each column."""
+    """Header and rows of one table of several breakdowns (``(row name, breakdown)``, one row each): per kind
+    of nodule, ``found below 1 FP/scan / below 8 / n``."""
     kinds: list[str] = []
     for _, b in named:
         kinds += [k for k in b["summary"] if k not in kinds]
     rows = []
-    for k in kinds:
-        cells = [k]
-        for _, b in named:
+    for name, b in named:
+        cells = [name]
+        for k in kinds:
             p = b["summary"].get(k)
             cells.append("-" if p is None else f"{p['below_1fp']} / {p['below_8fp']} / {p['n']}")
         rows.append(cells)
-    return ["nodules (found below 1 / 8 FP/scan / n)", *(n for n, _ in named)], rows
+    return ["found below 1 / 8 FP/scan / n", *kinds], rows
 
 
 def summary_markdown(named: Sequence[tuple[str, dict[str, Any]]]) -> str:

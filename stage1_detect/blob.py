@@ -10,7 +10,8 @@ of it in this project is transfer from generated to real CT.
 ``hu_clip`` and, for each scale ``s`` of ``sigmas_mm``, smoothed with a Gaussian of SD ``s``;
 the scale-normalised blob response is ``R_s = -s^2 * laplacian(G_s)`` (HU; a bright sphere of
 radius ``r`` answers most at ``s = r / sqrt(3)``). Every local maximum of ``R_s`` (3x3x3) above
-``min_response`` inside the lung field (:func:`lidc_det.lungs.lung_fields`, dilated by
+``min_response`` inside the lung field (:func:`lidc_det.lungs.lung_fields` with its surface closed by a ball of
+``lung_close_mm``, which puts juxtapleural nodules up to about twice that across inside; dilated by
 ``lung_margin_mm``; the whole volume with ``restrict_to_lungs: false``) is a candidate. Each is
 ranked by the dot enhancement of its scale's Hessian (``e2^2 / |e0|`` of the ascending
 eigenvalues when all three are negative, else 0: blobs high, vessels and fissures near 0), a
@@ -100,6 +101,7 @@ class BlobConfig:
     sigmas_mm: tuple[float, ...] = (1.0, 1.5, 2.2, 3.3, 5.0, 7.5)
     min_response: float = 30.0
     lung_margin_mm: float = 5.0
+    lung_close_mm: float = 10.0
     restrict_to_lungs: bool = True
     merge_mm: float = 3.0
     max_candidates: int = 1500
@@ -167,6 +169,8 @@ class BlobConfig:
             del d["ray_features"]
         if not self.masked_features:
             del d["masked_features"], d["max_masked_candidates"]
+        if self.lung_close_mm == 10.0:  # lidc_det.lungs' default, before the field existed
+            del d["lung_close_mm"]
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
     def model_settings(self) -> dict[str, Any]:
@@ -175,7 +179,8 @@ class BlobConfig:
         models trained before it existed keep their key and are reused."""
         d = {k: v for k, v in asdict(self).items() if k not in ("max_detections", "nms_radius_factor")}
         for k, default in (("lgbm_relative_hu", False), ("lgbm_drop_features", ()), ("train_blur_copies", 0),
-                           ("lgbm_semireal_weight", 1.0), ("ray_features", False), ("masked_features", False)):
+                           ("lgbm_semireal_weight", 1.0), ("ray_features", False), ("masked_features", False),
+                           ("lung_close_mm", 10.0)):
             if d[k] == default:
                 del d[k]
         if not self.masked_features:
@@ -309,9 +314,9 @@ class BlobCandidates:
 
 
 # ----------------------------------------------------------------------------- candidates
-def _lung_mask(hu: np.ndarray, geometry: VolumeGeometry, margin_mm: float) -> tuple[np.ndarray, np.ndarray]:
-    """The lung field and the field dilated by ``margin_mm`` (bool ``[z, y, x]`` each); the body mask twice when
-    no field is found."""
+def _lung_mask(hu: np.ndarray, geometry: VolumeGeometry, margin_mm: float, close_mm: float) -> tuple[np.ndarray, np.ndarray]:
+    """The lung field (its surface closed by a ball of ``close_mm``) and the field dilated by ``margin_mm`` (bool
+    ``[z, y, x]`` each); the body mask twice when no field is found."""
     import warnings
 
     from scipy import ndimage as ndi
@@ -320,7 +325,7 @@ def _lung_mask(hu: np.ndarray, geometry: VolumeGeometry, margin_mm: float) -> tu
     from stage1_detect.preprocess import body_mask
 
     try:
-        mask = lung_fields(hu, geometry).mask
+        mask = lung_fields(hu, geometry, close_mm=close_mm).mask
     except LungFieldError as err:
         warnings.warn(f"blob-lgbm: no lung field ({err}); using the body mask", stacklevel=3)
         body = body_mask(hu)
@@ -423,7 +428,7 @@ def scan_candidates(hu: np.ndarray, geometry: VolumeGeometry, cfg: BlobConfig) -
         hu, geometry = resample_image(hu, geometry, (sp, sp, sp))
     img = np.clip(np.asarray(hu, dtype=np.float32), *cfg.hu_clip)
     if cfg.restrict_to_lungs:
-        field_full, lung_full = _lung_mask(img, geometry, cfg.lung_margin_mm)
+        field_full, lung_full = _lung_mask(img, geometry, cfg.lung_margin_mm, cfg.lung_close_mm)
     else:
         field_full = lung_full = np.ones(img.shape, dtype=bool)
     n_feat = len(feature_names(cfg))

@@ -428,3 +428,7 @@ def test_model_settings_of_default_config_match_models_trained_before_later_fiel
     assert {"ray_features", "masked_features", "max_masked_candidates"} <= set(
         BlobConfig(ray_features=True, masked_features=True).model_settings())
     assert BlobConfig(lgbm_semireal_weight=0.3).model_settings()["lgbm_semireal_weight"] == 0.3
+    # the lung field's closing radius defines candidates: another radius is another cache and another model
+    assert BlobConfig(lung_close_mm=22.0).candidate_key() not in (BlobConfig().candidate_key(),
+                                                                  BlobConfig(lung_close_mm=16.0).candidate_key())
+    assert BlobConfig(lung_close_mm=22.0).model_settings()["lung_close_mm"] == 22.0

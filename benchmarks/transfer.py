@@ -350,14 +350,11 @@ def _protocol_label(cfg: TransferConfig, trained: dict[str, str]) -> str:
                          for b in backgrounds)
 
     if not cfg.backgrounds:
-        if cfg.twin_backgrounds is not None:
-            label = "procedural only: twins and reader nodules inserted into twins, no real pixels in training"
-        else:
-            label = "procedural only: twins, no real pixels in training"
-        if cfg.second_look_backgrounds:
-            label = (label.replace("procedural only", "stages 1-2 procedural only", 1).replace("in training", "in stages 1-2")
-                     + "; second look: twins + real-background insertion: " + named(cfg.second_look_backgrounds))
-        return label
+        what = "twins and reader nodules inserted into twins" if cfg.twin_backgrounds is not None else "twins"
+        if not cfg.second_look_backgrounds:
+            return f"procedural only: {what}, no real pixels in training"
+        return (f"stages 1-2 procedural only: {what}, no real pixels in stages 1-2; "
+                f"second look: twins + real-background insertion: {named(cfg.second_look_backgrounds)}")
     label = "twins + real-background insertion: " + named(cfg.backgrounds)
     if cfg.second_look_backgrounds:
         label += "; second look also: " + named(cfg.second_look_backgrounds)
@@ -589,16 +586,13 @@ def prepare_transfer_data(
     # -- semi-real training scans and the yardstick
     t0 = time.perf_counter()
     spacing = cfg.twins.spacing_zyx
-    semi = [
-        make_semireal_dataset([b.semireal(cfg.train_sources, cfg.seed, spacing)], data_dir / "semireal" / b.name, progress=progress)
-        for b in cfg.backgrounds
-        if cfg.train_sources is not None
-    ]
-    look_semi = [
-        make_semireal_dataset([b.semireal(cfg.train_sources, cfg.seed, spacing)], data_dir / "semireal" / b.name, progress=progress)
-        for b in cfg.second_look_backgrounds
-        if cfg.train_sources is not None
-    ]
+    def semireal_sets(backgrounds: Sequence[BackgroundSpec]) -> list[Any]:
+        return [make_semireal_dataset([b.semireal(cfg.train_sources, cfg.seed, spacing)], data_dir / "semireal" / b.name,
+                                      progress=progress)
+                for b in backgrounds if cfg.train_sources is not None]
+
+    semi = semireal_sets(cfg.backgrounds)
+    look_semi = semireal_sets(cfg.second_look_backgrounds)
     ds_yard, *ds_extra = yardstick_data(cfg, data_dir, progress=progress)
     twin_inserted = None
     if cfg.twin_backgrounds is not None and cfg.train_sources is not None:

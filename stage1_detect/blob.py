@@ -165,29 +165,35 @@ class BlobConfig:
              if not k.startswith(("lgbm_", "train_")) and k not in ("seed", "max_detections", "nms_radius_factor")}
         if not self.branch_features:  # features computed before the field existed keep their key
             del d["branch_features"]
-        if not self.ray_features:
-            del d["ray_features"]
-        if not self.masked_features:
-            del d["masked_features"], d["max_masked_candidates"]
-        if self.lung_close_mm == 10.0:  # lidc_det.lungs' default, before the field existed
-            del d["lung_close_mm"]
-        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+        return hashlib.sha1(json.dumps(self._without_later_defaults(d), sort_keys=True).encode()).hexdigest()[:12]
 
     def model_settings(self) -> dict[str, Any]:
         """The fields that define a trained model (with the training scans, the model file's ``data_key``):
-        all but the inference-only ones. A field added later is left out while at its default, so that
-        models trained before it existed keep their key and are reused."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("max_detections", "nms_radius_factor")}
-        for k, default in (("lgbm_relative_hu", False), ("lgbm_drop_features", ()), ("train_blur_copies", 0),
-                           ("lgbm_semireal_weight", 1.0), ("ray_features", False), ("masked_features", False),
-                           ("lung_close_mm", 10.0)):
-            if d[k] == default:
+        all but the inference-only ones."""
+        return self._without_later_defaults(
+            {k: v for k, v in asdict(self).items() if k not in ("max_detections", "nms_radius_factor")})
+
+    def _without_later_defaults(self, d: dict[str, Any]) -> dict[str, Any]:
+        """``d`` (fields of this config) without the fields added later while they are at their default
+        (:data:`ADDED_LATER`), and without the settings that only mean something beside them, so that caches
+        and models written before those fields existed keep their keys."""
+        for k, default in ADDED_LATER:
+            if k in d and d[k] == default:
                 del d[k]
         if not self.masked_features:
-            del d["max_masked_candidates"]
+            d.pop("max_masked_candidates", None)
         if self.train_blur_copies == 0:
-            del d["train_blur_sigma_z_mm"], d["train_blur_sigma_xy_mm"]
+            d.pop("train_blur_sigma_z_mm", None)
+            d.pop("train_blur_sigma_xy_mm", None)
         return d
+
+
+ADDED_LATER: tuple[tuple[str, Any], ...] = (
+    ("lgbm_relative_hu", False), ("lgbm_drop_features", ()), ("train_blur_copies", 0), ("lgbm_semireal_weight", 1.0),
+    ("ray_features", False), ("masked_features", False), ("lung_close_mm", 10.0),
+)
+"""Fields of :class:`BlobConfig` added after caches and models were written, with their defaults (the behaviour
+before they existed; 10 mm is :func:`lidc_det.lungs.lung_fields`' closing)."""
 
 
 def feature_names(cfg: BlobConfig) -> list[str]:
@@ -416,7 +422,6 @@ def _object_features(
 
 def scan_candidates(hu: np.ndarray, geometry: VolumeGeometry, cfg: BlobConfig) -> BlobCandidates:
     """Blob candidates and their features in one scan (``hu``: ``[z, y, x]`` HU on ``geometry``)."""
-
     from lidc_det.resample import resample_image
 
     t0 = time.perf_counter()

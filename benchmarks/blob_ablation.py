@@ -123,8 +123,10 @@ def _froc(detector: Any, s: _ScoredSet, n_bootstrap: int, seed: int) -> tuple[di
     return _froc_dict(evaluate_detections(s.targets, dets, excluded=s.excluded, n_bootstrap=n_bootstrap, seed=seed)), dets
 
 
-def run_ablation(config_path: Path, *, progress: bool = True) -> dict[str, Any]:
+def run_ablation(config_path: Path, *, progress: bool = True, scheduler: str = "serial") -> dict[str, Any]:
     """Extract (or reuse) the candidates of the transfer config's scans and score every variant.
+    With a ``scheduler`` other than ``serial`` (``local:N`` or a Dask address) the candidates of every scan, scored
+    and training, are first extracted in parallel (:func:`stage1_detect.blob.warm_candidate_cache`).
     Returns the record (see :func:`main` for where it is written)."""
     from benchmarks.transfer import (
         DEFAULT_DICOM_ROOT, _yardstick_findings, load_transfer_config, prepare_transfer_data, read_real_scan,
@@ -132,7 +134,7 @@ def run_ablation(config_path: Path, *, progress: bool = True) -> dict[str, Any]:
     from lidc_det.config import to_plain
     from lidc_det.metrics.ranks import nodule_ranks, score_at_sensitivity
     from lidc_det.provenance import device_info, provenance
-    from stage1_detect.blob import BlobDetector
+    from stage1_detect.blob import BlobDetector, warm_candidate_cache
 
     t_start = time.perf_counter()
     cfg = load_ablation_config(config_path)
@@ -142,6 +144,15 @@ def run_ablation(config_path: Path, *, progress: bool = True) -> dict[str, Any]:
     data = prepare_transfer_data(tcfg, cfg.data_dir, cfg.dicom_root or DEFAULT_DICOM_ROOT, progress=progress)
     cache = cfg.work_dir / "features"
     base = BlobDetector(progress=progress, **tcfg.detector.kwargs)
+    real_cases = []
+    for e in data.evals:
+        vol, _, tg, ir = read_real_scan(e)
+        real_cases.append((e, SimpleNamespace(series_uid=vol.series_uid, image_hu=vol.hu, geometry=vol.geometry), tg, ir))
+    if scheduler != "serial":
+        scored = [data.ds_twin.load_case(u) for u in [*data.split.val, *data.split.test]]
+        scored += [ds.load_case(u) for ds in [data.ds_yard, *data.ds_extra] for u in ds.series_uids]
+        warm_candidate_cache(tcfg.detector.kwargs, [*scored, *(c for _, c, _, _ in real_cases), *data.train_cases()],
+                             cache, scheduler=scheduler, progress=progress)
 
     # -- every scored scan's candidates, once
     sets = [
@@ -152,11 +163,8 @@ def run_ablation(config_path: Path, *, progress: bool = True) -> dict[str, Any]:
                              *((b.name, d, b.region) for b, d in zip(tcfg.extra_yardsticks, data.ds_extra))]:
         sets.append(_collect(base, name, [ds.load_case(u) for u in ds.series_uids], _yardstick_findings(ds), region,
                              False, cache, progress))
-    real: list[tuple[Any, Any, list[Any], list[Any]]] = []  # (eval scan, candidates, targets, irrelevant)
-    for e in data.evals:
-        vol, _, tg, ir = read_real_scan(e)
-        case = SimpleNamespace(series_uid=vol.series_uid, image_hu=vol.hu, geometry=vol.geometry)
-        real.append((e, base.cached_candidates(case, cache), tg, ir))
+    # (eval scan, candidates, targets, irrelevant)
+    real = [(e, base.cached_candidates(case, cache), tg, ir) for e, case, tg, ir in real_cases]
 
     # -- one model per variant
     train_cases = data.train_cases()
@@ -190,7 +198,7 @@ def run_ablation(config_path: Path, *, progress: bool = True) -> dict[str, Any]:
         "kind": "lidc-det blob-lgbm ablation",
         "config_path": str(config_path),
         "config": {"transfer": str(cfg.transfer), "data_dir": str(cfg.data_dir), "work_dir": str(cfg.work_dir),
-                   "variants": [{"name": v.name, "kwargs": v.kwargs} for v in cfg.variants]},
+                   "variants": [{"name": v.name, "kwargs": v.kwargs} for v in cfg.variants], "scheduler": scheduler},
         "transfer_config": to_plain(tcfg),
         "protocol": data.protocol,
         "provenance": provenance(),
@@ -235,8 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("config", type=Path, help="ablation YAML")
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default: <work_dir>/ablation.json)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--scheduler", default="serial",
+                    help="extract the scans' candidates first as parallel tasks: local:N (N processes) or a Dask "
+                         "address; serial (default): one after the other while scoring")
     args = ap.parse_args(argv)
-    rec = run_ablation(args.config, progress=not args.no_progress)
+    rec = run_ablation(args.config, progress=not args.no_progress, scheduler=args.scheduler)
     out = args.out or Path(rec["config"]["work_dir"]) / "ablation.json"
     write_json(out, rec)
     print(table(rec))

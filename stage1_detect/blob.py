@@ -113,6 +113,7 @@ class BlobConfig:
     ray_features: bool = False
     masked_features: bool = False
     max_masked_candidates: int = 300
+    open_radii_mm: tuple[float, ...] = ()
     # scoring and output
     nms_radius_factor: float = 0.5
     max_detections: int = 100
@@ -141,6 +142,11 @@ class BlobConfig:
         object.__setattr__(self, "sigmas_mm", s)
         object.__setattr__(self, "hu_clip", (float(self.hu_clip[0]), float(self.hu_clip[1])))
         object.__setattr__(self, "lgbm_drop_features", tuple(str(v) for v in self.lgbm_drop_features))
+        rho = tuple(float(v) for v in self.open_radii_mm)
+        if any(v < self.spacing_mm for v in rho) or list(rho) != sorted(set(rho)) or len({_open_tag(v) for v in rho}) < len(rho):
+            raise ConfigError(f"blob-lgbm: open_radii_mm must be increasing, distinct to 0.1 mm and >= spacing_mm "
+                              f"({self.spacing_mm}), got {self.open_radii_mm}")
+        object.__setattr__(self, "open_radii_mm", rho)
         for name in ("train_blur_sigma_z_mm", "train_blur_sigma_xy_mm"):
             lo, hi = (float(v) for v in getattr(self, name))
             if not 0.0 <= lo <= hi:
@@ -190,7 +196,7 @@ class BlobConfig:
 
 ADDED_LATER: tuple[tuple[str, Any], ...] = (
     ("lgbm_relative_hu", False), ("lgbm_drop_features", ()), ("train_blur_copies", 0), ("lgbm_semireal_weight", 1.0),
-    ("ray_features", False), ("masked_features", False), ("lung_close_mm", 10.0),
+    ("ray_features", False), ("masked_features", False), ("lung_close_mm", 10.0), ("open_radii_mm", ()),
 )
 """Fields of :class:`BlobConfig` added after caches and models were written, with their defaults (the behaviour
 before they existed; 10 mm is :func:`lidc_det.lungs.lung_fields`' closing)."""
@@ -211,7 +217,24 @@ def feature_names(cfg: BlobConfig) -> list[str]:
         names += list(RAY_FEATURES)
     if cfg.masked_features:
         names += list(MASKED_FEATURES)
+    for rho in cfg.open_radii_mm:
+        names += [f"open{_open_tag(rho)}_{n}" for n in OPEN_FEATURES]
     return names
+
+
+def _open_tag(radius_mm: float) -> str:
+    """The name of an opening radius in feature names: tenths of a mm, two digits at least (1.5 mm -> ``15``)."""
+    return f"{int(round(10 * radius_mm)):02d}"
+
+
+OPEN_FEATURES: tuple[str, ...] = ("hu_centre", "volume_fraction", "diam_over_blob", "face_crossings", "axis_min")
+"""With ``open_radii_mm``, for each radius ``rho`` (columns ``open<rho in tenths of a mm>_<name>``): the *object* again
+(same threshold, same cube) in the scan after a grey-level opening by a ball of radius ``rho``, which removes every
+bright structure thinner than ``2 rho`` and keeps what is thicker (a nodule of radius above ``rho`` survives it
+whole). A nodule against a vessel thinner than itself is one object with the vessel in the scan (large, elongated,
+two branches through the cube: vessel-like) and a compact one after the opening. Columns: the opened image at the
+centre, the opened object's volume over the object's, its equivalent diameter over the blob's, its branches
+through the cube's faces and its smallest principal-axis ratio (0 and 0 when nothing at the centre survives)."""
 
 
 MASKED_FEATURES: tuple[str, ...] = ("masked_response", "masked_dot")
@@ -364,6 +387,59 @@ def _hessian_at(g: np.ndarray, pts: np.ndarray, spacing: float) -> np.ndarray:
     return h / spacing**2
 
 
+def _cube_box(pt: np.ndarray, radius_mm: float, shape: tuple[int, ...], cfg: BlobConfig) -> tuple[slice, ...]:
+    """The object cube of a candidate at voxel ``pt`` with blob radius ``radius_mm`` (``cube_radius_factor`` radii,
+    clipped to ``min_cube_mm / 2 .. max_cube_mm``), cut to the image ``shape``."""
+    half = int(np.ceil(np.clip(cfg.cube_radius_factor * radius_mm, cfg.min_cube_mm / 2, cfg.max_cube_mm) / cfg.spacing_mm))
+    lo = np.maximum(pt - half, 0)
+    hi = np.minimum(pt + half + 1, shape)
+    return tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+
+
+def _centre_object(cube: np.ndarray, c: tuple[int, ...], thr: float) -> np.ndarray | None:
+    """The connected component of ``cube > thr`` at voxel ``c`` (bool, the cube's shape), or, when ``c`` fell just
+    below the threshold, that of its brightest labelled 26-neighbour; None when there is none."""
+    from scipy import ndimage as ndi
+
+    labels, _ = ndi.label(cube > thr)
+    lab = labels[c]
+    if lab == 0:
+        zs, ys, xs = (slice(max(v - 1, 0), v + 2) for v in c)
+        near = labels[zs, ys, xs]
+        vals = np.where(near > 0, cube[zs, ys, xs], -np.inf)
+        lab = int(near.ravel()[int(np.argmax(vals))]) if np.isfinite(vals.max()) else 0
+    return None if lab == 0 else labels == lab
+
+
+def _on_faces(obj: np.ndarray) -> np.ndarray:
+    """The voxels of ``obj`` on the faces of its cube (bool, same shape)."""
+    faces = np.zeros_like(obj)
+    faces[0], faces[-1], faces[:, 0], faces[:, -1], faces[:, :, 0], faces[:, :, -1] = (
+        obj[0], obj[-1], obj[:, 0], obj[:, -1], obj[:, :, 0], obj[:, :, -1]
+    )
+    return faces
+
+
+def _face_crossings(faces: np.ndarray) -> int:
+    """Branches through the cube's faces: connected (26) components of :func:`_on_faces`."""
+    from scipy import ndimage as ndi
+
+    return int(ndi.label(faces, structure=np.ones((3, 3, 3), dtype=bool))[1])
+
+
+def _axis_ratios(obj: np.ndarray) -> tuple[float, float]:
+    """Middle and smallest principal-axis length over the largest of an object (1, 1 below 4 voxels)."""
+    n = int(obj.sum())
+    if n < 4:
+        return 1.0, 1.0
+    ev = np.maximum(np.sort(np.linalg.eigvalsh(np.cov(np.argwhere(obj).astype(np.float64).T)))[::-1], 1e-6)
+    return float(np.sqrt(ev[1] / ev[0])), float(np.sqrt(ev[2] / ev[0]))
+
+
+def _equivalent_diameter(volume_mm3: float) -> float:
+    return 2.0 * (3.0 * volume_mm3 / (4.0 * np.pi)) ** (1.0 / 3.0)
+
+
 def _object_features(
     hu: np.ndarray, lung: np.ndarray, pt: np.ndarray, radius_mm: float, hu_smooth: float, cfg: BlobConfig
 ) -> list[float]:
@@ -371,52 +447,60 @@ def _object_features(
     from scipy import ndimage as ndi
 
     sp = cfg.spacing_mm
-    half = int(np.ceil(np.clip(cfg.cube_radius_factor * radius_mm, cfg.min_cube_mm / 2, cfg.max_cube_mm) / sp))
-    lo = np.maximum(pt - half, 0)
-    hi = np.minimum(pt + half + 1, hu.shape)
-    cube = hu[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-    lcube = lung[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]]
-    c = tuple(pt - lo)
+    box = _cube_box(pt, radius_mm, hu.shape, cfg)
+    cube, lcube = hu[box], lung[box]
+    c = tuple(int(v) for v in pt - np.array([b.start for b in box]))
     outside = 1.0 - float(lcube.mean())
     inside_vals = cube[lcube]
     bg = float(np.percentile(inside_vals, 20)) if inside_vals.size >= 10 else float(np.percentile(cube, 20))
     thr = 0.5 * (max(hu_smooth, bg + 50.0) + bg)
-    above = cube > thr
-    labels, _ = ndi.label(above)
-    lab = labels[c]
-    if lab == 0:  # the centre fell just below the threshold: take the brightest labelled neighbour
-        zs, ys, xs = (slice(max(v - 1, 0), v + 2) for v in c)
-        near = labels[zs, ys, xs]
-        vals = np.where(near > 0, cube[zs, ys, xs], -np.inf)
-        lab = int(near.ravel()[int(np.argmax(vals))]) if np.isfinite(vals.max()) else 0
-    if lab == 0:
+    obj = _centre_object(cube, c, thr)
+    if obj is None:
         return [0.0, 0.0, 0.0, 0.0, 0.0, hu_smooth, 0.0, thr, bg, outside] + ([0.0, 0.0] if cfg.branch_features else [])
-    obj = labels == lab
     n = int(obj.sum())
     vol = n * sp**3
-    faces = np.zeros_like(obj)
-    faces[0], faces[-1], faces[:, 0], faces[:, -1], faces[:, :, 0], faces[:, :, -1] = (
-        obj[0], obj[-1], obj[:, 0], obj[:, -1], obj[:, :, 0], obj[:, :, -1]
-    )
+    faces = _on_faces(obj)
     on_faces = float(faces.sum()) / max(n, 1)
-    coords = np.argwhere(obj).astype(np.float64)
-    if n >= 4:
-        ev = np.sort(np.linalg.eigvalsh(np.cov(coords.T)))[::-1]
-        ev = np.maximum(ev, 1e-6)
-        ax_mid, ax_min = float(np.sqrt(ev[1] / ev[0])), float(np.sqrt(ev[2] / ev[0]))
-    else:
-        ax_mid = ax_min = 1.0
+    ax_mid, ax_min = _axis_ratios(obj)
     vals = cube[obj]
-    diam = 2.0 * (3.0 * vol / (4.0 * np.pi)) ** (1.0 / 3.0)
+    diam = _equivalent_diameter(vol)
     out = [vol, diam / (2.0 * radius_mm), on_faces, ax_mid, ax_min, float(vals.mean()), float(vals.std()), thr, bg, outside]
     if cfg.branch_features:
         # branches leaving the cube (0 for a nodule, 2 for a vessel, 3+ at a bifurcation) and the share of the
         # object that survives an erosion by a third of the blob's radius (a nodule keeps its core, a vessel
         # thinner than the blob does not)
-        _, crossings = ndi.label(faces, structure=np.ones((3, 3, 3), dtype=bool))
         it = max(1, int(round(radius_mm / (3.0 * sp))))
         core = ndi.binary_erosion(obj, iterations=it).sum() / max(n, 1)
-        out += [float(crossings), float(core)]
+        out += [float(_face_crossings(faces)), float(core)]
+    return out
+
+
+def _ball(radius_vox: float) -> np.ndarray:
+    """A ball footprint (bool cube) of ``radius_vox`` voxels."""
+    n = int(np.floor(radius_vox))
+    g = np.mgrid[-n : n + 1, -n : n + 1, -n : n + 1]
+    return (g**2).sum(axis=0) <= radius_vox**2 + 1e-6
+
+
+def _opened_features(opened: np.ndarray, pts: np.ndarray, radius_mm: np.ndarray, thr: np.ndarray,
+                     volume_mm3: np.ndarray, cfg: BlobConfig) -> np.ndarray:
+    """:data:`OPEN_FEATURES` ``(N, 5)`` of candidates at voxels ``pts`` ``(N, 3)`` in ``opened`` (the isotropic
+    lung box after one grey opening), with their blob radii, object thresholds (HU) and object volumes ``(N,)``."""
+    sp = cfg.spacing_mm
+    out = np.zeros((len(pts), len(OPEN_FEATURES)))
+    for i, (pt, r, t, v) in enumerate(zip(pts, radius_mm, thr, volume_mm3)):
+        box = _cube_box(pt, float(r), opened.shape, cfg)
+        cube = opened[box]
+        c = tuple(int(a) for a in pt - np.array([b.start for b in box]))
+        out[i, 0] = cube[c]
+        obj = _centre_object(cube, c, float(t))
+        if obj is None:
+            continue
+        vol = float(obj.sum()) * sp**3
+        out[i, 1] = vol / max(float(v), sp**3)
+        out[i, 2] = _equivalent_diameter(vol) / (2.0 * float(r))
+        out[i, 3] = _face_crossings(_on_faces(obj))
+        out[i, 4] = _axis_ratios(obj)[1]
     return out
 
 
@@ -490,6 +574,15 @@ def scan_candidates(hu: np.ndarray, geometry: VolumeGeometry, cfg: BlobConfig) -
         obj = np.column_stack([obj, _ray_features(sub, pts, SQRT3 * sig, thr, sp)])
     if cfg.masked_features:
         obj = np.column_stack([obj, masked])
+    if cfg.open_radii_mm:
+        from scipy import ndimage as ndi
+
+        names = feature_names(cfg)
+        thr = obj[:, names.index("obj_threshold_hu") - len(cols)]
+        vol = obj[:, names.index("obj_volume_mm3") - len(cols)]
+        for rho in cfg.open_radii_mm:
+            opened = ndi.grey_opening(sub, footprint=_ball(rho / sp))
+            obj = np.column_stack([obj, _opened_features(opened, pts, SQRT3 * sig, thr, vol, cfg)])
     feats = np.column_stack([*cols, obj]).astype(np.float32)
     centres = geometry.voxel_to_world((pts + lo).astype(np.float64))
     return BlobCandidates(np.asarray(centres).reshape(-1, 3), sig.astype(np.float64), feats, time.perf_counter() - t0)
@@ -827,6 +920,39 @@ class BlurredCase:
         if name == "case":
             raise AttributeError(name)
         return getattr(self.case, name)
+
+
+def warm_candidate_cache(detector_kwargs: dict[str, Any], cases: Sequence[Any], cache_dir: str | Path, *,
+                         scheduler: str | None = "local", progress: bool = True) -> Any:
+    """Extract the candidates of every scan of ``cases`` into ``cache_dir`` (as
+    :meth:`BlobDetector.cached_candidates` does, so later runs read them), one task per scan on ``scheduler``
+    (:func:`lidc_det.cluster.run_tasks`: ``serial``, ``local[:N]`` or a Dask address). A prepared scan travels to
+    its worker as its folder and is read there; any other case (e.g. a real scan read in memory) travels whole.
+    Scans already cached are read, not extracted again, so the call is resumable. Returns the
+    :class:`~lidc_det.cluster.RunReport`; raises :class:`BlobModelError` when a scan failed."""
+    from lidc_det.cluster import run_tasks
+    from lidc_det.data.prepared import PreparedCase
+
+    items: dict[str, tuple[Any, ...]] = {}
+    for case in cases:
+        ref = (str(case.folder.parent.parent), case.series_uid) if isinstance(case, PreparedCase) else case
+        items.setdefault(case.series_uid, (dict(detector_kwargs), ref, str(cache_dir)))
+    report = run_tasks(_cached_candidates_task, list(items.items()), scheduler=scheduler, desc="blob-lgbm candidates",
+                       progress=progress)
+    failed = [f"{o.key}: {o.error}" for o in report.outcomes if not o.ok]
+    if failed:
+        raise BlobModelError(f"blob-lgbm: {len(failed)} scan(s) failed candidate extraction: " + "; ".join(failed[:3]))
+    return report
+
+
+def _cached_candidates_task(detector_kwargs: dict[str, Any], ref: Any, cache_dir: str) -> int:
+    """One task of :func:`warm_candidate_cache`: the number of candidates of one scan (``ref``: a case, or a
+    prepared data set's root and a series UID)."""
+    if isinstance(ref, tuple):
+        from lidc_det.data.prepared import PreparedDataset
+
+        ref = PreparedDataset(ref[0]).load_case(ref[1])
+    return len(BlobDetector(progress=False, **detector_kwargs).cached_candidates(ref, cache_dir))
 
 
 def scan_fingerprint(case: Any) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -432,3 +433,73 @@ def test_model_settings_of_default_config_match_models_trained_before_later_fiel
     assert BlobConfig(lung_close_mm=22.0).candidate_key() not in (BlobConfig().candidate_key(),
                                                                   BlobConfig(lung_close_mm=16.0).candidate_key())
     assert BlobConfig(lung_close_mm=22.0).model_settings()["lung_close_mm"] == 22.0
+
+
+def test_opened_objects_cut_a_nodule_off_its_vessel() -> None:
+    # a 9 mm nodule with a 2.4 mm vessel running through it, and the same vessel alone elsewhere
+    case = _phantom("open", np.random.default_rng(1), [((24.0, 24.0, 24.0), 9.0)], [(24, 24, 1.2), (10, 38, 1.2)])
+    plain_cfg = BlobConfig(restrict_to_lungs=False)
+    cfg = BlobConfig(restrict_to_lungs=False, open_radii_mm=(2.0,))
+    assert plain_cfg.candidate_key() == BlobConfig(restrict_to_lungs=False, open_radii_mm=()).candidate_key()
+    names = feature_names(cfg)
+    assert names[-5:] == ["open20_hu_centre", "open20_volume_fraction", "open20_diam_over_blob",
+                          "open20_face_crossings", "open20_axis_min"]
+    cand = scan_candidates(case.image_hu, case.geometry, cfg)
+    plain = scan_candidates(case.image_hu, case.geometry, plain_cfg)
+    np.testing.assert_array_equal(cand.features[:, : plain.features.shape[1]], plain.features)
+    f = {n: cand.features[:, k] for k, n in enumerate(names)}
+    at_nodule = np.linalg.norm(cand.centers_xyz_mm - 24.0, axis=1) < 2.0
+    assert at_nodule.any()
+    k = int(np.flatnonzero(at_nodule)[np.argmax(f["dot"][at_nodule])])
+    assert f["obj_face_crossings"][k] == 2  # with the vessel: one object leaving the cube twice
+    assert f["open20_face_crossings"][k] == 0 and f["open20_volume_fraction"][k] < 0.9
+    assert 0.5 < f["open20_diam_over_blob"][k] < 2.0 and f["open20_hu_centre"][k] > -100
+    on_vessel = (np.abs(cand.centers_xyz_mm[:, 2] - 10) < 1.5) & (np.abs(cand.centers_xyz_mm[:, 1] - 38) < 1.5)
+    assert on_vessel.any()
+    assert np.all(f["open20_volume_fraction"][on_vessel] == 0.0)  # the opening removes the vessel
+    assert np.all(f["open20_hu_centre"][on_vessel] < -700)
+
+
+@pytest.mark.parametrize("radii", [(2.0, 1.5), (0.5,), (1.0, 1.02)])
+def test_open_radii_must_be_increasing_distinct_and_at_least_a_voxel(radii: tuple[float, ...]) -> None:
+    with pytest.raises(ConfigError, match="open_radii_mm"):
+        BlobConfig(open_radii_mm=radii)
+    assert BlobConfig(open_radii_mm=[1.0, 1.5]).open_radii_mm == (1.0, 1.5)
+
+
+def test_warm_candidate_cache_fills_the_cache_the_detector_reads(tmp_path: Path) -> None:
+    from lidc_det.data.prepared import PreparedDataset
+    from stage1_detect.blob import warm_candidate_cache
+
+    ds_root = _prepared_phantoms(tmp_path / "ds", 2)
+    ds = PreparedDataset(ds_root)
+    cases = [ds.load_case(u) for u in ds.series_uids]
+    extra = _phantom("mem", np.random.default_rng(3), [((24.0, 24.0, 24.0), 8.0)], [])
+    kwargs = {"restrict_to_lungs": False}
+    report = warm_candidate_cache(kwargs, [*cases, extra, cases[0]], tmp_path / "cache", scheduler="serial", progress=False)
+    assert [o.key for o in report.outcomes] == [*ds.series_uids, "mem"] and all(o.ok for o in report.outcomes)
+    det = BlobDetector(progress=False, **kwargs)
+    files = sorted((tmp_path / "cache" / det.config.candidate_key()).glob("*.npz"))
+    assert len(files) == 3
+    mtimes = [p.stat().st_mtime_ns for p in files]
+    cand = det.cached_candidates(cases[1], tmp_path / "cache")  # read, not extracted again
+    assert [p.stat().st_mtime_ns for p in files] == mtimes
+    assert report.outcomes[1].value == len(cand) > 0
+    with pytest.raises(BlobModelError, match="failed candidate extraction"):
+        bad = _phantom("bad", np.random.default_rng(4), [], [])
+        broken = SimpleNamespace(series_uid="bad", image_hu=bad.image_hu[:-1], geometry=bad.geometry)
+        warm_candidate_cache(kwargs, [broken], tmp_path / "cache", scheduler="serial", progress=False)
+
+
+def _prepared_phantoms(root: Path, n: int) -> Path:
+    """A minimal prepared data set (``dataset.json`` + scans in the prepared layout) of ``n`` phantoms."""
+    from lidc_det.atomic import write_json
+    from lidc_det.data.prepare import FORMAT_VERSION, write_scan
+
+    scans = []
+    for k, case in enumerate(_cases(n, seed=11)):
+        write_scan(root, case.series_uid, np.asarray(case.image_hu), case.geometry, [],
+                   {"series_uid": case.series_uid, "patient_id": f"P{k}", "irrelevant": []})
+        scans.append({"series_uid": case.series_uid, "patient_id": f"P{k}", "fold": 0})
+    write_json(root / "dataset.json", {"format_version": FORMAT_VERSION, "scans": scans})
+    return root

@@ -36,7 +36,9 @@ against a vessel is not blob-shaped at any scale).
   closes all round, a vessel leaves two open, a nodule on the chest wall a third to a half);
 * with ``masked_features`` (:data:`MASKED_FEATURES`), the blob response and dot in the scan with everything
   outside the lung field set to lung: a juxtapleural nodule is a blob there; the best maxima of that masked
-  dot also join the candidates (``max_masked_candidates``).
+  dot also join the candidates (``max_masked_candidates``);
+* with ``open_radii_mm`` (:data:`OPEN_FEATURES`), the object again after a grey-level opening by a ball of each
+  radius: a nodule against a thinner vessel is cut off it, a vessel alone vanishes.
 
 No absolute position is used.
 

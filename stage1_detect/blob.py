@@ -38,7 +38,8 @@ against a vessel is not blob-shaped at any scale).
   outside the lung field set to lung: a juxtapleural nodule is a blob there; the best maxima of that masked
   dot also join the candidates (``max_masked_candidates``);
 * with ``open_radii_mm`` (:data:`OPEN_FEATURES`), the object again after a grey-level opening by a ball of each
-  radius: a nodule against a thinner vessel is cut off it, a vessel alone vanishes.
+  radius: a nodule against a thinner vessel is cut off it, a vessel alone vanishes; with ``masked_object_features``
+  the object again in the wall-masked scan: a nodule merged with the chest wall is cut off it.
 
 No absolute position is used.
 
@@ -116,6 +117,7 @@ class BlobConfig:
     masked_features: bool = False
     max_masked_candidates: int = 300
     open_radii_mm: tuple[float, ...] = ()
+    masked_object_features: bool = False
     # scoring and output
     nms_radius_factor: float = 0.5
     max_detections: int = 100
@@ -199,6 +201,7 @@ class BlobConfig:
 ADDED_LATER: tuple[tuple[str, Any], ...] = (
     ("lgbm_relative_hu", False), ("lgbm_drop_features", ()), ("train_blur_copies", 0), ("lgbm_semireal_weight", 1.0),
     ("ray_features", False), ("masked_features", False), ("lung_close_mm", 10.0), ("open_radii_mm", ()),
+    ("masked_object_features", False),
 )
 """Fields of :class:`BlobConfig` added after caches and models were written, with their defaults (the behaviour
 before they existed; 10 mm is :func:`lidc_det.lungs.lung_fields`' closing)."""
@@ -221,6 +224,8 @@ def feature_names(cfg: BlobConfig) -> list[str]:
         names += list(MASKED_FEATURES)
     for rho in cfg.open_radii_mm:
         names += [f"open{_open_tag(rho)}_{n}" for n in OPEN_FEATURES]
+    if cfg.masked_object_features:
+        names += [f"masked_obj_{n}" for n in OPEN_FEATURES]
     return names
 
 
@@ -236,7 +241,10 @@ bright structure thinner than ``2 rho`` and keeps what is thicker (a nodule of r
 whole). A nodule against a vessel thinner than itself is one object with the vessel in the scan (large, elongated,
 two branches through the cube: vessel-like) and a compact one after the opening. Columns: the opened image at the
 centre, the opened object's volume over the object's, its equivalent diameter over the blob's, its branches
-through the cube's faces and its smallest principal-axis ratio (0 and 0 when nothing at the centre survives)."""
+through the cube's faces and its smallest principal-axis ratio (0 and 0 when nothing at the centre survives).
+With ``masked_object_features`` the same five columns (``masked_obj_<name>``) of the object in the *wall-masked*
+scan (:data:`MASKED_FEATURES`): a nodule merged with the chest wall is one object with the wall in the scan (large,
+leaving the cube) and, cut at the lung field's border, a compact one in the masked scan."""
 
 
 MASKED_FEATURES: tuple[str, ...] = ("masked_response", "masked_dot")
@@ -484,15 +492,16 @@ def _ball(radius_vox: float) -> np.ndarray:
     return (g**2).sum(axis=0) <= radius_vox**2 + 1e-6
 
 
-def _opened_features(opened: np.ndarray, pts: np.ndarray, radius_mm: np.ndarray, thr: np.ndarray,
+def _object_again(image: np.ndarray, pts: np.ndarray, radius_mm: np.ndarray, thr: np.ndarray,
                      volume_mm3: np.ndarray, cfg: BlobConfig) -> np.ndarray:
-    """:data:`OPEN_FEATURES` ``(N, 5)`` of candidates at voxels ``pts`` ``(N, 3)`` in ``opened`` (the isotropic
-    lung box after one grey opening), with their blob radii, object thresholds (HU) and object volumes ``(N,)``."""
+    """:data:`OPEN_FEATURES` ``(N, 5)``: the object of candidates at voxels ``pts`` ``(N, 3)`` again in ``image``,
+    another image of the isotropic lung box (after a grey opening, or wall-masked), with their blob radii, object
+    thresholds (HU) and object volumes in the scan ``(N,)``."""
     sp = cfg.spacing_mm
     out = np.zeros((len(pts), len(OPEN_FEATURES)))
     for i, (pt, r, t, v) in enumerate(zip(pts, radius_mm, thr, volume_mm3)):
-        box = _cube_box(pt, float(r), opened.shape, cfg)
-        cube = opened[box]
+        box = _cube_box(pt, float(r), image.shape, cfg)
+        cube = image[box]
         c = tuple(int(a) for a in pt - np.array([b.start for b in box]))
         out[i, 0] = cube[c]
         obj = _centre_object(cube, c, float(t))
@@ -551,8 +560,9 @@ def scan_candidates(hu: np.ndarray, geometry: VolumeGeometry, cfg: BlobConfig) -
     keep = np.union1d(_greedy_keep(pts, dot + 1e-6 * resp, cfg.merge_mm / sp, cfg.max_candidates),
                       _greedy_keep(pts, resp, cfg.merge_mm / sp, cfg.max_response_candidates))
     masked = np.zeros((len(pts), 2))
+    sub_m = _wall_masked(sub, field_full[box]) if cfg.masked_features or cfg.masked_object_features else sub
     if cfg.masked_features:
-        pts, resp, dot, kidx, masked = _with_masked_peaks(sub, field_full[box], pts, resp, dot, kidx, smoothed,
+        pts, resp, dot, kidx, masked = _with_masked_peaks(sub_m, field_full[box], pts, resp, dot, kidx, smoothed,
                                                           responses, cfg)
         keep = np.union1d(keep, _greedy_keep(pts, masked[:, 1] + 1e-6 * masked[:, 0], cfg.merge_mm / sp,
                                              cfg.max_masked_candidates))
@@ -576,7 +586,7 @@ def scan_candidates(hu: np.ndarray, geometry: VolumeGeometry, cfg: BlobConfig) -
         obj = np.column_stack([obj, _ray_features(sub, pts, SQRT3 * sig, thr, sp)])
     if cfg.masked_features:
         obj = np.column_stack([obj, masked])
-    if cfg.open_radii_mm:
+    if cfg.open_radii_mm or cfg.masked_object_features:
         from scipy import ndimage as ndi
 
         names = feature_names(cfg)
@@ -584,7 +594,9 @@ def scan_candidates(hu: np.ndarray, geometry: VolumeGeometry, cfg: BlobConfig) -
         vol = obj[:, names.index("obj_volume_mm3") - len(cols)]
         for rho in cfg.open_radii_mm:
             opened = ndi.grey_opening(sub, footprint=_ball(rho / sp))
-            obj = np.column_stack([obj, _opened_features(opened, pts, SQRT3 * sig, thr, vol, cfg)])
+            obj = np.column_stack([obj, _object_again(opened, pts, SQRT3 * sig, thr, vol, cfg)])
+        if cfg.masked_object_features:
+            obj = np.column_stack([obj, _object_again(sub_m, pts, SQRT3 * sig, thr, vol, cfg)])
     feats = np.column_stack([*cols, obj]).astype(np.float32)
     centres = geometry.voxel_to_world((pts + lo).astype(np.float64))
     return BlobCandidates(np.asarray(centres).reshape(-1, 3), sig.astype(np.float64), feats, time.perf_counter() - t0)
@@ -612,18 +624,23 @@ def _dot_at(g: np.ndarray, pts: np.ndarray, s: float, spacing: float) -> np.ndar
     return _dot(np.linalg.eigvalsh(_hessian_at(g, pts, spacing) * s**2))
 
 
+def _wall_masked(sub: np.ndarray, field: np.ndarray) -> np.ndarray:
+    """The *wall-masked* lung box: every voxel of ``sub`` outside the lung ``field`` set to the field's median HU
+    (-850 HU when the field is empty)."""
+    fill = np.float32(np.median(sub[field])) if field.any() else np.float32(-850.0)
+    return np.where(field, sub, fill)
+
+
 def _with_masked_peaks(
-    sub: np.ndarray, field: np.ndarray, pts: np.ndarray, resp: np.ndarray, dot: np.ndarray, kidx: np.ndarray,
+    sub_m: np.ndarray, field: np.ndarray, pts: np.ndarray, resp: np.ndarray, dot: np.ndarray, kidx: np.ndarray,
     smoothed: list[np.ndarray], responses: list[np.ndarray], cfg: BlobConfig,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The candidate pool (points, response, dot, scale index) grown by the local maxima of the wall-masked
     response (:data:`MASKED_FEATURES`), and for every point of it the masked response and dot at its own scale
-    ``(N, 2)``. ``sub``: the isotropic lung box, ``field``: its lung field, ``smoothed`` / ``responses``: the
-    unmasked scale space of ``sub``."""
+    ``(N, 2)``. ``sub_m``: the wall-masked isotropic lung box (:func:`_wall_masked`), ``field``: its lung field,
+    ``smoothed`` / ``responses``: the unmasked scale space of the box."""
 
     sp = cfg.spacing_mm
-    fill = np.float32(np.median(sub[field])) if field.any() else np.float32(-850.0)
-    sub_m = np.where(field, sub, fill)
     masked = np.zeros((len(pts), 2))
     new: list[tuple[np.ndarray, int, np.ndarray, np.ndarray]] = []  # points, scale, masked response, masked dot
     for k, s in enumerate(cfg.sigmas_mm):

@@ -371,7 +371,9 @@ def test_miss_table_and_false_positive_groups(tmp_path: Path) -> None:
 def test_masked_scale_space_makes_a_juxtapleural_nodule_a_blob_again() -> None:
     from scipy import ndimage as ndi
 
-    from stage1_detect.blob import MASKED_FEATURES, _dot, _hessian_at, _with_masked_peaks
+    from stage1_detect.blob import (
+        MASKED_FEATURES, OPEN_FEATURES, _dot, _hessian_at, _object_again, _object_features, _wall_masked, _with_masked_peaks,
+    )
 
     zz, yy, xx = np.mgrid[:48, :48, :48].astype(np.float64)
     sub = np.full((48, 48, 48), -850.0, dtype=np.float32)
@@ -385,14 +387,26 @@ def test_masked_scale_space_makes_a_juxtapleural_nodule_a_blob_again() -> None:
     responses = [-(s**2) * ndi.laplace(g) for s, g in zip(cfg.sigmas_mm, smoothed)]
     centre = np.array([[24, 24, 34]])
     plain_dot = _dot(np.linalg.eigvalsh(_hessian_at(smoothed[k], centre, 1.0) * cfg.sigmas_mm[k] ** 2))
+    sub_m = _wall_masked(sub, field)
+    assert np.all(sub_m[~field] == -850.0) and np.array_equal(sub_m[field], sub[field])
     pts, resp, dot, kidx, masked = _with_masked_peaks(
-        sub, field, centre, responses[k][24, 24, 34:35], plain_dot, np.array([k]), smoothed, responses, cfg)
+        sub_m, field, centre, responses[k][24, 24, 34:35], plain_dot, np.array([k]), smoothed, responses, cfg)
     assert masked.shape == (len(pts), len(MASKED_FEATURES)) and len(pts) == len(resp) == len(dot) == len(kidx) > 1
     assert masked[0, 1] > 3 * max(plain_dot[0], 1.0)  # with the wall masked, the nodule is a blob
     # the masked scale space finds a maximum on the nodule; nothing inside the wall
     new = pts[1:]
     assert np.min(np.linalg.norm(new - centre, axis=1)) <= 2.0 and not np.any(new[:, 2] >= 38)
     assert cfg.candidate_key() != BlobConfig().candidate_key() and feature_names(cfg)[-2:] == list(MASKED_FEATURES)
+    # the object: merged with the wall in the scan, compact and closed in the wall-masked scan
+    radius = 4.0
+    plain_obj = dict(zip(feature_names(cfg), [0.0] * (5 + 6 * len(cfg.sigmas_mm)) + _object_features(sub, field, centre[0], radius, 0.0, cfg)))
+    thr, vol = plain_obj["obj_threshold_hu"], plain_obj["obj_volume_mm3"]
+    again = dict(zip(OPEN_FEATURES, _object_again(sub_m, centre, np.array([radius]), np.array([thr]), np.array([vol]), cfg)[0]))
+    assert plain_obj["obj_face_crossings"] >= 1 and plain_obj["obj_diam_over_blob"] > 2.0
+    assert again["face_crossings"] == 0 and 0.6 < again["diam_over_blob"] < 1.3 and again["volume_fraction"] < 0.2
+    mcfg = BlobConfig(masked_features=True, masked_object_features=True)
+    assert feature_names(mcfg)[-5:] == [f"masked_obj_{n}" for n in OPEN_FEATURES]
+    assert mcfg.candidate_key() != cfg.candidate_key()
 
 
 def test_semireal_weight_scales_only_semireal_scans(tmp_path: Path) -> None:

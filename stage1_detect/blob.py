@@ -50,7 +50,8 @@ only an irrelevant finding, negative otherwise; positives on subsolid nodules (t
 scan (series UID ``semireal-...``: nodules inserted into a real or twin background) ``lgbm_semireal_weight``. With ``lgbm_bags`` > 1,
 that many boosters are trained with seeds ``seed + k`` and their probabilities averaged. What LightGBM sees
 (:func:`model_matrix`) may add HU relative to the surrounding lung (``lgbm_relative_hu``) and leave columns out
-(``lgbm_drop_features``); ``train_blur_copies`` adds blurred copies of each training scan (:class:`BlurredCase`).
+(``lgbm_drop_features``); ``lgbm_feature_fraction``, ``lgbm_lambda_l2`` and ``lgbm_extra_trees`` regularise the
+boosters (LightGBM's own options; defaults 0.8, 0, off); ``train_blur_copies`` adds blurred copies of each training scan (:class:`BlurredCase`).
 None of these change the candidates, so they share the feature cache. At inference candidates are scored, greedily
 suppressed within ``nms_radius_factor`` radii (at least ``merge_mm``) of a better one (a vessel
 answering at a large scale must not hide a small nodule beside it), and the ``max_detections`` best returned
@@ -125,6 +126,9 @@ class BlobConfig:
     lgbm_learning_rate: float = 0.05
     lgbm_num_leaves: int = 15
     lgbm_min_data_in_leaf: int = 10
+    lgbm_feature_fraction: float = 0.8
+    lgbm_lambda_l2: float = 0.0
+    lgbm_extra_trees: bool = False
     lgbm_neg_per_pos: float = 0.0
     lgbm_subsolid_weight: float = 3.0
     lgbm_semireal_weight: float = 1.0
@@ -166,6 +170,9 @@ class BlobConfig:
             raise ConfigError(f"blob-lgbm: lgbm_semireal_weight must be > 0, got {self.lgbm_semireal_weight}")
         if self.lgbm_bags < 1:
             raise ConfigError(f"blob-lgbm: lgbm_bags must be >= 1, got {self.lgbm_bags}")
+        if not 0.0 < self.lgbm_feature_fraction <= 1.0 or self.lgbm_lambda_l2 < 0:
+            raise ConfigError(f"blob-lgbm: lgbm_feature_fraction must be in (0, 1] and lgbm_lambda_l2 >= 0, got "
+                              f"{self.lgbm_feature_fraction}, {self.lgbm_lambda_l2}")
         if self.max_candidates < 1 or self.max_detections < 1 or self.max_masked_candidates < 1:
             raise ConfigError("blob-lgbm: max_candidates, max_masked_candidates and max_detections must be >= 1")
 
@@ -201,7 +208,8 @@ class BlobConfig:
 ADDED_LATER: tuple[tuple[str, Any], ...] = (
     ("lgbm_relative_hu", False), ("lgbm_drop_features", ()), ("train_blur_copies", 0), ("lgbm_semireal_weight", 1.0),
     ("ray_features", False), ("masked_features", False), ("lung_close_mm", 10.0), ("open_radii_mm", ()),
-    ("masked_object_features", False),
+    ("masked_object_features", False), ("lgbm_feature_fraction", 0.8), ("lgbm_lambda_l2", 0.0),
+    ("lgbm_extra_trees", False),
 )
 """Fields of :class:`BlobConfig` added after caches and models were written, with their defaults (the behaviour
 before they existed; 10 mm is :func:`lidc_det.lungs.lung_fields`' closing)."""
@@ -846,7 +854,8 @@ class BlobDetector:
             raise BlobModelError(f"blob-lgbm: no candidate hits a target nodule in {len(train_cases)} training scans")
         params = {
             "objective": "binary", "learning_rate": self.config.lgbm_learning_rate, "num_leaves": self.config.lgbm_num_leaves,
-            "min_data_in_leaf": self.config.lgbm_min_data_in_leaf, "feature_fraction": 0.8, "bagging_fraction": 0.8,
+            "min_data_in_leaf": self.config.lgbm_min_data_in_leaf, "feature_fraction": self.config.lgbm_feature_fraction,
+            "lambda_l2": self.config.lgbm_lambda_l2, "extra_trees": self.config.lgbm_extra_trees, "bagging_fraction": 0.8,
             "bagging_freq": 1, "seed": self.config.seed, "deterministic": True, "num_threads": 2, "verbose": -1,
         }
         if self.config.lgbm_neg_per_pos > 0:

@@ -517,3 +517,17 @@ def _prepared_phantoms(root: Path, n: int) -> Path:
         scans.append({"series_uid": case.series_uid, "patient_id": f"P{k}", "fold": 0})
     write_json(root / "dataset.json", {"format_version": FORMAT_VERSION, "scans": scans})
     return root
+
+
+def test_regularisation_options_reach_the_boosters_and_their_keys(tmp_path: Path) -> None:
+    det = BlobDetector(progress=False, lgbm_feature_fraction=0.3, lgbm_lambda_l2=10.0, lgbm_extra_trees=True, **CFG)
+    det.fit(_cases(5, 8), [], tmp_path)
+    text = (tmp_path / MODEL_FILE).read_text()
+    assert "[feature_fraction: 0.3]" in text and "[lambda_l2: 10]" in text and "[extra_trees: 1]" in text
+    settings = det.config.model_settings()
+    assert (settings["lgbm_feature_fraction"], settings["lgbm_lambda_l2"], settings["lgbm_extra_trees"]) == (0.3, 10.0, True)
+    assert not {"lgbm_feature_fraction", "lgbm_lambda_l2", "lgbm_extra_trees"} & set(BlobConfig().model_settings())
+    assert det.config.candidate_key() == BlobConfig(**CFG).candidate_key()  # model-only: same cached features
+    for bad in ({"lgbm_feature_fraction": 0.0}, {"lgbm_feature_fraction": 1.5}, {"lgbm_lambda_l2": -1.0}):
+        with pytest.raises(ConfigError, match="lgbm_feature_fraction"):
+            BlobConfig(**bad)

@@ -95,10 +95,11 @@ class _ScoredSet:
     excluded: list[Any]
     region: str
     synthetic: bool
+    dataset: Any = None  # a semi-real yardstick's prepared data set (its inserted nodules), else None
 
 
 def _collect(detector: Any, name: str, cases: list[Any], findings: tuple[list[Any], list[Any]] | None,
-             region: str, synthetic: bool, cache: Path, progress: bool) -> _ScoredSet:
+             region: str, synthetic: bool, cache: Path, progress: bool, dataset: Any = None) -> _ScoredSet:
     from tqdm.auto import tqdm
 
     from benchmarks.transfer import _findings_in
@@ -112,7 +113,7 @@ def _collect(detector: Any, name: str, cases: list[Any], findings: tuple[list[An
             excluded += e
     if findings is not None:
         targets, excluded = findings
-    return _ScoredSet(name, cands, _findings_in(list(targets), region), list(excluded), region, synthetic)
+    return _ScoredSet(name, cands, _findings_in(list(targets), region), list(excluded), region, synthetic, dataset)
 
 
 def _froc(detector: Any, s: _ScoredSet, n_bootstrap: int, seed: int) -> tuple[dict[str, Any], list[Any]]:
@@ -134,6 +135,7 @@ def run_ablation(config_path: Path, *, progress: bool = True, scheduler: str = "
     from lidc_det.config import to_plain
     from lidc_det.metrics.ranks import nodule_ranks, score_at_sensitivity
     from lidc_det.provenance import device_info, provenance
+    from benchmarks.yardstick_breakdown import breakdown
     from stage1_detect.blob import BlobDetector, warm_candidate_cache
 
     t_start = time.perf_counter()
@@ -162,7 +164,7 @@ def run_ablation(config_path: Path, *, progress: bool = True, scheduler: str = "
     for name, ds, region in [("yardstick", data.ds_yard, data.yardstick_region),
                              *((b.name, d, b.region) for b, d in zip(tcfg.extra_yardsticks, data.ds_extra))]:
         sets.append(_collect(base, name, [ds.load_case(u) for u in ds.series_uids], _yardstick_findings(ds), region,
-                             False, cache, progress))
+                             False, cache, progress, dataset=ds))
     # (eval scan, candidates, targets, irrelevant)
     real = [(e, base.cached_candidates(case, cache), tg, ir) for e, case, tg, ir in real_cases]
 
@@ -179,6 +181,8 @@ def run_ablation(config_path: Path, *, progress: bool = True, scheduler: str = "
         for s in sets:
             froc, dets = _froc(det, s, tcfg.n_bootstrap, tcfg.seed)
             row[s.name] = {**froc, ("synthetic" if s.synthetic else "semi_real"): True, "region": s.region}
+            if s.dataset is not None:
+                row[s.name]["by_kind"] = breakdown(s.dataset, dets, s.region, s.excluded)["summary"]
             if s.name == "twin_val":
                 thr, reached = score_at_sensitivity(dets, s.targets, tcfg.operating_sensitivity)
                 row["operating_point"] = {"threshold": None if thr is None else round(thr, 4),
@@ -236,6 +240,16 @@ def table(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def kinds_table(record: dict[str, Any]) -> str:
+    """Markdown table of the yardsticks' nodules found by kind (:mod:`benchmarks.yardstick_breakdown`), one row
+    per variant and yardstick; empty for records written before ``by_kind`` existed."""
+    from benchmarks.yardstick_breakdown import summary_markdown
+
+    named = [(f"{r['name']}: {s['name']}", {"summary": r[s["name"]]["by_kind"]})
+             for r in record["rows"] for s in record["sets"] if "by_kind" in r[s["name"]]]
+    return summary_markdown(named) if named else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     from lidc_det.atomic import write_json
 
@@ -251,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or Path(rec["config"]["work_dir"]) / "ablation.json"
     write_json(out, rec)
     print(table(rec))
+    print("\nSYNTHETIC nodules on real backgrounds, by kind:\n" + kinds_table(rec))
     print(f"[ablation] wrote {out} ({rec['wall_seconds']:.0f} s)")
     return 0
 

@@ -252,7 +252,7 @@ def test_relative_hu_and_dropped_features_shape_the_model(tmp_path: Path) -> Non
 
 
 def test_ablation_config_refuses_candidate_fields(tmp_path: Path) -> None:
-    from benchmarks.blob_ablation import load_ablation_config, table
+    from benchmarks.blob_ablation import kinds_table, load_ablation_config, table
     from lidc_det.config import ConfigFileError
 
     p = tmp_path / "a.yaml"
@@ -274,6 +274,12 @@ def test_ablation_config_refuses_candidate_fields(tmp_path: Path) -> None:
                      "real": [{"patient_id": "LIDC-IDRI-0001", "rank": 1, "fps_above": 0}]}]}
     text = table(rec)
     assert "twin_test CPM (8, SYNTHETIC)" in text and "| base | - | 0.500 | 0.625 | LIDC-IDRI-0001 1 (0) |" in text
+    assert kinds_table(rec) == ""  # records written before by_kind
+    rec["rows"][0]["yardstick"]["by_kind"] = {"all": {"n": 39, "not_proposed": 2, "below_1fp": 23, "below_8fp": 27},
+                                              "juxtapleural": {"n": 12, "not_proposed": 2, "below_1fp": 4, "below_8fp": 5}}
+    kinds = kinds_table(rec).splitlines()
+    assert kinds[0] == "| found below 1 / 8 FP/scan / n | all | juxtapleural |"
+    assert kinds[2] == "| base: yardstick | 23 / 27 / 39 | 4 / 5 / 12 |" and len(kinds) == 3
 
 
 def test_blurred_training_copies(tmp_path: Path) -> None:

@@ -72,7 +72,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -80,6 +80,9 @@ from lidc_det.errors import ConfigError, LidcDetError
 from lidc_det.geometry import VolumeGeometry
 from lidc_det.results import Detections
 from stage1_detect.registry import register_detector
+
+if TYPE_CHECKING:
+    from lidc_det.cluster import RunReport
 
 MODEL_FILE = "blob_model.txt"
 META_FILE = "blob_model.json"
@@ -455,6 +458,7 @@ def _axis_ratios(obj: np.ndarray) -> tuple[float, float]:
 
 
 def _equivalent_diameter(volume_mm3: float) -> float:
+    """The diameter (mm) of the sphere of ``volume_mm3``."""
     return 2.0 * (3.0 * volume_mm3 / (4.0 * np.pi)) ** (1.0 / 3.0)
 
 
@@ -501,7 +505,7 @@ def _ball(radius_vox: float) -> np.ndarray:
 
 
 def _object_again(image: np.ndarray, pts: np.ndarray, radius_mm: np.ndarray, thr: np.ndarray,
-                     volume_mm3: np.ndarray, cfg: BlobConfig) -> np.ndarray:
+                  volume_mm3: np.ndarray, cfg: BlobConfig) -> np.ndarray:
     """:data:`OPEN_FEATURES` ``(N, 5)``: the object of candidates at voxels ``pts`` ``(N, 3)`` again in ``image``,
     another image of the isotropic lung box (after a grey opening, or wall-masked), with their blob radii, object
     thresholds (HU) and object volumes in the scan ``(N,)``."""
@@ -951,7 +955,7 @@ class BlurredCase:
 
 
 def warm_candidate_cache(detector_kwargs: dict[str, Any], cases: Sequence[Any], cache_dir: str | Path, *,
-                         scheduler: str | None = "local", progress: bool = True) -> Any:
+                         scheduler: str | None = "local", progress: bool = True) -> RunReport:
     """Extract the candidates of every scan of ``cases`` into ``cache_dir`` (as
     :meth:`BlobDetector.cached_candidates` does, so later runs read them), one task per scan on ``scheduler``
     (:func:`lidc_det.cluster.run_tasks`: ``serial``, ``local[:N]`` or a Dask address). A prepared scan travels to

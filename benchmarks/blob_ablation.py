@@ -132,10 +132,10 @@ def run_ablation(config_path: Path, *, progress: bool = True, scheduler: str = "
     from benchmarks.transfer import (
         DEFAULT_DICOM_ROOT, _yardstick_findings, load_transfer_config, prepare_transfer_data, read_real_scan,
     )
+    from benchmarks.yardstick_breakdown import breakdown
     from lidc_det.config import to_plain
     from lidc_det.metrics.ranks import nodule_ranks, score_at_sensitivity
     from lidc_det.provenance import device_info, provenance
-    from benchmarks.yardstick_breakdown import breakdown
     from stage1_detect.blob import BlobDetector, warm_candidate_cache
 
     t_start = time.perf_counter()

@@ -146,31 +146,34 @@ def run_ablation(config_path: Path, *, progress: bool = True, scheduler: str = "
     data = prepare_transfer_data(tcfg, cfg.data_dir, cfg.dicom_root or DEFAULT_DICOM_ROOT, progress=progress)
     cache = cfg.work_dir / "features"
     base = BlobDetector(progress=progress, **tcfg.detector.kwargs)
-    real_cases = []
+    # -- every scan, loaded once: scored (twin validation and test, yardsticks, real) and training
+    val_cases = [data.ds_twin.load_case(u) for u in data.split.val]
+    test_cases = [data.ds_twin.load_case(u) for u in data.split.test]
+    yards = [(name, ds, region, [ds.load_case(u) for u in ds.series_uids])
+             for name, ds, region in [("yardstick", data.ds_yard, data.yardstick_region),
+                                      *((b.name, d, b.region) for b, d in zip(tcfg.extra_yardsticks, data.ds_extra))]]
+    real_cases = []  # (eval scan, case, targets, irrelevant)
     for e in data.evals:
         vol, _, tg, ir = read_real_scan(e)
         real_cases.append((e, SimpleNamespace(series_uid=vol.series_uid, image_hu=vol.hu, geometry=vol.geometry), tg, ir))
+    train_cases = data.train_cases()
     if scheduler != "serial":
-        scored = [data.ds_twin.load_case(u) for u in [*data.split.val, *data.split.test]]
-        scored += [ds.load_case(u) for ds in [data.ds_yard, *data.ds_extra] for u in ds.series_uids]
-        warm_candidate_cache(tcfg.detector.kwargs, [*scored, *(c for _, c, _, _ in real_cases), *data.train_cases()],
+        warm_candidate_cache(tcfg.detector.kwargs,
+                             [*val_cases, *test_cases, *(c for *_, cases in yards for c in cases),
+                              *(c for _, c, _, _ in real_cases), *train_cases],
                              cache, scheduler=scheduler, progress=progress)
 
     # -- every scored scan's candidates, once
     sets = [
-        _collect(base, "twin_val", [data.ds_twin.load_case(u) for u in data.split.val], None, "whole", True, cache, progress),
-        _collect(base, "twin_test", [data.ds_twin.load_case(u) for u in data.split.test], None, "whole", True, cache, progress),
+        _collect(base, "twin_val", val_cases, None, "whole", True, cache, progress),
+        _collect(base, "twin_test", test_cases, None, "whole", True, cache, progress),
+        *(_collect(base, name, cases, _yardstick_findings(ds), region, False, cache, progress, dataset=ds)
+          for name, ds, region, cases in yards),
     ]
-    for name, ds, region in [("yardstick", data.ds_yard, data.yardstick_region),
-                             *((b.name, d, b.region) for b, d in zip(tcfg.extra_yardsticks, data.ds_extra))]:
-        sets.append(_collect(base, name, [ds.load_case(u) for u in ds.series_uids], _yardstick_findings(ds), region,
-                             False, cache, progress, dataset=ds))
     # (eval scan, candidates, targets, irrelevant)
     real = [(e, base.cached_candidates(case, cache), tg, ir) for e, case, tg, ir in real_cases]
 
     # -- one model per variant
-    train_cases = data.train_cases()
-    val_cases = [data.ds_twin.load_case(u) for u in data.split.val]
     rows: list[dict[str, Any]] = []
     for v in cfg.variants:
         t0 = time.perf_counter()

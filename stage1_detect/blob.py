@@ -593,17 +593,16 @@ def scan_candidates(hu: np.ndarray, geometry: VolumeGeometry, cfg: BlobConfig) -
     obj = np.array(
         [_object_features(sub, lung, p, SQRT3 * s, float(hs), cfg) for p, s, hs in zip(pts, sig, hu_smooth)]
     ).reshape(n, -1)
+    names = feature_names(cfg)
+    thr = obj[:, names.index("obj_threshold_hu") - len(cols)]  # the object's threshold (HU) and volume (mm^3)
+    vol = obj[:, names.index("obj_volume_mm3") - len(cols)]
     if cfg.ray_features:
-        thr = obj[:, feature_names(cfg).index("obj_threshold_hu") - len(cols)]
         obj = np.column_stack([obj, _ray_features(sub, pts, SQRT3 * sig, thr, sp)])
     if cfg.masked_features:
         obj = np.column_stack([obj, masked])
     if cfg.open_radii_mm or cfg.masked_object_features:
         from scipy import ndimage as ndi
 
-        names = feature_names(cfg)
-        thr = obj[:, names.index("obj_threshold_hu") - len(cols)]
-        vol = obj[:, names.index("obj_volume_mm3") - len(cols)]
         for rho in cfg.open_radii_mm:
             opened = ndi.grey_opening(sub, footprint=_ball(rho / sp))
             obj = np.column_stack([obj, _object_again(opened, pts, SQRT3 * sig, thr, vol, cfg)])

@@ -32,7 +32,8 @@ evaluated series used whole as a background, a yardstick region that was trained
 Outputs in ``--out``: ``transfer.json`` (config, git revision, device, wall times, every
 figure), ``report.md`` / ``report.html``, PNGs, LUNA16 candidate CSVs (twin test, yardstick,
 real), the detector's checkpoints. Reruns reuse
-finished twins, semi-real scans and training.
+finished twins, semi-real scans and training (and blob-lgbm's cached candidates, in ``stage1/features``;
+``--scheduler local:N`` extracts them in parallel first).
 """
 
 from __future__ import annotations
@@ -437,11 +438,13 @@ def _yardstick_findings(ds: Any) -> tuple[list[Any], list[Any]]:
     return targets, irrelevant
 
 
-def _score_yardstick(detector: Any, ds: Any, region: str, cfg: TransferConfig, progress: bool) -> tuple[Any, ...]:
-    """Detections (restricted to ``region``), targets, irrelevant findings and FROC of one yardstick."""
+def _score_yardstick(detector: Any, ds: Any, region: str, cfg: TransferConfig, progress: bool,
+                     cache: Path | None = None) -> tuple[Any, ...]:
+    """Detections (restricted to ``region``), targets, irrelevant findings and FROC of one yardstick
+    (``cache``: see :func:`_detect_prepared`)."""
     from lidc_det.metrics.froc import evaluate_detections
 
-    dets, _, _ = _detect_prepared(detector, ds, ds.series_uids, progress)
+    dets, _, _ = _detect_prepared(detector, ds, ds.series_uids, progress, cache)
     dets = [_restrict(d, region) for d in dets]
     targets, irrelevant = _yardstick_findings(ds)
     targets = _findings_in(targets, region)
@@ -481,11 +484,70 @@ def _cases_key(cases: list[Any]) -> list[tuple[str, str]]:
     return sorted((c.series_uid, hashlib.sha256((Path(c.folder) / "meta.json").read_bytes()).hexdigest()) for c in cases)
 
 
-def _detect_prepared(detector: Any, ds: Any, uids: Any, progress: bool) -> tuple[list[Any], list[Any], list[Any]]:
+def _detect_prepared(
+    detector: Any, ds: Any, uids: Any, progress: bool, cache: Path | None = None,
+) -> tuple[list[Any], list[Any], list[Any]]:
+    """Detections, LUNA16 targets and excluded findings of the scans ``uids`` of ``ds``. With a ``cache``
+    (blob-lgbm, :func:`_candidate_cache`) each scan's candidates are read from it (:func:`_cached_predict`),
+    else ``detector.predict`` runs on each scan (:func:`benchmarks.detection.detect_scans`)."""
     from benchmarks.detection import detect_scans
 
-    dets, targets, irrelevant, _ = detect_scans("transfer", detector, ds, list(uids), progress=progress)
+    if cache is None:
+        dets, targets, irrelevant, _ = detect_scans("transfer", detector, ds, list(uids), progress=progress)
+        return dets, targets, irrelevant
+    from tqdm.auto import tqdm
+
+    dets, targets, irrelevant = [], [], []
+    for uid in tqdm(list(uids), desc="transfer: detect", unit="scan", disable=not progress):
+        case = ds.load_case(uid)
+        t, o = case.luna_findings()
+        targets += t
+        irrelevant += o
+        dets.append(_cached_predict(detector, case, cache))
     return dets, targets, irrelevant
+
+
+# ------------------------------------------------------------------ blob-lgbm candidate cache
+def _candidate_cache(detector: Any, out_dir: Path) -> Path | None:
+    """Where a blob-lgbm detector's candidates are cached in a run: the folder its :meth:`fit` writes the
+    training scans' to (``out_dir/stage1/features``), so that scoring reads them too and a resumed run
+    extracts nothing again; None for any other detector (scored by ``predict``)."""
+    from stage1_detect.blob import BlobDetector
+
+    return Path(out_dir) / "stage1" / "features" if isinstance(detector, BlobDetector) else None
+
+
+def _cached_predict(detector: Any, case: Any, cache: Path | None) -> Any:
+    """``detector.predict`` of one scan (``case``: ``series_uid``, ``image_hu``, ``geometry``); with a ``cache``
+    (blob-lgbm) its candidates are read from there, or extracted and written there, then scored: the same
+    detections, as ``predict`` is :meth:`~stage1_detect.blob.BlobDetector.candidates` then
+    :meth:`~stage1_detect.blob.BlobDetector.score_candidates`."""
+    if cache is None:
+        return detector.predict(np.asarray(case.image_hu, dtype=np.float32), case.geometry, series_uid=case.series_uid)
+    return detector.score_candidates(detector.cached_candidates(case, cache), series_uid=case.series_uid)
+
+
+def _real_case(vol: Any) -> Any:
+    """A real scan read by :func:`read_real_scan` as a case (``series_uid``, ``image_hu``, ``geometry``)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(series_uid=vol.series_uid, image_hu=vol.hu, geometry=vol.geometry)
+
+
+def warm_transfer_cache(detector: Any, data: TransferData, cache: Path, *, scheduler: str, progress: bool = True) -> Any:
+    """Extract the blob-lgbm candidates of every scan a transfer run reads into ``cache``, one task per scan on
+    ``scheduler`` (:func:`stage1_detect.blob.warm_candidate_cache`): the training scans, the twin validation and
+    test scans, every yardstick's and the real evaluation scans. Blurred training copies (``train_blur_copies``)
+    are left to :meth:`~stage1_detect.blob.BlobDetector.fit`. Returns the :class:`~lidc_det.cluster.RunReport`."""
+    from dataclasses import asdict
+
+    from stage1_detect import blob
+
+    twin = [data.ds_twin.load_case(u) for u in (*data.split.val, *data.split.test)]
+    yards = [ds.load_case(u) for ds in (data.ds_yard, *data.ds_extra) for u in ds.series_uids]
+    real = [_real_case(read_real_scan(e)[0]) for e in data.evals]
+    return blob.warm_candidate_cache(asdict(detector.config), [*data.train_cases(), *twin, *yards, *real], cache,
+                                     scheduler=scheduler, progress=progress)
 
 
 def with_seeds(cfg: TransferConfig, train_seed: int | None, stage2_seed: int | None) -> TransferConfig:
@@ -689,6 +751,7 @@ def run_transfer(
     progress: bool = True,
     train_seed: int | None = None,
     stage2_seed: int | None = None,
+    scheduler: str = "serial",
 ) -> dict[str, Any]:
     """Run the transfer benchmark of ``config_path`` into ``out_dir``; return the record.
 
@@ -698,6 +761,11 @@ def run_transfer(
     ``train_seed`` replaces the detector's ``seed`` (its initialisation and patch sampling;
     the data stay the same), and the record's config says so. ``stage2_seed`` likewise replaces
     ``segmentation.seed`` (crops, augmentation; a new stage-2 model is trained for each seed).
+
+    A blob-lgbm detector's candidates are cached in ``out_dir/stage1/features`` (training and scoring read
+    them there; a rerun extracts nothing again). With a ``scheduler`` other than ``serial`` (``local:N`` or a
+    Dask address) the candidates of every scan the run reads are first extracted in parallel
+    (:func:`warm_transfer_cache`); other detectors ignore it.
     """
     from benchmarks.harness import _quiet
     from benchmarks.yardstick_breakdown import breakdown
@@ -728,6 +796,11 @@ def run_transfer(
     # -- stage 1
     t0 = time.perf_counter()
     detector = build_detector({"name": cfg.detector.name, **_quiet(cfg.detector, progress)})
+    cache = _candidate_cache(detector, out_dir)  # blob-lgbm only; the folder fit caches the training scans in
+    if cache is not None and scheduler != "serial":
+        t1 = time.perf_counter()
+        warm_transfer_cache(detector, data, cache, scheduler=scheduler, progress=progress)
+        lap("stage 1 candidates", t1)  # part of "stage 1 training" too, which stays comparable with serial runs
     train_cases = data.train_cases()
     val_cases = [ds_twin.load_case(u) for u in split.val]
     if hasattr(detector, "fit"):
@@ -736,19 +809,19 @@ def run_transfer(
 
     # -- twin validation: operating point; twin test: CPM
     t0 = time.perf_counter()
-    val_d, val_t, _ = _detect_prepared(detector, ds_twin, split.val, progress)
+    val_d, val_t, _ = _detect_prepared(detector, ds_twin, split.val, progress, cache)
     thr, thr_sens = score_at_sensitivity(val_d, val_t, cfg.operating_sensitivity)
-    test_d, test_t, test_i = _detect_prepared(detector, ds_twin, split.test, progress)
+    test_d, test_t, test_i = _detect_prepared(detector, ds_twin, split.test, progress, cache)
     twin_froc = evaluate_detections(test_t, test_d, excluded=test_i, n_bootstrap=cfg.n_bootstrap, seed=cfg.seed)
     lap("twin scoring", t0)
 
     # -- semi-real yardstick
     t0 = time.perf_counter()
-    y_d, y_t, y_i, yard_froc = _score_yardstick(detector, ds_yard, y_region, cfg, progress)
+    y_d, y_t, y_i, yard_froc = _score_yardstick(detector, ds_yard, y_region, cfg, progress, cache)
     extra_yards: dict[str, Any] = {}
     extra_scored: list[tuple[str, Any, list[Any], list[Any], list[Any]]] = []
     for b, ds_b in zip(cfg.extra_yardsticks, ds_extra):
-        b_d, b_t, b_i, b_froc = _score_yardstick(detector, ds_b, b.region, cfg, progress)
+        b_d, b_t, b_i, b_froc = _score_yardstick(detector, ds_b, b.region, cfg, progress, cache)
         extra_scored.append((b.name, ds_b, b_d, b_t, b_i))
         extra_yards[b.name] = {**_froc_dict(b_froc), "semi_real": True, "region": b.region,
                                "top_score": _top_scores(b_d), "by_kind": breakdown(ds_b, b_d, b.region, b_i)}
@@ -764,7 +837,7 @@ def run_transfer(
     pngs: list[dict[str, Any]] = []
     for e in evals:
         vol, scored, tg, ir = read_real_scan(e)
-        det = _restrict(detector.predict(vol.hu, vol.geometry, series_uid=vol.series_uid), e.region).top_k(100)
+        det = _restrict(_cached_predict(detector, _real_case(vol), cache), e.region).top_k(100)
         real_d.append(det)
         real_t += tg
         real_i += ir
@@ -838,6 +911,7 @@ def run_transfer(
         "stage2": stage2,
         "second_look": second_look,
         "stage1_train_seconds": _history_seconds(out_dir / "stage1"),
+        "scheduler": scheduler,
         "seconds": times,
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }

@@ -697,6 +697,9 @@ def _add_transfer(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--stage2-seed", type=int, default=None,
                    help="seed of stage 2 (crop jitter, negatives, augmentation), recorded in the config: a new "
                         "stage-2 model per seed (default: the config's segmentation seed)")
+    p.add_argument("--scheduler", default="serial",
+                   help="blob-lgbm only: extract every scan's candidates first as parallel tasks (" + SCHEDULER_HELP
+                        + "; default serial: one after the other while training and scoring)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     def run(a: argparse.Namespace) -> int:
@@ -704,7 +707,7 @@ def _add_transfer(sub: argparse._SubParsersAction) -> None:
 
         out = a.out or Path(f"transfer-{a.config.stem}")
         rec = run_transfer(a.config, out, dicom_root=a.dicom_root, data_dir=a.data_dir, progress=not a.no_progress,
-                           train_seed=a.train_seed, stage2_seed=a.stage2_seed)
+                           train_seed=a.train_seed, stage2_seed=a.stage2_seed, scheduler=a.scheduler)
         for r in rec["real"]["nodules"]:
             rank = f"rank {r['rank']}, {r['fps_above']} FP above" if r["rank"] else f"not hit ({r['fps_above']} FP)"
             print(f"REAL {r['patient_id']} nodule {r['diameter_mm']} mm ({r['scored_region']}): {rank}")

@@ -288,3 +288,135 @@ def test_second_look_backgrounds_are_trained_regions_for_the_second_look_only() 
         dataclasses.replace(cfg, train_sources=None)
     with pytest.raises(ConfigFileError, match="names of their own"):
         dataclasses.replace(cfg, backgrounds=(dataclasses.replace(tcga, dicom=REAL_0001, region="right", other_side="cut"),))
+
+
+# ------------------------------------------------------------------ blob-lgbm: candidate cache, --scheduler
+def _blob_phantom_set(root: Path, prefix: str, n: int, seed: int, *, inserted: bool = False):
+    """A prepared data set of ``n`` 48^3 phantoms (stored int16, as prepared scans are), each with one target
+    sphere (named ``...:inserted`` for a yardstick) and a vessel-like tube."""
+    import numpy as np
+
+    from lidc_det.atomic import write_json
+    from lidc_det.data.prepare import FORMAT_VERSION, write_scan
+    from lidc_det.data.prepared import PreparedDataset
+    from tests.test_stage1_blob import SHAPE, _phantom
+
+    rng = np.random.default_rng(seed)
+    zz, yy, xx = np.meshgrid(*[np.arange(s, dtype=np.float32) for s in SHAPE], indexing="ij")
+    scans = []
+    for k in range(n):
+        uid, d = f"{prefix}{k}", float(rng.uniform(6, 10))
+        c = (float(rng.uniform(12, 36)), 34.0, float(rng.uniform(12, 36)))
+        case = _phantom(uid, rng, [(c, d)], [(int(rng.integers(10, 38)), 12, 3.0)])
+        mask = (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 <= (d / 2) ** 2
+        rec = {"nodule_id": f"{uid}-1" + (":inserted" if inserted else ""), "center_xyz_mm": [c[2], c[1], c[0]],
+               "diameter_mm": d, "volume_mm3": float(mask.sum()), "n_readers": 4, "malignancy_median": 3.0}
+        write_scan(root, uid, np.asarray(case.image_hu), case.geometry, [(rec, mask)],
+                   {"series_uid": uid, "patient_id": f"P-{uid}", "irrelevant": []})
+        scans.append({"series_uid": uid, "patient_id": f"P-{uid}", "fold": 0})
+    write_json(root / "dataset.json", {"format_version": FORMAT_VERSION, "scans": scans})
+    return PreparedDataset(root)
+
+
+def test_blob_transfer_scores_from_the_candidate_cache_and_warms_it_with_a_scheduler(tmp_path: Path, monkeypatch) -> None:
+    """A blob-lgbm transfer (data, protocol and real scan faked with phantoms): with a scheduler every scan it reads
+    is extracted once, up front, into ``stage1/features``; training and every scored set (twin val/test, both
+    yardsticks, the real scan) read it there, a serial rerun extracts nothing, and the detections are ``predict``'s."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import benchmarks.transfer as tr
+    import benchmarks.yardstick_breakdown as yb
+    from benchmarks.data import Split
+    from benchmarks.harness import DetectorSpec
+    from stage1_detect import blob
+    from stage1_detect.registry import build_detector
+    from tests.test_stage1_blob import CFG
+
+    twins = _blob_phantom_set(tmp_path / "twins", "tw", 6, 1)
+    yard = _blob_phantom_set(tmp_path / "yard", "ya", 1, 2, inserted=True)
+    extra = _blob_phantom_set(tmp_path / "extra", "ex", 1, 3, inserted=True)
+    real = _blob_phantom_set(tmp_path / "real", "re", 1, 4).load_case("re0")
+    vol = SimpleNamespace(series_uid="re0", patient_id="P-re0", hu=np.asarray(real.image_hu, np.float32),
+                          geometry=real.geometry)
+    uids = twins.series_uids
+    split = Split(tuple(uids[:4]), (uids[4],), (uids[5],))
+    base = load_transfer_config(SMOKE)
+    cfg = dataclasses.replace(
+        base, detector=DetectorSpec("blob-lgbm", kwargs=dict(CFG)), segmentation=None, n_bootstrap=10, n_fp_pngs=0,
+        extra_yardsticks=(BackgroundSpec("other", REAL_0001, "whole"),))
+    data = tr.TransferData(twins, split, [], [], None, [tr.EvalScan(tmp_path, "re0", "P-re0", "whole")], "whole",
+                           {"label": "phantoms"}, [], yard, [extra])
+    monkeypatch.setattr(tr, "load_transfer_config", lambda path: cfg)
+    monkeypatch.setattr(tr, "prepare_transfer_data", lambda *a, **k: data)
+    monkeypatch.setattr(tr, "read_real_scan", lambda e: (vol, [], [], []))
+    monkeypatch.setattr(yb, "breakdown", lambda *a, **k: {})
+    warmed: list[tuple[str, list[str]]] = []
+    real_warm = blob.warm_candidate_cache
+
+    def warm(kwargs, cases, cache_dir, *, scheduler, progress):  # in this process, whatever the scheduler
+        warmed.append((scheduler, sorted(c.series_uid for c in cases)))
+        return real_warm(kwargs, cases, cache_dir, scheduler="serial", progress=progress)
+
+    extracted: list[int] = []
+    real_candidates = blob.BlobDetector.candidates
+
+    def candidates(self, hu, geometry):
+        extracted.append(1)
+        return real_candidates(self, hu, geometry)
+
+    monkeypatch.setattr(blob, "warm_candidate_cache", warm)
+    monkeypatch.setattr(blob.BlobDetector, "candidates", candidates)
+    out = tmp_path / "run"
+    every = sorted([*uids, "ya0", "ex0", "re0"])
+    rec = tr.run_transfer(SMOKE, out, progress=False, scheduler="local:2")
+    assert warmed == [("local:2", every)] and len(extracted) == len(every)  # the warm-up only: nothing extracted twice
+    key = blob.BlobConfig(**CFG).candidate_key()
+    files = sorted(p.name.rsplit("-", 1)[0] for p in (out / "stage1" / "features" / key).glob("*.npz"))
+    assert files == every and rec["scheduler"] == "local:2" and "stage 1 candidates" in rec["seconds"]
+    assert rec["twin_test"]["n_nodules"] == 1 and rec["extra_yardsticks"]["other"]["n_scans"] == 1
+
+    # a serial rerun: no warm-up, nothing extracted (the model and every scan's candidates are cached), same figures
+    again = tr.run_transfer(SMOKE, out, progress=False)
+    assert len(warmed) == 1 and len(extracted) == len(every) and again["scheduler"] == "serial"
+    for k in ("twin_test", "yardstick", "extra_yardsticks", "operating_point"):
+        assert again[k] == rec[k]
+    assert again["real"]["top_score"] == rec["real"]["top_score"]
+
+    # the cached scoring gives predict's detections, to the bit (prepared scans are int16, predict gets float32)
+    det = build_detector({"name": "blob-lgbm", "checkpoint": str(out / "stage1" / blob.MODEL_FILE), "progress": False})
+    cache = tr._candidate_cache(det, out)
+    assert cache == out / "stage1" / "features"
+    for ds in (twins, yard):
+        cached = tr._detect_prepared(det, ds, ds.series_uids, False, cache)
+        plain = tr._detect_prepared(det, ds, ds.series_uids, False)
+        assert cached[1:] == plain[1:]
+        for a, b in zip(cached[0], plain[0]):
+            assert a.series_uid == b.series_uid and len(a) > 0
+            for f in ("centers_xyz_mm", "diameters_mm", "scores"):
+                np.testing.assert_array_equal(getattr(a, f), getattr(b, f))
+    a = tr._cached_predict(det, tr._real_case(vol), cache)
+    b = det.predict(vol.hu, vol.geometry, series_uid="re0")
+    np.testing.assert_array_equal(a.scores, b.scores)
+    np.testing.assert_array_equal(a.centers_xyz_mm, b.centers_xyz_mm)
+    assert len(extracted) == len(every) + len(twins.series_uids) + len(yard.series_uids) + 1  # predict's own only
+
+
+def test_cli_transfer_passes_the_scheduler(tmp_path: Path, monkeypatch) -> None:
+    import benchmarks.transfer as tr
+    from lidc_det.cli import main
+
+    seen: list[dict] = []
+
+    def fake(config, out, **kwargs):
+        seen.append(kwargs)
+        return {"real": {"nodules": []}, "yardstick": {"cpm": 0.5, "n_nodules": 2, "n_scans": 1},
+                "twin_test": {"cpm": 0.4}, "wall_seconds": 1.0}
+
+    monkeypatch.setattr(tr, "run_transfer", fake)
+    assert main(["transfer", str(SMOKE), "--out", str(tmp_path), "--scheduler", "local:2", "--no-progress"]) == 0
+    assert main(["transfer", str(SMOKE), "--out", str(tmp_path)]) == 0
+    assert [k["scheduler"] for k in seen] == ["local:2", "serial"]
+    # CNN detectors are not built with a cache: scored by predict as before
+    assert tr._candidate_cache(object(), tmp_path) is None

@@ -1,0 +1,165 @@
+"""How far blob-lgbm's candidates and features can go on one semi-real background: a DIAGNOSTIC.
+
+The transfer targets ask for a semi-real yardstick CPM >= 0.80 from a detector that never saw the
+yardstick's background. When round after round of training changes leaves it near 0.6, one question
+decides what to change next: is it the *training data* (the detector has not seen real structures
+like the background's) or the *candidates and features* (no model on them can tell the inserted
+nodules from the background's real structures)?
+
+This script answers it by breaking the protocol on purpose, in a record labelled so: it trains the
+variant's LightGBM on some copies of the yardstick (the same real background, other inserted
+nodules) and scores the held-out copies, fold by fold over the copies, then pools the held-out
+detections into one FROC. Two training sets per fold:
+
+* ``background``: the other copies only;
+* ``twins+background``: the variant's own training scans (the transfer protocol's) plus the other copies.
+
+If even these reach well below 0.80, the candidates and features are the ceiling and no change of
+procedural training data can reach the target; if they reach it, training data is the lever. The
+inserted nodules differ between copies (the record counts held-out ones also inserted into a
+training copy), but the background's real structures are the same in every copy: that is the
+point, and why no figure of this script is a transfer result.
+
+Run: ``python -m benchmarks.yardstick_ceiling ABLATION_CONFIG --variant rm-jp-wb [--set yardstick]
+[--folds 4] [--out RESULT.json]``. It reads the ablation's cached candidates (run
+:mod:`benchmarks.blob_ablation` first) and writes models under ``<work_dir>/ceiling/``. The record
+holds the config, git revision, device and wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+
+from lidc_det.config import ConfigFileError
+
+MODES = ("background", "twins+background")
+
+
+def copy_folds(series_uids: list[str], n_folds: int, seed: int = 0) -> list[list[str]]:
+    """The held-out copies of each fold: ``series_uids`` (sorted first) shuffled with ``seed`` and dealt into
+    ``n_folds`` folds (2 <= n_folds <= number of copies)."""
+    from sklearn.model_selection import KFold
+
+    uids = sorted(series_uids)
+    if not 2 <= n_folds <= len(uids):
+        raise ConfigFileError(f"--folds must be between 2 and the {len(uids)} copies, got {n_folds}")
+    return [[uids[i] for i in test] for _, test in KFold(n_folds, shuffle=True, random_state=seed).split(uids)]
+
+
+def shared_sources(sources: dict[str, set[Any]], folds: list[list[str]]) -> int:
+    """How many held-out inserted nodules (``sources``: the reader annotations inserted into each copy) were
+    also inserted into a training copy of the same fold: positives the fold's model has seen."""
+    n = 0
+    for held in folds:
+        seen = set().union(*(a for u, a in sources.items() if u not in held))
+        n += sum(len(sources[u] & seen) for u in held)
+    return n
+
+
+def run_ceiling(config_path: Path, variant: str, *, set_name: str = "yardstick", n_folds: int = 4,
+                modes: tuple[str, ...] = MODES, progress: bool = True) -> dict[str, Any]:
+    """Train and score the folds of every mode (see the module docstring); return the record."""
+    from benchmarks.blob_ablation import load_ablation_config
+    from benchmarks.transfer import (
+        DEFAULT_DICOM_ROOT, _findings_in, _froc_dict, _restrict, _yardstick_findings, load_transfer_config,
+        prepare_transfer_data,
+    )
+    from benchmarks.yardstick_breakdown import breakdown
+    from lidc_det.metrics.froc import evaluate_detections
+    from lidc_det.provenance import device_info, provenance
+    from stage1_detect.blob import BlobDetector
+
+    t_start = time.perf_counter()
+    cfg = load_ablation_config(config_path)
+    by_name = {v.name: v for v in cfg.variants}
+    if variant not in by_name:
+        raise ConfigFileError(f"{config_path}: no variant {variant!r} (have {sorted(by_name)})")
+    tcfg = load_transfer_config(cfg.transfer)
+    data = prepare_transfer_data(tcfg, cfg.data_dir, cfg.dicom_root or DEFAULT_DICOM_ROOT, progress=progress)
+    yards = {"yardstick": (data.ds_yard, data.yardstick_region),
+             **{b.name: (d, b.region) for b, d in zip(tcfg.extra_yardsticks, data.ds_extra)}}
+    if set_name not in yards:
+        raise ConfigFileError(f"{config_path}: no yardstick {set_name!r} (have {sorted(yards)})")
+    ds, region = yards[set_name]
+    kwargs = {**tcfg.detector.kwargs, **by_name[variant].kwargs}
+    cache = cfg.work_dir / "features"
+    copies = {u: ds.load_case(u) for u in ds.series_uids}
+    targets, excluded = _yardstick_findings(ds)
+    targets = _findings_in(targets, region)
+    sources = {u: {n.get("annotation_id") for n in _inserted(ds, u)} - {None} for u in copies}
+    twins = data.train_cases() if "twins+background" in modes else []
+    folds = copy_folds(list(copies), n_folds)
+
+    rows: dict[str, Any] = {}
+    for mode in modes:
+        t0 = time.perf_counter()
+        dets: dict[str, Any] = {}
+        for k, held in enumerate(folds):
+            train = [c for u, c in copies.items() if u not in held] + (twins if mode == "twins+background" else [])
+            det = BlobDetector(progress=False, **kwargs)
+            det.fit(train, [], cfg.work_dir / "ceiling" / f"{variant}-{set_name}" / mode.replace("+", "_") / f"fold{k}",
+                    cache_dir=cache)
+            for u in held:
+                dets[u] = _restrict(det.score_candidates(det.cached_candidates(copies[u], cache), series_uid=u), region)
+            if progress:
+                print(f"[ceiling] {mode} fold {k + 1}/{len(folds)} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        ordered = [dets[u] for u in ds.series_uids]
+        froc = evaluate_detections(targets, ordered, excluded=excluded, n_bootstrap=tcfg.n_bootstrap, seed=tcfg.seed)
+        rows[mode] = {**_froc_dict(froc), "by_kind": breakdown(ds, ordered, region, excluded)["summary"],
+                      "seconds": round(time.perf_counter() - t0, 1)}
+        print(f"[ceiling] {mode}: CPM {rows[mode]['cpm']:.3f} {rows[mode]['sensitivity']}", flush=True)
+    return {
+        "kind": "lidc-det blob-lgbm yardstick ceiling",
+        "diagnostic": "DIAGNOSTIC, not a transfer result: each fold's model is trained on other copies of the scored "
+                      "background (SYNTHETIC nodules on real CT), against the rule of never scoring a trained region",
+        "config_path": str(config_path),
+        "variant": {"name": variant, "kwargs": by_name[variant].kwargs},
+        "set": {"name": set_name, "region": region, "n_copies": len(copies), "n_nodules": len(targets)},
+        "folds": folds,
+        "shared_source_nodules": shared_sources(sources, folds),
+        "n_twin_training_scans": len(twins),
+        "rows": rows,
+        "provenance": provenance(),
+        "device": device_info("cpu"),
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
+    }
+
+
+def _inserted(ds: Any, series_uid: str) -> list[dict[str, Any]]:
+    from benchmarks.yardstick_breakdown import inserted_nodules
+
+    return [n["inserted"] for n in inserted_nodules(ds, series_uid, "whole")]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.yardstick_breakdown import summary_markdown
+    from lidc_det.atomic import write_json
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.yardstick_ceiling", description=__doc__.split("\n\n")[0])
+    ap.add_argument("config", type=Path, help="blob ablation YAML (its cached candidates are reused)")
+    ap.add_argument("--variant", required=True, help="the ablation variant whose detector kwargs are used")
+    ap.add_argument("--set", default="yardstick", help="the yardstick: 'yardstick' or an extra yardstick's name")
+    ap.add_argument("--folds", type=int, default=4, help="folds over the copies (default 4)")
+    ap.add_argument("--mode", choices=MODES, action="append", default=None, help="training set(s) (default: both)")
+    ap.add_argument("--out", type=Path, default=None, help="result JSON (default: <work_dir>/ceiling/<variant>.json)")
+    ap.add_argument("--no-progress", action="store_true")
+    a = ap.parse_args(argv)
+    rec = run_ceiling(a.config, a.variant, set_name=a.set, n_folds=a.folds, modes=tuple(a.mode or MODES),
+                      progress=not a.no_progress)
+    from benchmarks.blob_ablation import load_ablation_config
+
+    out = a.out or load_ablation_config(a.config).work_dir / "ceiling" / f"{a.variant}-{a.set}.json"
+    write_json(out, rec)
+    print(rec["diagnostic"])
+    print(summary_markdown([(f"{a.variant} {m} ({r['cpm']:.3f})", {"summary": r["by_kind"]})
+                            for m, r in rec["rows"].items()]))
+    print(f"[ceiling] wrote {out} ({rec['wall_seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -534,18 +534,24 @@ def _real_case(vol: Any) -> Any:
     return SimpleNamespace(series_uid=vol.series_uid, image_hu=vol.hu, geometry=vol.geometry)
 
 
+def _read_real_case(e: EvalScan) -> Any:
+    """The real evaluation scan ``e`` read from its DICOM as a case (:func:`_real_case`)."""
+    return _real_case(read_real_scan(e)[0])
+
+
 def warm_transfer_cache(detector: Any, data: TransferData, cache: Path, *, scheduler: str, progress: bool = True) -> Any:
     """Extract the blob-lgbm candidates of every scan a transfer run reads into ``cache``, one task per scan on
     ``scheduler`` (:func:`stage1_detect.blob.warm_candidate_cache`): the training scans, the twin validation and
     test scans, every yardstick's and the real evaluation scans. Blurred training copies (``train_blur_copies``)
     are left to :meth:`~stage1_detect.blob.BlobDetector.fit`. Returns the :class:`~lidc_det.cluster.RunReport`."""
     from dataclasses import asdict
+    from functools import partial
 
     from stage1_detect import blob
 
     twin = [data.ds_twin.load_case(u) for u in (*data.split.val, *data.split.test)]
     yards = [ds.load_case(u) for ds in (data.ds_yard, *data.ds_extra) for u in ds.series_uids]
-    real = [_real_case(read_real_scan(e)[0]) for e in data.evals]
+    real = [blob.LazyCase(e.series_uid, partial(_read_real_case, e)) for e in data.evals]  # read by the worker
     return blob.warm_candidate_cache(asdict(detector.config), [*data.train_cases(), *twin, *yards, *real], cache,
                                      scheduler=scheduler, progress=progress)
 

@@ -69,7 +69,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -953,12 +953,23 @@ class BlurredCase:
         return getattr(self.case, name)
 
 
+@dataclass(frozen=True)
+class LazyCase:
+    """A scan that :func:`warm_candidate_cache` sends to its worker as a recipe, not as pixels: ``load()`` (picklable,
+    e.g. a module-level function under :func:`functools.partial`) returns the case (``series_uid``, ``image_hu``
+    ``[z, y, x]``, ``geometry``) there, so the caller never holds the scans' images (a real DICOM series each)."""
+
+    series_uid: str
+    load: Callable[[], Any]
+
+
 def warm_candidate_cache(detector_kwargs: dict[str, Any], cases: Sequence[Any], cache_dir: str | Path, *,
                          scheduler: str | None = "local", progress: bool = True) -> RunReport:
     """Extract the candidates of every scan of ``cases`` into ``cache_dir`` (as
     :meth:`BlobDetector.cached_candidates` does, so later runs read them), one task per scan on ``scheduler``
     (:func:`lidc_det.cluster.run_tasks`: ``serial``, ``local[:N]`` or a Dask address). A prepared scan travels to
-    its worker as its folder and is read there; any other case (e.g. a real scan read in memory) travels whole.
+    its worker as its folder and is read there, a :class:`LazyCase` is loaded there; any other case (e.g. a scan
+    in memory) travels whole.
     Scans already cached are read, not extracted again, so the call is resumable. Returns the
     :class:`~lidc_det.cluster.RunReport`; raises :class:`BlobModelError` when a scan failed."""
     from lidc_det.cluster import run_tasks
@@ -977,12 +988,14 @@ def warm_candidate_cache(detector_kwargs: dict[str, Any], cases: Sequence[Any], 
 
 
 def _cached_candidates_task(detector_kwargs: dict[str, Any], ref: Any, cache_dir: str) -> int:
-    """One task of :func:`warm_candidate_cache`: the number of candidates of one scan (``ref``: a case, or a
-    prepared data set's root and a series UID)."""
+    """One task of :func:`warm_candidate_cache`: the number of candidates of one scan (``ref``: a case, a
+    :class:`LazyCase`, or a prepared data set's root and a series UID)."""
     if isinstance(ref, tuple):
         from lidc_det.data.prepared import PreparedDataset
 
         ref = PreparedDataset(ref[0]).load_case(ref[1])
+    elif isinstance(ref, LazyCase):
+        ref = ref.load()
     return len(BlobDetector(progress=False, **detector_kwargs).cached_candidates(ref, cache_dir))
 
 

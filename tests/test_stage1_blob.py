@@ -489,7 +489,7 @@ def test_open_radii_must_be_increasing_distinct_and_at_least_a_voxel(radii: tupl
 
 def test_warm_candidate_cache_fills_the_cache_the_detector_reads(tmp_path: Path) -> None:
     from lidc_det.data.prepared import PreparedDataset
-    from stage1_detect.blob import warm_candidate_cache
+    from stage1_detect.blob import LazyCase, warm_candidate_cache
 
     ds_root = _prepared_phantoms(tmp_path / "ds", 2)
     ds = PreparedDataset(ds_root)
@@ -505,6 +505,14 @@ def test_warm_candidate_cache_fills_the_cache_the_detector_reads(tmp_path: Path)
     cand = det.cached_candidates(cases[1], tmp_path / "cache")  # read, not extracted again
     assert [p.stat().st_mtime_ns for p in files] == mtimes
     assert report.outcomes[1].value == len(cand) > 0
+    # a LazyCase is loaded by its task, once, and cached under its UID like any other scan
+    loads: list[str] = []
+    lazy = LazyCase("lazy", lambda: loads.append("lazy") or _phantom("lazy", np.random.default_rng(5),
+                                                                      [((20.0, 24.0, 26.0), 7.0)], []))
+    report = warm_candidate_cache(kwargs, [lazy, cases[0]], tmp_path / "cache", scheduler="serial", progress=False)
+    assert loads == ["lazy"] and [o.key for o in report.outcomes] == ["lazy", ds.series_uids[0]]
+    assert len(list((tmp_path / "cache" / det.config.candidate_key()).glob("lazy-*.npz"))) == 1
+    assert report.outcomes[0].value == len(det.cached_candidates(lazy.load(), tmp_path / "cache")) > 0
     with pytest.raises(BlobModelError, match="failed candidate extraction"):
         bad = _phantom("bad", np.random.default_rng(4), [], [])
         broken = SimpleNamespace(series_uid="bad", image_hu=bad.image_hu[:-1], geometry=bad.geometry)

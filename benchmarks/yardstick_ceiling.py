@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,7 @@ def run_ceiling(config_path: Path, variant: str, *, set_name: str = "yardstick",
         DEFAULT_DICOM_ROOT, _findings_in, _froc_dict, _restrict, _yardstick_findings, load_transfer_config,
         prepare_transfer_data,
     )
-    from benchmarks.yardstick_breakdown import breakdown
+    from benchmarks.yardstick_breakdown import breakdown, detection_rows, inserted_nodules
     from lidc_det.metrics.froc import evaluate_detections
     from lidc_det.provenance import device_info, provenance
     from stage1_detect.blob import BlobDetector
@@ -90,7 +91,8 @@ def run_ceiling(config_path: Path, variant: str, *, set_name: str = "yardstick",
     copies = {u: ds.load_case(u) for u in ds.series_uids}
     targets, excluded = _yardstick_findings(ds)
     targets = _findings_in(targets, region)
-    sources = {u: {n.get("annotation_id") for n in _inserted(ds, u)} - {None} for u in copies}
+    sources = {u: {n["inserted"].get("annotation_id") for n in inserted_nodules(ds, u, "whole")} - {None}
+               for u in copies}
     twins = data.train_cases() if "twins+background" in modes else []
     folds = copy_folds(list(copies), n_folds)
 
@@ -109,8 +111,12 @@ def run_ceiling(config_path: Path, variant: str, *, set_name: str = "yardstick",
                 print(f"[ceiling] {mode} fold {k + 1}/{len(folds)} ({time.perf_counter() - t0:.0f} s)", flush=True)
         ordered = [dets[u] for u in ds.series_uids]
         froc = evaluate_detections(targets, ordered, excluded=excluded, n_bootstrap=tcfg.n_bootstrap, seed=tcfg.seed)
-        rows[mode] = {**_froc_dict(froc), "by_kind": breakdown(ds, ordered, region, excluded)["summary"],
-                      "seconds": round(time.perf_counter() - t0, 1)}
+        kinds = breakdown(ds, ordered, region, excluded)
+        scans = [(u, inserted_nodules(ds, u, region)) for u in ds.series_uids]
+        late = [asdict(r) for r in detection_rows(ordered, scans, excluded)
+                if r.fp_per_scan_above is None or r.fp_per_scan_above >= 1]
+        rows[mode] = {**_froc_dict(froc), "by_kind": kinds["summary"], "fp_groups": kinds["fp_groups"],
+                      "not_found_below_1fp": late, "seconds": round(time.perf_counter() - t0, 1)}
         print(f"[ceiling] {mode}: CPM {rows[mode]['cpm']:.3f} {rows[mode]['sensitivity']}", flush=True)
     return {
         "kind": "lidc-det blob-lgbm yardstick ceiling",
@@ -127,12 +133,6 @@ def run_ceiling(config_path: Path, variant: str, *, set_name: str = "yardstick",
         "device": device_info("cpu"),
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
-
-
-def _inserted(ds: Any, series_uid: str) -> list[dict[str, Any]]:
-    from benchmarks.yardstick_breakdown import inserted_nodules
-
-    return [n["inserted"] for n in inserted_nodules(ds, series_uid, "whole")]
 
 
 def main(argv: list[str] | None = None) -> int:

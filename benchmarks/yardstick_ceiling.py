@@ -21,7 +21,7 @@ training copy), but the background's real structures are the same in every copy:
 point, and why no figure of this script is a transfer result.
 
 Run: ``python -m benchmarks.yardstick_ceiling ABLATION_CONFIG --variant rm-jp-wb [--set yardstick]
-[--folds 4] [--out RESULT.json]``. It reads the ablation's cached candidates (run
+[--folds 4] [--scheduler local:2] [--out RESULT.json]``. It reads the ablation's cached candidates (run
 :mod:`benchmarks.blob_ablation` first) and writes models under ``<work_dir>/ceiling/``. The record
 holds the config, git revision, device and wall time.
 """
@@ -62,8 +62,10 @@ def shared_sources(sources: dict[str, set[Any]], folds: list[list[str]]) -> int:
 
 
 def run_ceiling(config_path: Path, variant: str, *, set_name: str = "yardstick", n_folds: int = 4,
-                modes: tuple[str, ...] = MODES, progress: bool = True) -> dict[str, Any]:
-    """Train and score the folds of every mode (see the module docstring); return the record."""
+                modes: tuple[str, ...] = MODES, progress: bool = True, scheduler: str = "serial") -> dict[str, Any]:
+    """Train and score the folds of every mode (see the module docstring); return the record. With a ``scheduler``
+    other than ``serial`` the candidates of every scan needed are first extracted in parallel
+    (:func:`stage1_detect.blob.warm_candidate_cache`)."""
     from benchmarks.blob_ablation import load_ablation_config
     from benchmarks.transfer import (
         DEFAULT_DICOM_ROOT, _findings_in, _froc_dict, _restrict, _yardstick_findings, load_transfer_config,
@@ -72,7 +74,7 @@ def run_ceiling(config_path: Path, variant: str, *, set_name: str = "yardstick",
     from benchmarks.yardstick_breakdown import breakdown, detection_rows, inserted_nodules
     from lidc_det.metrics.froc import evaluate_detections
     from lidc_det.provenance import device_info, provenance
-    from stage1_detect.blob import BlobDetector
+    from stage1_detect.blob import BlobDetector, warm_candidate_cache
 
     t_start = time.perf_counter()
     cfg = load_ablation_config(config_path)
@@ -95,6 +97,8 @@ def run_ceiling(config_path: Path, variant: str, *, set_name: str = "yardstick",
                for u in copies}
     twins = data.train_cases() if "twins+background" in modes else []
     folds = copy_folds(list(copies), n_folds)
+    if scheduler != "serial":
+        warm_candidate_cache(kwargs, [*copies.values(), *twins], cache, scheduler=scheduler, progress=progress)
 
     rows: dict[str, Any] = {}
     for mode in modes:
@@ -146,10 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--folds", type=int, default=4, help="folds over the copies (default 4)")
     ap.add_argument("--mode", choices=MODES, action="append", default=None, help="training set(s) (default: both)")
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default: <work_dir>/ceiling/<variant>.json)")
+    ap.add_argument("--scheduler", default="serial",
+                    help="extract the scans' candidates first as parallel tasks: local:N or a Dask address")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     rec = run_ceiling(a.config, a.variant, set_name=a.set, n_folds=a.folds, modes=tuple(a.mode or MODES),
-                      progress=not a.no_progress)
+                      progress=not a.no_progress, scheduler=a.scheduler)
     from benchmarks.blob_ablation import load_ablation_config
 
     out = a.out or load_ablation_config(a.config).work_dir / "ceiling" / f"{a.variant}-{a.set}.json"

@@ -17,7 +17,9 @@ ranked by the dot enhancement of its scale's Hessian (``e2^2 / |e0|`` of the asc
 eigenvalues when all three are negative, else 0: blobs high, vessels and fissures near 0), a
 candidate closer than ``merge_mm`` to a better one is dropped, and the ``max_candidates`` best
 are kept, together with the ``max_response_candidates`` of the strongest response (a nodule
-against a vessel is not blob-shaped at any scale).
+against a vessel is not blob-shaped at any scale) and, with ``all_maxima_from_mm`` > 0, every maximum
+of the scales from that sigma up (a large ground-glass nodule is too faint for the response cut and,
+crossed by vessels, has no dot; a few hundred maxima per scan at 5 mm and above).
 
 **Features** (:data:`FEATURE_NAMES`), at the candidate's centre:
 
@@ -113,6 +115,7 @@ class BlobConfig:
     merge_mm: float = 3.0
     max_candidates: int = 1500
     max_response_candidates: int = 300
+    all_maxima_from_mm: float = 0.0
     cube_radius_factor: float = 2.5
     min_cube_mm: float = 8.0
     max_cube_mm: float = 24.0
@@ -176,6 +179,8 @@ class BlobConfig:
         if not 0.0 < self.lgbm_feature_fraction <= 1.0 or self.lgbm_lambda_l2 < 0:
             raise ConfigError(f"blob-lgbm: lgbm_feature_fraction must be in (0, 1] and lgbm_lambda_l2 >= 0, got "
                               f"{self.lgbm_feature_fraction}, {self.lgbm_lambda_l2}")
+        if self.all_maxima_from_mm < 0:
+            raise ConfigError(f"blob-lgbm: all_maxima_from_mm must be >= 0 (0: off), got {self.all_maxima_from_mm}")
         if self.max_candidates < 1 or self.max_detections < 1 or self.max_masked_candidates < 1:
             raise ConfigError("blob-lgbm: max_candidates, max_masked_candidates and max_detections must be >= 1")
 
@@ -212,7 +217,7 @@ ADDED_LATER: tuple[tuple[str, Any], ...] = (
     ("lgbm_relative_hu", False), ("lgbm_drop_features", ()), ("train_blur_copies", 0), ("lgbm_semireal_weight", 1.0),
     ("ray_features", False), ("masked_features", False), ("lung_close_mm", 10.0), ("open_radii_mm", ()),
     ("masked_object_features", False), ("lgbm_feature_fraction", 0.8), ("lgbm_lambda_l2", 0.0),
-    ("lgbm_extra_trees", False),
+    ("lgbm_extra_trees", False), ("all_maxima_from_mm", 0.0),
 )
 """Fields of :class:`BlobConfig` added after caches and models were written, with their defaults (the behaviour
 before they existed; 10 mm is :func:`lidc_det.lungs.lung_fields`' closing)."""
@@ -571,6 +576,8 @@ def scan_candidates(hu: np.ndarray, geometry: VolumeGeometry, cfg: BlobConfig) -
     kidx = np.concatenate([np.full(len(f[0]), f[3]) for f in found])
     keep = np.union1d(_greedy_keep(pts, dot + 1e-6 * resp, cfg.merge_mm / sp, cfg.max_candidates),
                       _greedy_keep(pts, resp, cfg.merge_mm / sp, cfg.max_response_candidates))
+    if cfg.all_maxima_from_mm > 0:  # every maximum of the coarse scales: faint, large blobs (ground glass) lose both cuts
+        keep = np.union1d(keep, np.flatnonzero(np.asarray(cfg.sigmas_mm)[kidx] >= cfg.all_maxima_from_mm))
     masked = np.zeros((len(pts), 2))
     sub_m = _wall_masked(sub, field_full[box]) if cfg.masked_features or cfg.masked_object_features else sub
     if cfg.masked_features:

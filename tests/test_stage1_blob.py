@@ -545,3 +545,28 @@ def test_regularisation_options_reach_the_boosters_and_their_keys(tmp_path: Path
     for bad in ({"lgbm_feature_fraction": 0.0}, {"lgbm_feature_fraction": 1.5}, {"lgbm_lambda_l2": -1.0}):
         with pytest.raises(ConfigError, match="lgbm_feature_fraction"):
             BlobConfig(**bad)
+
+
+def test_all_maxima_from_mm_keeps_a_faint_large_blob_that_loses_both_cuts() -> None:
+    """A 14 mm ground-glass-like sphere (-650 HU in -850 HU lung) beside four small solid ones: with the cuts at 3
+    candidates by dot and 3 by response it is not a candidate; every maximum from 5 mm up brings it back, at a
+    coarse scale, and keeps the small ones."""
+    small = [((10.0, 10.0, 10.0), 5.0), ((10.0, 38.0, 10.0), 5.0), ((38.0, 10.0, 38.0), 5.0), ((38.0, 38.0, 10.0), 5.0)]
+    case = _phantom("ggn", np.random.default_rng(7), small, [])
+    zz, yy, xx = np.meshgrid(*[np.arange(n, dtype=np.float32) for n in SHAPE], indexing="ij")
+    centre = np.asarray([26.0, 26.0, 30.0])  # z, y, x voxels = mm (origin 0, spacing 1)
+    hu = np.asarray(case.image_hu).copy()
+    hu[(zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 <= 7.0**2] += 200.0
+    base = {"restrict_to_lungs": False, "max_candidates": 3, "max_response_candidates": 3}
+
+    def near(cfg: BlobConfig) -> np.ndarray:
+        cand = scan_candidates(hu, case.geometry, cfg)
+        hit = np.linalg.norm(cand.centers_xyz_mm - centre[::-1], axis=1) < 7.0
+        return cand.scales_mm[hit]
+
+    assert len(near(BlobConfig(**base))) == 0
+    kept = near(BlobConfig(**base, all_maxima_from_mm=5.0))
+    assert len(kept) > 0 and kept.min() >= 5.0
+    with pytest.raises(ConfigError, match="all_maxima_from_mm"):
+        BlobConfig(all_maxima_from_mm=-1.0)
+    assert BlobConfig(**base).candidate_key() != BlobConfig(**base, all_maxima_from_mm=5.0).candidate_key()

@@ -30,8 +30,8 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 
@@ -130,13 +130,14 @@ def run_ablation(config_path: Path, *, progress: bool = True, scheduler: str = "
     and training, are first extracted in parallel (:func:`stage1_detect.blob.warm_candidate_cache`).
     Returns the record (see :func:`main` for where it is written)."""
     from benchmarks.transfer import (
-        DEFAULT_DICOM_ROOT, _yardstick_findings, load_transfer_config, prepare_transfer_data, read_real_scan,
+        DEFAULT_DICOM_ROOT, _read_real_case, _real_case, _yardstick_findings, load_transfer_config,
+        prepare_transfer_data, read_real_scan,
     )
     from benchmarks.yardstick_breakdown import breakdown
     from lidc_det.config import to_plain
     from lidc_det.metrics.ranks import nodule_ranks, score_at_sensitivity
     from lidc_det.provenance import device_info, provenance
-    from stage1_detect.blob import BlobDetector, warm_candidate_cache
+    from stage1_detect.blob import BlobDetector, LazyCase, warm_candidate_cache
 
     t_start = time.perf_counter()
     cfg = load_ablation_config(config_path)
@@ -152,16 +153,17 @@ def run_ablation(config_path: Path, *, progress: bool = True, scheduler: str = "
     yards = [(name, ds, region, [ds.load_case(u) for u in ds.series_uids])
              for name, ds, region in [("yardstick", data.ds_yard, data.yardstick_region),
                                       *((b.name, d, b.region) for b, d in zip(tcfg.extra_yardsticks, data.ds_extra))]]
+    train_cases = data.train_cases()
+    if scheduler != "serial":  # real scans are read by their worker (LazyCase), not shipped
+        warm_candidate_cache(tcfg.detector.kwargs,
+                             [*val_cases, *test_cases, *(c for *_, cases in yards for c in cases),
+                              *(LazyCase(e.series_uid, partial(_read_real_case, e)) for e in data.evals),
+                              *train_cases],
+                             cache, scheduler=scheduler, progress=progress)
     real_cases = []  # (eval scan, case, targets, irrelevant)
     for e in data.evals:
         vol, _, tg, ir = read_real_scan(e)
-        real_cases.append((e, SimpleNamespace(series_uid=vol.series_uid, image_hu=vol.hu, geometry=vol.geometry), tg, ir))
-    train_cases = data.train_cases()
-    if scheduler != "serial":
-        warm_candidate_cache(tcfg.detector.kwargs,
-                             [*val_cases, *test_cases, *(c for *_, cases in yards for c in cases),
-                              *(c for _, c, _, _ in real_cases), *train_cases],
-                             cache, scheduler=scheduler, progress=progress)
+        real_cases.append((e, _real_case(vol), tg, ir))
 
     # -- every scored scan's candidates, once
     sets = [

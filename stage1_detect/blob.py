@@ -49,7 +49,8 @@ No absolute position is used.
 target nodule (LUNA16 rule: world distance below the nodule's radius), left out when it hits
 only an irrelevant finding, negative otherwise; positives on subsolid nodules (texture rating
 <= 2, rare in LIDC and so in the twins) weigh ``lgbm_subsolid_weight``, and every candidate of a semi-real training
-scan (series UID ``semireal-...``: nodules inserted into a real or twin background) ``lgbm_semireal_weight``. With ``lgbm_bags`` > 1,
+scan (series UID ``semireal-...``: nodules inserted into a real or twin background) ``lgbm_semireal_weight``, every
+candidate of any other training scan (a twin) ``lgbm_twin_weight``. With ``lgbm_bags`` > 1,
 that many boosters are trained with seeds ``seed + k`` and their probabilities averaged. What LightGBM sees
 (:func:`model_matrix`) may add HU relative to the surrounding lung (``lgbm_relative_hu``) and leave columns out
 (``lgbm_drop_features``); ``lgbm_feature_fraction``, ``lgbm_lambda_l2`` and ``lgbm_extra_trees`` regularise the
@@ -138,6 +139,7 @@ class BlobConfig:
     lgbm_neg_per_pos: float = 0.0
     lgbm_subsolid_weight: float = 3.0
     lgbm_semireal_weight: float = 1.0
+    lgbm_twin_weight: float = 1.0
     lgbm_bags: int = 1
     lgbm_relative_hu: bool = False
     lgbm_drop_features: tuple[str, ...] = ()
@@ -172,8 +174,9 @@ class BlobConfig:
         unknown = sorted(set(self.lgbm_drop_features) - set(known))
         if unknown:
             raise ConfigError(f"blob-lgbm: lgbm_drop_features {unknown} are not features; known: {known}")
-        if self.lgbm_semireal_weight <= 0:
-            raise ConfigError(f"blob-lgbm: lgbm_semireal_weight must be > 0, got {self.lgbm_semireal_weight}")
+        if self.lgbm_semireal_weight <= 0 or self.lgbm_twin_weight <= 0:
+            raise ConfigError(f"blob-lgbm: lgbm_semireal_weight and lgbm_twin_weight must be > 0, got "
+                              f"{self.lgbm_semireal_weight}, {self.lgbm_twin_weight}")
         if self.lgbm_bags < 1:
             raise ConfigError(f"blob-lgbm: lgbm_bags must be >= 1, got {self.lgbm_bags}")
         if not 0.0 < self.lgbm_feature_fraction <= 1.0 or self.lgbm_lambda_l2 < 0:
@@ -217,7 +220,7 @@ ADDED_LATER: tuple[tuple[str, Any], ...] = (
     ("lgbm_relative_hu", False), ("lgbm_drop_features", ()), ("train_blur_copies", 0), ("lgbm_semireal_weight", 1.0),
     ("ray_features", False), ("masked_features", False), ("lung_close_mm", 10.0), ("open_radii_mm", ()),
     ("masked_object_features", False), ("lgbm_feature_fraction", 0.8), ("lgbm_lambda_l2", 0.0),
-    ("lgbm_extra_trees", False), ("all_maxima_from_mm", 0.0),
+    ("lgbm_extra_trees", False), ("all_maxima_from_mm", 0.0), ("lgbm_twin_weight", 1.0),
 )
 """Fields of :class:`BlobConfig` added after caches and models were written, with their defaults (the behaviour
 before they existed; 10 mm is :func:`lidc_det.lungs.lung_fields`' closing)."""
@@ -856,7 +859,8 @@ class BlobDetector:
                 ys.append(lab[lab >= 0].astype(np.float32))
                 ws.append(_subsolid_weights(case, which, self.config.lgbm_subsolid_weight)[lab >= 0])
                 semireal = str(case.series_uid).startswith(SEMIREAL_PREFIX)
-                ks.append(np.full(int((lab >= 0).sum()), self.config.lgbm_semireal_weight if semireal else 1.0))
+                ks.append(np.full(int((lab >= 0).sum()),
+                                  self.config.lgbm_semireal_weight if semireal else self.config.lgbm_twin_weight))
         x = np.concatenate(xs)
         y = np.concatenate(ys)
         w = np.concatenate(ws)

@@ -438,6 +438,33 @@ def test_semireal_weight_scales_only_semireal_scans(tmp_path: Path) -> None:
         BlobConfig(lgbm_semireal_weight=0.0)
 
 
+def test_twin_weight_scales_only_the_other_scans(tmp_path: Path) -> None:
+    """``lgbm_twin_weight`` weighs the scans that are not semi-real: with every scan semi-real it changes nothing but
+    the model key; with twins among them it changes the model; at its default the key is a model's of before it."""
+    import dataclasses
+
+    train, val = _cases(6, 1), _cases(2, 2)
+    probe = val[0]
+
+    def scores(cases: list[InMemoryCase], weight: float, out: str) -> tuple[np.ndarray, str]:
+        det = BlobDetector(progress=False, **CFG, lgbm_twin_weight=weight)
+        meta = det.fit(cases, val, tmp_path / out, cache_dir=tmp_path / "features")
+        return det.predict(probe.image_hu, probe.geometry, series_uid="p").scores, meta["data_key"]
+
+    semi = [dataclasses.replace(c, series_uid=f"semireal-x-{k:03d}") for k, c in enumerate(train)]
+    base, key = scores(semi, 1.0, "a")
+    same, key_w = scores(semi, 0.2, "b")
+    np.testing.assert_allclose(base, same)
+    assert key_w != key
+    mixed = [dataclasses.replace(c, series_uid=f"semireal-x-{k:03d}") if k < 3 else c for k, c in enumerate(train)]
+    a, _ = scores(mixed, 1.0, "c")
+    b, _ = scores(mixed, 0.2, "d")
+    assert a.shape != b.shape or not np.allclose(a, b)
+    assert "lgbm_twin_weight" not in BlobConfig().model_settings()
+    with pytest.raises(ConfigError, match="lgbm_twin_weight"):
+        BlobConfig(lgbm_twin_weight=0.0)
+
+
 def test_model_settings_of_default_config_match_models_trained_before_later_fields() -> None:
     # the fields of a blob_model.json written in the tenth round (before relative HU, dropped features, blur
     # copies, semi-real weight, ray and masked features existed): such a model must keep its data_key

@@ -40,7 +40,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-
 from lidc_det.config import ConfigFileError
 
 MODES = ("background", "twins+background", "dense", "twins+dense")
@@ -65,6 +64,19 @@ def shared_sources(sources: dict[str, set[Any]], folds: list[list[str]]) -> int:
         seen = set().union(*(a for u, a in sources.items() if u not in held))
         n += sum(len(sources[u] & seen) for u in held)
     return n
+
+
+def training_plan(mode: str, copies: dict[str, Any], folds: list[list[str]], twins: list[Any],
+                  dense: list[Any]) -> list[tuple[list[str], list[Any]]]:
+    """``(held-out copy UIDs, training scans)`` of each model of ``mode`` (:data:`MODES`): one per fold for the
+    ``background`` modes (the other copies), one scoring every copy for the ``dense`` modes (the dense copies, never
+    a yardstick copy); the ``twins+`` modes add ``twins``. ``copies``: the yardstick's cases by series UID."""
+    if mode not in MODES:
+        raise ConfigFileError(f"mode must be one of {MODES}, got {mode!r}")
+    extra = list(twins) if mode.startswith("twins+") else []
+    if mode.endswith("dense"):
+        return [(list(copies), list(dense) + extra)]
+    return [(held, [c for u, c in copies.items() if u not in held] + extra) for held in folds]
 
 
 def run_ceiling(config_path: Path, variant: str, *, set_name: str = "yardstick", n_folds: int = 4,
@@ -112,18 +124,11 @@ def run_ceiling(config_path: Path, variant: str, *, set_name: str = "yardstick",
     if scheduler != "serial":
         warm_candidate_cache(kwargs, [*copies.values(), *twins, *dense], cache, scheduler=scheduler, progress=progress)
 
-    def plan(mode: str) -> list[tuple[list[str], list[Any]]]:
-        """(held-out copies, training scans) of each model of ``mode``."""
-        extra = twins if mode.startswith("twins+") else []
-        if mode.endswith("dense"):
-            return [(list(copies), dense + extra)]
-        return [(held, [c for u, c in copies.items() if u not in held] + extra) for held in folds]
-
     rows: dict[str, Any] = {}
     for mode in modes:
         t0 = time.perf_counter()
         dets: dict[str, Any] = {}
-        models = plan(mode)
+        models = training_plan(mode, copies, folds, twins, dense)
         for k, (held, train) in enumerate(models):
             det = BlobDetector(progress=False, **kwargs)
             det.fit(train, [], cfg.work_dir / "ceiling" / f"{variant}-{set_name}" / mode.replace("+", "_") / f"fold{k}",
@@ -181,6 +186,7 @@ def _dense_copies(tcfg: Any, spec: Any, n: int, work_dir: Path, progress: bool) 
 
 
 def main(argv: list[str] | None = None) -> int:
+    from benchmarks.blob_ablation import load_ablation_config
     from benchmarks.yardstick_breakdown import summary_markdown
     from lidc_det.atomic import write_json
 
@@ -192,15 +198,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mode", choices=MODES, action="append", default=None,
                     help="training set(s), repeatable (default: background and twins+background)")
     ap.add_argument("--dense-copies", type=int, default=24, help="copies of the background the dense modes make")
-    ap.add_argument("--out", type=Path, default=None, help="result JSON (default: <work_dir>/ceiling/<variant>.json)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="result JSON (default: <work_dir>/ceiling/<variant>-<set>.json)")
     ap.add_argument("--scheduler", default="serial",
                     help="extract the scans' candidates first as parallel tasks: local:N or a Dask address")
     ap.add_argument("--no-progress", action="store_true")
     a = ap.parse_args(argv)
     rec = run_ceiling(a.config, a.variant, set_name=a.set, n_folds=a.folds, modes=tuple(a.mode or MODES[:2]),
                       dense_copies=a.dense_copies, progress=not a.no_progress, scheduler=a.scheduler)
-    from benchmarks.blob_ablation import load_ablation_config
-
     out = a.out or load_ablation_config(a.config).work_dir / "ceiling" / f"{a.variant}-{a.set}.json"
     write_json(out, rec)
     print(rec["diagnostic"])

@@ -415,54 +415,36 @@ def test_masked_scale_space_makes_a_juxtapleural_nodule_a_blob_again() -> None:
     assert mcfg.candidate_key() != cfg.candidate_key()
 
 
-def test_semireal_weight_scales_only_semireal_scans(tmp_path: Path) -> None:
+@pytest.mark.parametrize("field", ["lgbm_semireal_weight", "lgbm_twin_weight"])
+def test_scan_weights_scale_only_their_scans(tmp_path: Path, field: str) -> None:
+    """``lgbm_semireal_weight`` weighs the semi-real training scans (series UID ``semireal-...``), ``lgbm_twin_weight``
+    the others: on scans of the other kind alone a weight changes nothing but the model key, on a mix it changes the
+    model; at its default it stays out of the model key."""
     import dataclasses
 
     train, val = _cases(6, 1), _cases(2, 2)
     probe = val[0]
 
+    def relabel(n_semireal: int) -> list[InMemoryCase]:
+        return [dataclasses.replace(c, series_uid=f"semireal-x-{k:03d}") if k < n_semireal else c
+                for k, c in enumerate(train)]
+
     def scores(cases: list[InMemoryCase], weight: float, out: str) -> tuple[np.ndarray, str]:
-        det = BlobDetector(progress=False, **CFG, lgbm_semireal_weight=weight)
+        det = BlobDetector(progress=False, **CFG, **{field: weight})
         meta = det.fit(cases, val, tmp_path / out, cache_dir=tmp_path / "features")
         return det.predict(probe.image_hu, probe.geometry, series_uid="p").scores, meta["data_key"]
 
-    base, key = scores(train, 1.0, "a")
-    same, key_w = scores(train, 0.2, "b")  # no semi-real scan: the weight changes nothing but the key
+    other_kind = relabel(len(train) if field == "lgbm_twin_weight" else 0)
+    base, key = scores(other_kind, 1.0, "a")
+    same, key_w = scores(other_kind, 0.2, "b")
     np.testing.assert_allclose(base, same)
     assert key_w != key
-    semi = [dataclasses.replace(c, series_uid=f"semireal-x-{k:03d}") if k < 3 else c for k, c in enumerate(train)]
-    a, _ = scores(semi, 1.0, "c")
-    b, _ = scores(semi, 0.2, "d")
-    assert not np.allclose(a, b)
-    with pytest.raises(ConfigError, match="lgbm_semireal_weight"):
-        BlobConfig(lgbm_semireal_weight=0.0)
-
-
-def test_twin_weight_scales_only_the_other_scans(tmp_path: Path) -> None:
-    """``lgbm_twin_weight`` weighs the scans that are not semi-real: with every scan semi-real it changes nothing but
-    the model key; with twins among them it changes the model; at its default the key is a model's of before it."""
-    import dataclasses
-
-    train, val = _cases(6, 1), _cases(2, 2)
-    probe = val[0]
-
-    def scores(cases: list[InMemoryCase], weight: float, out: str) -> tuple[np.ndarray, str]:
-        det = BlobDetector(progress=False, **CFG, lgbm_twin_weight=weight)
-        meta = det.fit(cases, val, tmp_path / out, cache_dir=tmp_path / "features")
-        return det.predict(probe.image_hu, probe.geometry, series_uid="p").scores, meta["data_key"]
-
-    semi = [dataclasses.replace(c, series_uid=f"semireal-x-{k:03d}") for k, c in enumerate(train)]
-    base, key = scores(semi, 1.0, "a")
-    same, key_w = scores(semi, 0.2, "b")
-    np.testing.assert_allclose(base, same)
-    assert key_w != key
-    mixed = [dataclasses.replace(c, series_uid=f"semireal-x-{k:03d}") if k < 3 else c for k, c in enumerate(train)]
-    a, _ = scores(mixed, 1.0, "c")
-    b, _ = scores(mixed, 0.2, "d")
+    a, _ = scores(relabel(3), 1.0, "c")
+    b, _ = scores(relabel(3), 0.2, "d")
     assert a.shape != b.shape or not np.allclose(a, b)
-    assert "lgbm_twin_weight" not in BlobConfig().model_settings()
-    with pytest.raises(ConfigError, match="lgbm_twin_weight"):
-        BlobConfig(lgbm_twin_weight=0.0)
+    assert field not in BlobConfig().model_settings()
+    with pytest.raises(ConfigError, match=field):
+        BlobConfig(**{field: 0.0})
 
 
 def test_model_settings_of_default_config_match_models_trained_before_later_fields() -> None:

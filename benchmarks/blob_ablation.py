@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -127,17 +126,17 @@ def _froc(detector: Any, s: _ScoredSet, n_bootstrap: int, seed: int) -> tuple[di
 def run_ablation(config_path: Path, *, progress: bool = True, scheduler: str = "serial") -> dict[str, Any]:
     """Extract (or reuse) the candidates of the transfer config's scans and score every variant.
     With a ``scheduler`` other than ``serial`` (``local:N`` or a Dask address) the candidates of every scan, scored
-    and training, are first extracted in parallel (:func:`stage1_detect.blob.warm_candidate_cache`).
+    and training, are first extracted in parallel (:func:`benchmarks.transfer.warm_transfer_cache`).
     Returns the record (see :func:`main` for where it is written)."""
     from benchmarks.transfer import (
-        DEFAULT_DICOM_ROOT, _read_real_case, _real_case, _yardstick_findings, load_transfer_config,
-        prepare_transfer_data, read_real_scan,
+        DEFAULT_DICOM_ROOT, _real_case, _yardstick_findings, load_transfer_config, prepare_transfer_data,
+        read_real_scan, warm_transfer_cache,
     )
     from benchmarks.yardstick_breakdown import breakdown
     from lidc_det.config import to_plain
     from lidc_det.metrics.ranks import nodule_ranks, score_at_sensitivity
     from lidc_det.provenance import device_info, provenance
-    from stage1_detect.blob import BlobDetector, LazyCase, warm_candidate_cache
+    from stage1_detect.blob import BlobDetector
 
     t_start = time.perf_counter()
     cfg = load_ablation_config(config_path)
@@ -154,12 +153,8 @@ def run_ablation(config_path: Path, *, progress: bool = True, scheduler: str = "
              for name, ds, region in [("yardstick", data.ds_yard, data.yardstick_region),
                                       *((b.name, d, b.region) for b, d in zip(tcfg.extra_yardsticks, data.ds_extra))]]
     train_cases = data.train_cases()
-    if scheduler != "serial":  # real scans are read by their worker (LazyCase), not shipped
-        warm_candidate_cache(tcfg.detector.kwargs,
-                             [*val_cases, *test_cases, *(c for *_, cases in yards for c in cases),
-                              *(LazyCase(e.series_uid, partial(_read_real_case, e)) for e in data.evals),
-                              *train_cases],
-                             cache, scheduler=scheduler, progress=progress)
+    if scheduler != "serial":  # the scans a transfer run reads (real ones by their worker), as the transfer warms them
+        warm_transfer_cache(base, data, cache, scheduler=scheduler, progress=progress)
     real_cases = []  # (eval scan, case, targets, irrelevant)
     for e in data.evals:
         vol, _, tg, ir = read_real_scan(e)

@@ -8,6 +8,7 @@ Every detector of a benchmark (ours, the MONAI baseline, a plug-in) goes through
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +41,11 @@ class DetectionRun:
 
 
 def detect_scans(
-    name: str, detector: Any, ds: Any, series_uids: Any, *, progress: bool = True
+    name: str, detector: Any, ds: Any, series_uids: Any, *, progress: bool = True,
+    predict_case: Callable[[Any], Detections] | None = None,
 ) -> tuple[list[Detections], list[Any], list[Any], float]:
-    """Run ``detector.predict`` on each scan of ``ds`` in ``series_uids``.
+    """Run ``detector.predict`` on each scan of ``ds`` in ``series_uids`` (on its float32 image), or
+    ``predict_case(case)`` when given (e.g. scoring a scan's cached candidates).
 
     Returns the detections (scan order), the scans' LUNA16 targets and excluded
     findings, and the total predict wall time in seconds.
@@ -56,9 +59,11 @@ def detect_scans(
         targets, others = case.luna_findings()
         annotations += targets
         excluded += others
-        hu = np.asarray(case.image_hu, dtype=np.float32)
         t0 = time.perf_counter()
-        det = detector.predict(hu, case.geometry, series_uid=uid)
+        if predict_case is None:
+            det = detector.predict(np.asarray(case.image_hu, dtype=np.float32), case.geometry, series_uid=uid)
+        else:
+            det = predict_case(case)
         infer += time.perf_counter() - t0
         if not isinstance(det, Detections):
             raise TypeError(f"detector {name!r}: predict returned {type(det).__name__}, expected Detections")

@@ -492,18 +492,9 @@ def _detect_prepared(
     else ``detector.predict`` runs on each scan (:func:`benchmarks.detection.detect_scans`)."""
     from benchmarks.detection import detect_scans
 
-    if cache is None:
-        dets, targets, irrelevant, _ = detect_scans("transfer", detector, ds, list(uids), progress=progress)
-        return dets, targets, irrelevant
-    from tqdm.auto import tqdm
-
-    dets, targets, irrelevant = [], [], []
-    for uid in tqdm(list(uids), desc="transfer: detect", unit="scan", disable=not progress):
-        case = ds.load_case(uid)
-        t, o = case.luna_findings()
-        targets += t
-        irrelevant += o
-        dets.append(_cached_predict(detector, case, cache))
+    predict_case = None if cache is None else (lambda case: _cached_predict(detector, case, cache))
+    dets, targets, irrelevant, _ = detect_scans("transfer", detector, ds, list(uids), progress=progress,
+                                                predict_case=predict_case)
     return dets, targets, irrelevant
 
 

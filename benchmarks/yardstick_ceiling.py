@@ -87,8 +87,8 @@ def run_ceiling(config_path: Path, variant: str, *, set_name: str = "yardstick",
     scan needed are first extracted in parallel (:func:`stage1_detect.blob.warm_candidate_cache`)."""
     from benchmarks.blob_ablation import load_ablation_config
     from benchmarks.transfer import (
-        DEFAULT_DICOM_ROOT, _findings_in, _froc_dict, _restrict, _yardstick_findings, load_transfer_config,
-        prepare_transfer_data,
+        DEFAULT_DICOM_ROOT, _cached_predict, _findings_in, _froc_dict, _restrict, _yardstick_findings,
+        load_transfer_config, prepare_transfer_data,
     )
     from benchmarks.yardstick_breakdown import breakdown, detection_rows, inserted_nodules
     from lidc_det.metrics.froc import evaluate_detections
@@ -134,7 +134,7 @@ def run_ceiling(config_path: Path, variant: str, *, set_name: str = "yardstick",
             det.fit(train, [], cfg.work_dir / "ceiling" / f"{variant}-{set_name}" / mode.replace("+", "_") / f"fold{k}",
                     cache_dir=cache)
             for u in held:
-                dets[u] = _restrict(det.score_candidates(det.cached_candidates(copies[u], cache), series_uid=u), region)
+                dets[u] = _restrict(_cached_predict(det, copies[u], cache), region)
             if progress:
                 print(f"[ceiling] {mode} model {k + 1}/{len(models)} ({time.perf_counter() - t0:.0f} s)", flush=True)
         ordered = [dets[u] for u in ds.series_uids]

@@ -95,6 +95,7 @@ class _ScoredSet:
     region: str
     synthetic: bool
     dataset: Any = None  # a semi-real yardstick's prepared data set (its inserted nodules), else None
+    cases: list[Any] = field(default_factory=list)  # the scans (``image_hu``, ``geometry``), in ``candidates``' order
 
 
 def _collect(detector: Any, name: str, cases: list[Any], findings: tuple[list[Any], list[Any]] | None,
@@ -112,7 +113,69 @@ def _collect(detector: Any, name: str, cases: list[Any], findings: tuple[list[An
             excluded += e
     if findings is not None:
         targets, excluded = findings
-    return _ScoredSet(name, cands, _findings_in(list(targets), region), list(excluded), region, synthetic, dataset)
+    return _ScoredSet(name, cands, _findings_in(list(targets), region), list(excluded), region, synthetic, dataset,
+                      list(cases))
+
+
+@dataclass
+class ScoredSets:
+    """What an ablation config scores and trains on (:func:`scored_sets`).
+
+    Attributes:
+        data: the transfer config's :class:`~benchmarks.transfer.TransferData`.
+        cache: the candidate cache folder (``work_dir/features``).
+        train_cases, val_cases: stage 1's training scans and the twin validation scans.
+        sets: twin validation, twin test and each yardstick, with their cached candidates.
+        real: per real evaluation scan ``(eval scan, case, candidates, targets, irrelevant)``.
+    """
+
+    data: Any
+    cache: Path
+    train_cases: list[Any]
+    val_cases: list[Any]
+    sets: list[_ScoredSet]
+    real: list[tuple[Any, Any, Any, list[Any], list[Any]]]
+
+
+def scored_sets(cfg: AblationConfig, tcfg: Any, *, progress: bool = True, scheduler: str = "serial") -> ScoredSets:
+    """Prepare (or reuse) the transfer config's data, and load every scored scan's cached candidates (extracted
+    first in parallel unless ``scheduler`` is ``serial``; see :func:`run_ablation`).
+
+    Raises:
+        ConfigFileError: the transfer config's detector is not blob-lgbm.
+    """
+    from benchmarks.transfer import (
+        DEFAULT_DICOM_ROOT, _real_case, _yardstick_findings, prepare_transfer_data, read_real_scan,
+        warm_transfer_cache,
+    )
+    from stage1_detect.blob import BlobDetector
+
+    if tcfg.detector.name != "blob-lgbm":
+        raise ConfigFileError(f"{cfg.transfer}: the ablation needs a blob-lgbm detector, not {tcfg.detector.name!r}")
+    data = prepare_transfer_data(tcfg, cfg.data_dir, cfg.dicom_root or DEFAULT_DICOM_ROOT, progress=progress)
+    cache = cfg.work_dir / "features"
+    base = BlobDetector(progress=progress, **tcfg.detector.kwargs)
+    # -- every scan, loaded once: scored (twin validation and test, yardsticks, real) and training
+    val_cases = [data.ds_twin.load_case(u) for u in data.split.val]
+    test_cases = [data.ds_twin.load_case(u) for u in data.split.test]
+    yards = [(name, ds, region, [ds.load_case(u) for u in ds.series_uids])
+             for name, ds, region in [("yardstick", data.ds_yard, data.yardstick_region),
+                                      *((b.name, d, b.region) for b, d in zip(tcfg.extra_yardsticks, data.ds_extra))]]
+    train_cases = data.train_cases()
+    if scheduler != "serial":  # the scans a transfer run reads (real ones by their worker), as the transfer warms them
+        warm_transfer_cache(base, data, cache, scheduler=scheduler, progress=progress)
+    sets = [
+        _collect(base, "twin_val", val_cases, None, "whole", True, cache, progress),
+        _collect(base, "twin_test", test_cases, None, "whole", True, cache, progress),
+        *(_collect(base, name, cases, _yardstick_findings(ds), region, False, cache, progress, dataset=ds)
+          for name, ds, region, cases in yards),
+    ]
+    real = []
+    for e in data.evals:
+        vol, _, tg, ir = read_real_scan(e)
+        case = _real_case(vol)
+        real.append((e, case, base.cached_candidates(case, cache), tg, ir))
+    return ScoredSets(data, cache, train_cases, val_cases, sets, real)
 
 
 def _froc(detector: Any, s: _ScoredSet, n_bootstrap: int, seed: int) -> tuple[dict[str, Any], list[Any]]:
@@ -128,10 +191,7 @@ def run_ablation(config_path: Path, *, progress: bool = True, scheduler: str = "
     With a ``scheduler`` other than ``serial`` (``local:N`` or a Dask address) the candidates of every scan, scored
     and training, are first extracted in parallel (:func:`benchmarks.transfer.warm_transfer_cache`).
     Returns the record (see :func:`main` for where it is written)."""
-    from benchmarks.transfer import (
-        DEFAULT_DICOM_ROOT, _real_case, _yardstick_findings, load_transfer_config, prepare_transfer_data,
-        read_real_scan, warm_transfer_cache,
-    )
+    from benchmarks.transfer import load_transfer_config
     from benchmarks.yardstick_breakdown import breakdown
     from lidc_det.config import to_plain
     from lidc_det.metrics.ranks import nodule_ranks, score_at_sensitivity
@@ -141,41 +201,16 @@ def run_ablation(config_path: Path, *, progress: bool = True, scheduler: str = "
     t_start = time.perf_counter()
     cfg = load_ablation_config(config_path)
     tcfg = load_transfer_config(cfg.transfer)
-    if tcfg.detector.name != "blob-lgbm":
-        raise ConfigFileError(f"{cfg.transfer}: the ablation needs a blob-lgbm detector, not {tcfg.detector.name!r}")
-    data = prepare_transfer_data(tcfg, cfg.data_dir, cfg.dicom_root or DEFAULT_DICOM_ROOT, progress=progress)
-    cache = cfg.work_dir / "features"
-    base = BlobDetector(progress=progress, **tcfg.detector.kwargs)
-    # -- every scan, loaded once: scored (twin validation and test, yardsticks, real) and training
-    val_cases = [data.ds_twin.load_case(u) for u in data.split.val]
-    test_cases = [data.ds_twin.load_case(u) for u in data.split.test]
-    yards = [(name, ds, region, [ds.load_case(u) for u in ds.series_uids])
-             for name, ds, region in [("yardstick", data.ds_yard, data.yardstick_region),
-                                      *((b.name, d, b.region) for b, d in zip(tcfg.extra_yardsticks, data.ds_extra))]]
-    train_cases = data.train_cases()
-    if scheduler != "serial":  # the scans a transfer run reads (real ones by their worker), as the transfer warms them
-        warm_transfer_cache(base, data, cache, scheduler=scheduler, progress=progress)
-    real_cases = []  # (eval scan, case, targets, irrelevant)
-    for e in data.evals:
-        vol, _, tg, ir = read_real_scan(e)
-        real_cases.append((e, _real_case(vol), tg, ir))
-
-    # -- every scored scan's candidates, once
-    sets = [
-        _collect(base, "twin_val", val_cases, None, "whole", True, cache, progress),
-        _collect(base, "twin_test", test_cases, None, "whole", True, cache, progress),
-        *(_collect(base, name, cases, _yardstick_findings(ds), region, False, cache, progress, dataset=ds)
-          for name, ds, region, cases in yards),
-    ]
-    # (eval scan, candidates, targets, irrelevant)
-    real = [(e, base.cached_candidates(case, cache), tg, ir) for e, case, tg, ir in real_cases]
+    sc = scored_sets(cfg, tcfg, progress=progress, scheduler=scheduler)
+    train_cases, val_cases, sets = sc.train_cases, sc.val_cases, sc.sets
+    real = [(e, cand, tg, ir) for e, _case, cand, tg, ir in sc.real]
 
     # -- one model per variant
     rows: list[dict[str, Any]] = []
     for v in cfg.variants:
         t0 = time.perf_counter()
         det = BlobDetector(progress=False, **{**tcfg.detector.kwargs, **v.kwargs})
-        meta = det.fit(train_cases, val_cases, cfg.work_dir / "models" / v.name, cache_dir=cache)
+        meta = det.fit(train_cases, val_cases, cfg.work_dir / "models" / v.name, cache_dir=sc.cache)
         row: dict[str, Any] = {"name": v.name, "kwargs": v.kwargs, "n_candidates": meta["n_candidates"],
                                "n_positive_candidates": meta["n_positive_candidates"]}
         for s in sets:
@@ -204,7 +239,7 @@ def run_ablation(config_path: Path, *, progress: bool = True, scheduler: str = "
         "config": {"transfer": str(cfg.transfer), "data_dir": str(cfg.data_dir), "work_dir": str(cfg.work_dir),
                    "variants": [{"name": v.name, "kwargs": v.kwargs} for v in cfg.variants], "scheduler": scheduler},
         "transfer_config": to_plain(tcfg),
-        "protocol": data.protocol,
+        "protocol": sc.data.protocol,
         "provenance": provenance(),
         "device": device_info("cpu"),
         "sets": [{"name": s.name, "n_scans": len(s.candidates), "n_nodules": len(s.targets), "region": s.region,

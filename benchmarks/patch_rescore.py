@@ -1,0 +1,199 @@
+"""The patch CNN (:mod:`stage1_detect.patch_cnn`) behind one blob-lgbm ablation variant, scored as the ablation is.
+
+Trains (or reuses) the variant's LightGBM model on the ablation config's cached candidates, takes the top
+candidates (after suppression) of every training scan, cuts labelled patches (:func:`~stage1_detect.patch_cnn.
+training_patches`), trains the CNN, and scores every set the ablation scores (twin validation and test, SYNTHETIC;
+each semi-real yardstick, SYNTHETIC nodules on real CT; each real nodule's rank) three ways on the same candidates:
+the detector's score, the CNN's probability alone, and their product (what :meth:`PatchRescorer.rescore` gives).
+The CNN trains on exactly the detector's training scans, so the transfer config's protocol holds for it too.
+
+Run::
+
+    python -m benchmarks.patch_rescore benchmarks/blob_ablation/insert_blob_mirror24_jp_rm_wb.yaml \\
+        --variant rm-jp-wb-real24 [--cnn patch_cnn.yaml] [--out RESULT.json]
+
+``--cnn``: a YAML of :class:`~stage1_detect.patch_cnn.PatchCNNConfig` fields (default: its defaults). Training
+patches and the trained CNN are kept under ``<work_dir>/patch_cnn/<variant>/<key>/`` (a rerun reuses both). The
+record holds both configs, git revision, device and wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lidc_det.config import ConfigFileError
+
+SCORINGS = ("detector", "cnn", "product")
+
+
+def load_cnn_config(path: Path | None) -> Any:
+    """A :class:`~stage1_detect.patch_cnn.PatchCNNConfig` from a YAML of its fields (None: the defaults).
+
+    Raises:
+        ConfigFileError: an unknown field.
+    """
+    import yaml
+
+    from stage1_detect.patch_cnn import PatchCNNConfig
+
+    raw = {} if path is None else (yaml.safe_load(Path(path).read_text()) or {})
+    unknown = sorted(set(raw) - set(PatchCNNConfig.__dataclass_fields__))
+    if unknown:
+        raise ConfigFileError(f"{path}: unknown patch-CNN fields {unknown}")
+    return PatchCNNConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+
+
+def _with_scores(dets: Any, scores: np.ndarray) -> Any:
+    from lidc_det.results import Detections
+
+    return Detections(dets.series_uid, dets.centers_xyz_mm, dets.diameters_mm, scores)
+
+
+def scorings(dets: Any, prob: np.ndarray) -> dict[str, Any]:
+    """The same candidates scored the three ways of :data:`SCORINGS` (``prob``: the CNN's, one per candidate)."""
+    return {"detector": dets, "cnn": _with_scores(dets, prob), "product": _with_scores(dets, dets.scores * prob)}
+
+
+def run_patch_rescore(config_path: Path, variant: str, *, cnn_config: Path | None = None, progress: bool = True,
+                      scheduler: str = "serial") -> dict[str, Any]:
+    """Train and score (see the module docstring); return the record."""
+    from tqdm.auto import tqdm
+
+    from benchmarks.blob_ablation import load_ablation_config, scored_sets
+    from benchmarks.transfer import _froc_dict, _restrict, load_transfer_config
+    from benchmarks.yardstick_breakdown import breakdown
+    from lidc_det.config import to_plain
+    from lidc_det.metrics.froc import evaluate_detections
+    from lidc_det.metrics.ranks import nodule_ranks
+    from lidc_det.provenance import device_info, provenance
+    from stage1_detect.blob import BlobDetector
+    from stage1_detect.patch_cnn import PatchRescorer, extract_patches, training_patches
+
+    t_start = time.perf_counter()
+    cfg = load_ablation_config(config_path)
+    by_name = {v.name: v for v in cfg.variants}
+    if variant not in by_name:
+        raise ConfigFileError(f"{config_path}: no variant {variant!r} (have {sorted(by_name)})")
+    ccfg = load_cnn_config(cnn_config)
+    tcfg = load_transfer_config(cfg.transfer)
+    sc = scored_sets(cfg, tcfg, progress=progress, scheduler=scheduler)
+    det = BlobDetector(progress=progress, **{**tcfg.detector.kwargs, **by_name[variant].kwargs})
+    det.fit(sc.train_cases, sc.val_cases, cfg.work_dir / "models" / variant, cache_dir=sc.cache)
+
+    # -- training patches and the CNN, kept under a key of everything they depend on
+    key = hashlib.sha1(json.dumps([det.meta["data_key"], det.config.max_detections, det.config.nms_radius_factor,
+                                   asdict(ccfg)], sort_keys=True, default=list).encode()).hexdigest()[:12]
+    folder = cfg.work_dir / "patch_cnn" / variant / key
+    model_path = folder / "patch_cnn.pt"
+    t0 = time.perf_counter()
+    if model_path.exists():
+        rescorer = PatchRescorer.load(model_path)
+    else:
+        rng = np.random.default_rng(ccfg.seed)
+        xs, ys = [], []
+        for case in tqdm(sc.train_cases, desc="patch CNN: training patches", unit="scan", disable=not progress):
+            dets = det.score_candidates(det.cached_candidates(case, sc.cache), series_uid=case.series_uid)
+            x, y = training_patches(case, dets, ccfg, rng)
+            xs.append(x)
+            ys.append(y)
+        rescorer = PatchRescorer(ccfg)
+        rescorer.fit(np.concatenate(xs), np.concatenate(ys), progress=progress)
+        rescorer.meta["train_series_uids"] = sorted(c.series_uid for c in sc.train_cases)
+        rescorer.save(model_path)
+    train_seconds = round(time.perf_counter() - t0, 1)
+
+    # -- every scored set, three ways on the same candidates
+    rows: dict[str, dict[str, Any]] = {s: {} for s in SCORINGS}
+    for s in sc.sets:
+        by: dict[str, list[Any]] = {k: [] for k in SCORINGS}
+        for (uid, cand), case in tqdm(list(zip(s.candidates, s.cases)), desc=f"{s.name}: patch CNN", unit="scan",
+                                      disable=not progress):
+            dets = det.score_candidates(cand, series_uid=uid)
+            prob = rescorer.predict(extract_patches(case.image_hu, case.geometry, dets.centers_xyz_mm, ccfg))
+            for k, d in scorings(dets, prob).items():
+                by[k].append(_restrict(d, s.region))
+        for k in SCORINGS:
+            froc = evaluate_detections(s.targets, by[k], excluded=s.excluded, n_bootstrap=tcfg.n_bootstrap, seed=tcfg.seed)
+            rows[k][s.name] = {**_froc_dict(froc), ("synthetic" if s.synthetic else "semi_real"): True, "region": s.region}
+            if s.dataset is not None:
+                rows[k][s.name]["by_kind"] = breakdown(s.dataset, by[k], s.region, s.excluded)["summary"]
+    for k in SCORINGS:
+        rows[k]["real"] = []
+    for e, case, cand, tg, ir in sc.real:
+        dets = _restrict(det.score_candidates(cand, series_uid=e.series_uid), e.region)
+        prob = rescorer.predict(extract_patches(case.image_hu, case.geometry, dets.centers_xyz_mm, ccfg))
+        for k, d in scorings(dets, prob).items():
+            for r in nodule_ranks(d.top_k(100), tg, ir):
+                rows[k]["real"].append({"patient_id": e.patient_id, "region": e.region,
+                                        "diameter_mm": round(r.diameter_mm, 1), "rank": r.rank,
+                                        "fps_above": r.fps_above, "score": None if r.score is None else round(r.score, 4)})
+    for k in SCORINGS:
+        print(_row_text(k, rows[k], [s.name for s in sc.sets]), flush=True)
+    return {
+        "kind": "lidc-det patch-CNN rescoring of blob-lgbm",
+        "config_path": str(config_path),
+        "variant": {"name": variant, "kwargs": by_name[variant].kwargs},
+        "cnn_config_path": None if cnn_config is None else str(cnn_config),
+        "cnn_config": asdict(ccfg),
+        "cnn_folder": str(folder),
+        "cnn_training": {k: v for k, v in rescorer.meta.items() if k != "train_series_uids"},
+        "cnn_train_seconds_this_run": train_seconds,
+        "transfer_config": to_plain(tcfg),
+        "protocol": sc.data.protocol,
+        "sets": [{"name": s.name, "n_scans": len(s.candidates), "n_nodules": len(s.targets), "region": s.region,
+                  "synthetic": s.synthetic} for s in sc.sets],
+        "rows": rows,
+        "provenance": provenance(),
+        "device": device_info("cpu"),
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
+    }
+
+
+def _row_text(scoring: str, row: dict[str, Any], names: list[str]) -> str:
+    cells = [f"{n} {row[n]['cpm']:.3f}" for n in names]
+    ranks = ", ".join(f"{r['patient_id']} {r['rank']}({r['fps_above']})" for r in row["real"])
+    return f"[patch-cnn] {scoring}: " + " | ".join(cells) + f" | real {ranks}"
+
+
+def table(record: dict[str, Any]) -> str:
+    """Markdown table of a record: one row per scoring."""
+    sets = record["sets"]
+    head = ["scoring"] + [f"{s['name']} CPM ({s['n_nodules']}{', SYNTHETIC' if s['synthetic'] else ''})" for s in sets] + [
+        "real nodule rank (FPs above)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k, row in record["rows"].items():
+        ranks = ", ".join(f"{x['patient_id']} {x['rank']} ({x['fps_above']})" for x in row["real"])
+        lines.append("| " + " | ".join([k] + [f"{row[s['name']]['cpm']:.3f}" for s in sets] + [ranks]) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lidc_det.atomic import write_json
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.patch_rescore", description=__doc__.split("\n\n")[0])
+    ap.add_argument("config", type=Path, help="blob-lgbm ablation YAML (benchmarks/blob_ablation/)")
+    ap.add_argument("--variant", required=True, help="the ablation variant whose LightGBM model proposes candidates")
+    ap.add_argument("--cnn", type=Path, default=None, help="YAML of PatchCNNConfig fields (default: its defaults)")
+    ap.add_argument("--out", type=Path, default=None, help="result JSON (default: <cnn folder>/patch_rescore.json)")
+    ap.add_argument("--scheduler", default="serial", help="extract missing candidates first: local:N or a Dask address")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    rec = run_patch_rescore(args.config, args.variant, cnn_config=args.cnn, progress=not args.no_progress,
+                            scheduler=args.scheduler)
+    out = args.out or Path(rec["cnn_folder"]) / "patch_rescore.json"
+    write_json(out, rec)
+    print(table(rec))
+    print(f"[patch-cnn] wrote {out} ({rec['wall_seconds']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -237,7 +237,7 @@ class PatchRescorer:
                     loss.backward()
                     opt.step()
                     sched.step()
-                    total += float(loss) * len(idx)
+                    total += float(loss.detach()) * len(idx)
                     bar.update(1)
                 losses.append(round(total / len(y), 4))
                 bar.set_postfix(loss=losses[-1])

@@ -74,7 +74,7 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_config: Path | Non
     from lidc_det.metrics.froc import evaluate_detections
     from lidc_det.metrics.ranks import nodule_ranks
     from lidc_det.provenance import device_info, provenance
-    from stage1_detect.blob import BlobDetector
+    from stage1_detect.blob import SEMIREAL_PREFIX, BlobDetector
     from stage1_detect.patch_cnn import PatchRescorer, extract_patches, training_patches
 
     t_start = time.perf_counter()
@@ -98,14 +98,16 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_config: Path | Non
         rescorer = PatchRescorer.load(model_path)
     else:
         rng = np.random.default_rng(ccfg.seed)
-        xs, ys = [], []
+        xs, ys, ws = [], [], []
         for case in tqdm(sc.train_cases, desc="patch CNN: training patches", unit="scan", disable=not progress):
             dets = det.score_candidates(det.cached_candidates(case, sc.cache), series_uid=case.series_uid)
             x, y = training_patches(case, dets, ccfg, rng)
             xs.append(x)
             ys.append(y)
+            semireal = str(case.series_uid).startswith(SEMIREAL_PREFIX)
+            ws.append(np.full(len(y), 1.0 if semireal else ccfg.twin_weight, np.float32))
         rescorer = PatchRescorer(ccfg)
-        rescorer.fit(np.concatenate(xs), np.concatenate(ys), progress=progress)
+        rescorer.fit(np.concatenate(xs), np.concatenate(ys), weights=np.concatenate(ws), progress=progress)
         rescorer.meta["train_series_uids"] = sorted(c.series_uid for c in sc.train_cases)
         rescorer.save(model_path)
     train_seconds = round(time.perf_counter() - t0, 1)

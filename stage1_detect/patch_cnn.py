@@ -54,6 +54,8 @@ class PatchCNNConfig:
         hard_negatives: per training scan, the false positives with the detector's highest scores.
         random_negatives: per training scan, further false positives drawn at random.
         centre_copies: per training nodule, patches at its centre moved by up to ``jitter_mm`` on each axis.
+        twin_weight: the loss weight of patches from procedural scans (``weights`` of :meth:`PatchRescorer.fit`;
+            the benchmark gives the semi-real scans, real backgrounds, weight 1).
         seed: weights, sampling and augmentation.
         threads: torch's CPU threads.
     """
@@ -70,6 +72,7 @@ class PatchCNNConfig:
     random_negatives: int = 20
     centre_copies: int = 2
     jitter_mm: float = 2.0
+    twin_weight: float = 1.0
     seed: int = 0
     threads: int = 2
 
@@ -190,10 +193,11 @@ class PatchRescorer:
     def trained(self) -> bool:
         return self._trained
 
-    def fit(self, patches: np.ndarray, labels: np.ndarray, *, progress: bool = True) -> dict[str, Any]:
+    def fit(self, patches: np.ndarray, labels: np.ndarray, *, weights: np.ndarray | None = None,
+            progress: bool = True) -> dict[str, Any]:
         """Train on ``patches`` ``(N, C, P, P, P)`` (as :func:`extract_patches` gives) and 0/1 ``labels`` ``(N,)``;
-        positives weighted by negatives / positives. Returns (and keeps in ``meta``) the loss of each epoch,
-        counts and seconds.
+        positives weighted by negatives / positives, each patch also by ``weights`` ``(N,)`` (default 1). Returns
+        (and keeps in ``meta``) the loss of each epoch, counts and seconds.
 
         Raises:
             PatchCNNError: shapes that do not match the config, or no positive / no negative patch.
@@ -208,6 +212,9 @@ class PatchRescorer:
         if patches.ndim != 5 or patches.shape[1:] != want or len(labels) != len(patches):
             raise PatchCNNError(f"patches must be (N, {', '.join(map(str, want))}) with N labels, got {patches.shape} and {len(labels)}")
         y = np.asarray(labels, dtype=np.float32)
+        w = np.ones(len(y), np.float32) if weights is None else np.asarray(weights, dtype=np.float32)
+        if w.shape != y.shape or (w < 0).any():
+            raise PatchCNNError(f"weights must be {len(y)} non-negative numbers, got shape {w.shape}")
         n_pos, n_neg = int((y == 1).sum()), int((y == 0).sum())
         if n_pos == 0 or n_neg == 0:
             raise PatchCNNError(f"patch CNN: needs positive and negative patches, got {n_pos} and {n_neg}")
@@ -219,9 +226,10 @@ class PatchRescorer:
             opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
             steps = cfg.epochs * int(np.ceil(len(y) / cfg.batch_size))
             sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.learning_rate, total_steps=steps, pct_start=0.1)
-            loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(n_neg / n_pos))
+            loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(n_neg / n_pos), reduction="none")
             x_all = torch.from_numpy(np.ascontiguousarray(patches))
             y_all = torch.from_numpy(y)
+            w_all = torch.from_numpy(w / w.mean())
             self.net.train()
             bar = tqdm(total=steps, desc="patch CNN", unit="batch", disable=not progress)
             for _ in range(cfg.epochs):
@@ -233,7 +241,7 @@ class PatchRescorer:
                         continue
                     xb = _augment(x_all[idx].float(), gen)
                     opt.zero_grad()
-                    loss = loss_fn(self.net(xb).squeeze(1), y_all[idx])
+                    loss = (loss_fn(self.net(xb).squeeze(1), y_all[idx]) * w_all[idx]).mean()
                     loss.backward()
                     opt.step()
                     sched.step()

@@ -138,3 +138,18 @@ def test_benchmark_cnn_config_and_scorings(tmp_path) -> None:
     assert s["detector"].scores.tolist() == [0.5, 0.2]
     assert s["cnn"].scores.tolist() == [0.1, 1.0]
     assert s["product"].scores.tolist() == pytest.approx([0.05, 0.2])
+
+
+def test_zero_weight_patches_do_not_teach() -> None:
+    """Half the training patches carry flipped labels: with weight 0 they are ignored and the CNN still learns."""
+    x, y = _toy_set(96, np.random.default_rng(3))
+    xc, yc = _toy_set(96, np.random.default_rng(4))
+    xs, ys = np.concatenate([x, xc]), np.concatenate([y, 1 - yc])
+    w = np.concatenate([np.ones(96), np.zeros(96)])
+    r = PatchRescorer(SMALL)
+    r.fit(xs, ys, weights=w, progress=False)
+    xt, yt = _toy_set(40, np.random.default_rng(5))
+    prob = r.predict(xt)
+    assert prob[yt == 1].min() > prob[yt == 0].max()
+    with pytest.raises(PatchCNNError, match="weights"):
+        r.fit(xs, ys, weights=w[:10], progress=False)

@@ -126,7 +126,9 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_config: Path | Non
             froc = evaluate_detections(s.targets, by[k], excluded=s.excluded, n_bootstrap=tcfg.n_bootstrap, seed=tcfg.seed)
             rows[k][s.name] = {**_froc_dict(froc), ("synthetic" if s.synthetic else "semi_real"): True, "region": s.region}
             if s.dataset is not None:
-                rows[k][s.name]["by_kind"] = breakdown(s.dataset, by[k], s.region, s.excluded)["summary"]
+                kinds = breakdown(s.dataset, by[k], s.region, s.excluded)
+                rows[k][s.name]["by_kind"] = kinds["summary"]
+                rows[k][s.name]["fp_groups"] = kinds["fp_groups"]
     for k in SCORINGS:
         rows[k]["real"] = []
     for e, case, cand, tg, ir in sc.real:

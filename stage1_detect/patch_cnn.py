@@ -54,8 +54,9 @@ class PatchCNNConfig:
         hard_negatives: per training scan, the false positives with the detector's highest scores.
         random_negatives: per training scan, further false positives drawn at random.
         centre_copies: per training nodule, patches at its centre moved by up to ``jitter_mm`` on each axis.
-        twin_weight: the loss weight of patches from procedural scans (``weights`` of :meth:`PatchRescorer.fit`;
-            the benchmark gives the semi-real scans, real backgrounds, weight 1).
+        twin_weight: the loss weight the benchmark gives patches of training scans that are not semi-real (the
+            plain twins; semi-real scans, twins with inserted nodules among them, keep 1, as blob-lgbm's
+            ``lgbm_twin_weight``); used through ``weights`` of :meth:`PatchRescorer.fit`.
         seed: weights, sampling and augmentation.
         threads: torch's CPU threads.
     """

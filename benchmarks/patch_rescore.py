@@ -3,8 +3,9 @@
 Trains (or reuses) the variant's LightGBM model on the ablation config's cached candidates, takes the top
 candidates (after suppression) of every training scan, cuts labelled patches (:func:`~stage1_detect.patch_cnn.
 training_patches`), trains the CNN, and scores every set the ablation scores (twin validation and test, SYNTHETIC;
-each semi-real yardstick, SYNTHETIC nodules on real CT; each real nodule's rank) three ways on the same candidates:
-the detector's score, the CNN's probability alone, and their product (what :meth:`PatchRescorer.rescore` gives).
+each semi-real yardstick, SYNTHETIC nodules on real CT; each real nodule's rank) five ways on the same candidates:
+the detector's score, the CNN's probability alone, and their product (what :meth:`PatchRescorer.rescore` gives),
+the last two also with flip test-time augmentation (``+flips``).
 The CNN trains on exactly the detector's training scans, so the transfer config's protocol holds for it too.
 
 Run::
@@ -31,7 +32,7 @@ import numpy as np
 
 from lidc_det.config import ConfigFileError
 
-SCORINGS = ("detector", "cnn", "product")
+SCORINGS = ("detector", "cnn", "product", "cnn+flips", "product+flips")
 
 
 def load_cnn_config(path: Path | None) -> Any:
@@ -57,9 +58,18 @@ def _with_scores(dets: Any, scores: np.ndarray) -> Any:
     return Detections(dets.series_uid, dets.centers_xyz_mm, dets.diameters_mm, scores)
 
 
-def scorings(dets: Any, prob: np.ndarray) -> dict[str, Any]:
-    """The same candidates scored the three ways of :data:`SCORINGS` (``prob``: the CNN's, one per candidate)."""
-    return {"detector": dets, "cnn": _with_scores(dets, prob), "product": _with_scores(dets, dets.scores * prob)}
+def scorings(dets: Any, prob: np.ndarray, prob_flips: np.ndarray) -> dict[str, Any]:
+    """The same candidates scored the ways of :data:`SCORINGS` (``prob``, ``prob_flips``: the CNN's, one per
+    candidate, without and with flip test-time augmentation)."""
+    return {"detector": dets, "cnn": _with_scores(dets, prob), "product": _with_scores(dets, dets.scores * prob),
+            "cnn+flips": _with_scores(dets, prob_flips), "product+flips": _with_scores(dets, dets.scores * prob_flips)}
+
+
+def _probs(rescorer: Any, case: Any, dets: Any) -> tuple[np.ndarray, np.ndarray]:
+    from stage1_detect.patch_cnn import extract_patches
+
+    x = extract_patches(case.image_hu, case.geometry, dets.centers_xyz_mm, rescorer.config)
+    return rescorer.predict(x), rescorer.predict(x, flips=True)
 
 
 def run_patch_rescore(config_path: Path, variant: str, *, cnn_config: Path | None = None, progress: bool = True,
@@ -75,7 +85,7 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_config: Path | Non
     from lidc_det.metrics.ranks import nodule_ranks
     from lidc_det.provenance import device_info, provenance
     from stage1_detect.blob import SEMIREAL_PREFIX, BlobDetector
-    from stage1_detect.patch_cnn import PatchRescorer, extract_patches, training_patches
+    from stage1_detect.patch_cnn import PatchRescorer, training_patches
 
     t_start = time.perf_counter()
     cfg = load_ablation_config(config_path)
@@ -119,8 +129,7 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_config: Path | Non
         for (uid, cand), case in tqdm(list(zip(s.candidates, s.cases)), desc=f"{s.name}: patch CNN", unit="scan",
                                       disable=not progress):
             dets = det.score_candidates(cand, series_uid=uid)
-            prob = rescorer.predict(extract_patches(case.image_hu, case.geometry, dets.centers_xyz_mm, ccfg))
-            for k, d in scorings(dets, prob).items():
+            for k, d in scorings(dets, *_probs(rescorer, case, dets)).items():
                 by[k].append(_restrict(d, s.region))
         for k in SCORINGS:
             froc = evaluate_detections(s.targets, by[k], excluded=s.excluded, n_bootstrap=tcfg.n_bootstrap, seed=tcfg.seed)
@@ -133,8 +142,7 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_config: Path | Non
         rows[k]["real"] = []
     for e, case, cand, tg, ir in sc.real:
         dets = _restrict(det.score_candidates(cand, series_uid=e.series_uid), e.region)
-        prob = rescorer.predict(extract_patches(case.image_hu, case.geometry, dets.centers_xyz_mm, ccfg))
-        for k, d in scorings(dets, prob).items():
+        for k, d in scorings(dets, *_probs(rescorer, case, dets)).items():
             for r in nodule_ranks(d.top_k(100), tg, ir):
                 rows[k]["real"].append({"patient_id": e.patient_id, "region": e.region,
                                         "diameter_mm": round(r.diameter_mm, 1), "rank": r.rank,

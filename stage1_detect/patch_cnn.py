@@ -257,28 +257,34 @@ class PatchRescorer:
                      "seconds": round(time.perf_counter() - t0, 1)}
         return self.meta
 
-    def predict(self, patches: np.ndarray, *, batch_size: int = 256) -> np.ndarray:
-        """The CNN's probability ``(N,)`` for patches ``(N, C, P, P, P)``.
+    def predict(self, patches: np.ndarray, *, flips: bool = False, batch_size: int = 256) -> np.ndarray:
+        """The CNN's probability ``(N,)`` for patches ``(N, C, P, P, P)``; with ``flips``, the mean over the 8
+        combinations of flipping the three cube axes (test-time augmentation, 8 times the work).
 
         Raises:
             PatchCNNError: not trained.
         """
+        import itertools
+
         import torch
 
         from lidc_det.torch_state import torch_threads
 
         if not self._trained:
             raise PatchCNNError("patch CNN: not trained; call fit() or PatchRescorer.load()")
+        views = [d for k in range(4) for d in itertools.combinations((2, 3, 4), k)] if flips else [()]
         out = []
         with torch_threads(self.config.threads), torch.no_grad():
             for a in range(0, len(patches), batch_size):
                 xb = torch.from_numpy(np.ascontiguousarray(patches[a:a + batch_size])).float()
-                out.append(torch.sigmoid(self.net(xb).squeeze(1)).numpy())
+                p = [torch.sigmoid(self.net(torch.flip(xb, dims=v) if v else xb).squeeze(1)) for v in views]
+                out.append(torch.stack(p).mean(0).numpy())
         return np.concatenate(out).astype(np.float64) if out else np.zeros(0)
 
-    def rescore(self, dets: Detections, hu: np.ndarray, geometry: VolumeGeometry) -> Detections:
-        """``dets`` with each score multiplied by the CNN's probability of its patch, best first."""
-        prob = self.predict(extract_patches(hu, geometry, dets.centers_xyz_mm, self.config))
+    def rescore(self, dets: Detections, hu: np.ndarray, geometry: VolumeGeometry, *, flips: bool = False) -> Detections:
+        """``dets`` with each score multiplied by the CNN's probability of its patch (``flips``: see
+        :meth:`predict`), best first."""
+        prob = self.predict(extract_patches(hu, geometry, dets.centers_xyz_mm, self.config), flips=flips)
         return Detections(dets.series_uid, dets.centers_xyz_mm, dets.diameters_mm, dets.scores * prob,
                           dets.boxes_voxel).top_k(len(dets))
 

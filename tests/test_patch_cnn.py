@@ -89,6 +89,18 @@ def test_fit_learns_balls_from_tubes_and_round_trips(tmp_path) -> None:
     xt, yt = _toy_set(40, np.random.default_rng(1))
     prob = r.predict(xt)
     assert prob[yt == 1].min() > prob[yt == 0].max()
+    # flip test-time augmentation: the mean over the 8 flips of the cube, each computed by hand
+    import itertools
+
+    import torch
+
+    with torch.no_grad():
+        x0 = torch.from_numpy(xt[:5]).float()
+        want = np.mean([torch.sigmoid(r.net(torch.flip(x0, dims=d) if d else x0)).squeeze(1).numpy()
+                        for k in range(4) for d in itertools.combinations((2, 3, 4), k)], axis=0)
+    flipped = r.predict(xt[:5], flips=True)
+    np.testing.assert_allclose(flipped, want, rtol=1e-5)
+    assert not np.allclose(flipped, prob[:5])
     r2 = PatchRescorer.load(r.save(tmp_path / "m.pt"))
     np.testing.assert_allclose(r2.predict(xt), prob, rtol=1e-6)
     assert r2.config == SMALL and r2.meta["n_patches"] == 96
@@ -134,10 +146,12 @@ def test_benchmark_cnn_config_and_scorings(tmp_path) -> None:
     with pytest.raises(ConfigFileError, match="epochz"):
         load_cnn_config(tmp_path / "bad.yaml")
     dets = Detections("s", np.zeros((2, 3)), np.ones(2), np.array([0.5, 0.2]))
-    s = scorings(dets, np.array([0.1, 1.0]))
+    s = scorings(dets, np.array([0.1, 1.0]), np.array([0.4, 0.5]))
     assert s["detector"].scores.tolist() == [0.5, 0.2]
     assert s["cnn"].scores.tolist() == [0.1, 1.0]
     assert s["product"].scores.tolist() == pytest.approx([0.05, 0.2])
+    assert s["cnn+flips"].scores.tolist() == [0.4, 0.5]
+    assert s["product+flips"].scores.tolist() == pytest.approx([0.2, 0.1])
 
 
 def test_zero_weight_patches_do_not_teach() -> None:

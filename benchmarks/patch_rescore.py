@@ -122,7 +122,7 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_config: Path | Non
         rescorer.save(model_path)
     train_seconds = round(time.perf_counter() - t0, 1)
 
-    # -- every scored set, three ways on the same candidates
+    # -- every scored set, each scoring on the same candidates
     rows: dict[str, dict[str, Any]] = {s: {} for s in SCORINGS}
     for s in sc.sets:
         by: dict[str, list[Any]] = {k: [] for k in SCORINGS}

@@ -13,9 +13,10 @@ Run::
     python -m benchmarks.patch_rescore benchmarks/blob_ablation/insert_blob_mirror24_jp_rm_wb.yaml \\
         --variant rm-jp-wb-real24 [--cnn patch_cnn.yaml] [--out RESULT.json]
 
-``--cnn``: a YAML of :class:`~stage1_detect.patch_cnn.PatchCNNConfig` fields (default: its defaults). Training
-patches and the trained CNN are kept under ``<work_dir>/patch_cnn/<variant>/<key>/`` (a rerun reuses both). The
-record holds both configs, git revision, device and wall time.
+``--cnn``: a YAML of :class:`~stage1_detect.patch_cnn.PatchCNNConfig` fields (default: its defaults); given more
+than once, each CNN is trained and their probabilities are averaged (an ensemble, e.g. of seeds). Each trained CNN
+is kept under ``<work_dir>/patch_cnn/<variant>/<key>/`` (a rerun reuses it). The record holds the configs, git
+revision, device and wall time.
 """
 
 from __future__ import annotations
@@ -65,16 +66,53 @@ def scorings(dets: Any, prob: np.ndarray, prob_flips: np.ndarray) -> dict[str, A
             "cnn+flips": _with_scores(dets, prob_flips), "product+flips": _with_scores(dets, dets.scores * prob_flips)}
 
 
-def _probs(rescorer: Any, case: Any, dets: Any) -> tuple[np.ndarray, np.ndarray]:
+def _probs(rescorers: list[Any], case: Any, dets: Any) -> tuple[np.ndarray, np.ndarray]:
+    """The mean probability of ``rescorers`` for each candidate of ``dets``, without and with flips."""
     from stage1_detect.patch_cnn import extract_patches
 
-    x = extract_patches(case.image_hu, case.geometry, dets.centers_xyz_mm, rescorer.config)
-    return rescorer.predict(x), rescorer.predict(x, flips=True)
+    plain, flipped = [], []
+    for r in rescorers:
+        x = extract_patches(case.image_hu, case.geometry, dets.centers_xyz_mm, r.config)
+        plain.append(r.predict(x))
+        flipped.append(r.predict(x, flips=True))
+    return np.mean(plain, axis=0), np.mean(flipped, axis=0)
 
 
-def run_patch_rescore(config_path: Path, variant: str, *, cnn_config: Path | None = None, progress: bool = True,
+def _cnn_key(det: Any, ccfg: Any) -> str:
+    """The key of a CNN's folder: the detector model's data key, its suppression settings and the CNN config."""
+    return hashlib.sha1(json.dumps([det.meta["data_key"], det.config.max_detections, det.config.nms_radius_factor,
+                                    asdict(ccfg)], sort_keys=True, default=list).encode()).hexdigest()[:12]
+
+
+def _trained_cnn(det: Any, sc: Any, ccfg: Any, model_path: Path, progress: bool) -> Any:
+    """The CNN in ``model_path``, or trained on the training scans' patches (:func:`training_patches`) and saved there."""
+    from tqdm.auto import tqdm
+
+    from stage1_detect.blob import SEMIREAL_PREFIX
+    from stage1_detect.patch_cnn import PatchRescorer, training_patches
+
+    if model_path.exists():
+        return PatchRescorer.load(model_path)
+    rng = np.random.default_rng(ccfg.seed)
+    xs, ys, ws = [], [], []
+    for case in tqdm(sc.train_cases, desc="patch CNN: training patches", unit="scan", disable=not progress):
+        dets = det.score_candidates(det.cached_candidates(case, sc.cache), series_uid=case.series_uid)
+        x, y = training_patches(case, dets, ccfg, rng)
+        xs.append(x)
+        ys.append(y)
+        semireal = str(case.series_uid).startswith(SEMIREAL_PREFIX)
+        ws.append(np.full(len(y), 1.0 if semireal else ccfg.twin_weight, np.float32))
+    rescorer = PatchRescorer(ccfg)
+    rescorer.fit(np.concatenate(xs), np.concatenate(ys), weights=np.concatenate(ws), progress=progress)
+    rescorer.meta["train_series_uids"] = sorted(c.series_uid for c in sc.train_cases)
+    rescorer.save(model_path)
+    return rescorer
+
+
+def run_patch_rescore(config_path: Path, variant: str, *, cnn_configs: list[Path] | None = None, progress: bool = True,
                       scheduler: str = "serial") -> dict[str, Any]:
-    """Train and score (see the module docstring); return the record."""
+    """Train and score (see the module docstring); return the record. With several ``cnn_configs`` each CNN is
+    trained (or reused) and their probabilities are averaged (an ensemble, e.g. of seeds)."""
     from tqdm.auto import tqdm
 
     from benchmarks.blob_ablation import load_ablation_config, scored_sets
@@ -84,43 +122,30 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_config: Path | Non
     from lidc_det.metrics.froc import evaluate_detections
     from lidc_det.metrics.ranks import nodule_ranks
     from lidc_det.provenance import device_info, provenance
-    from stage1_detect.blob import SEMIREAL_PREFIX, BlobDetector
-    from stage1_detect.patch_cnn import PatchRescorer, training_patches
+    from stage1_detect.blob import BlobDetector
 
     t_start = time.perf_counter()
     cfg = load_ablation_config(config_path)
     by_name = {v.name: v for v in cfg.variants}
     if variant not in by_name:
         raise ConfigFileError(f"{config_path}: no variant {variant!r} (have {sorted(by_name)})")
-    ccfg = load_cnn_config(cnn_config)
+    paths: list[Path | None] = list(cnn_configs) if cnn_configs else [None]
+    ccfgs = [load_cnn_config(p) for p in paths]
     tcfg = load_transfer_config(cfg.transfer)
     sc = scored_sets(cfg, tcfg, progress=progress, scheduler=scheduler)
     det = BlobDetector(progress=progress, **{**tcfg.detector.kwargs, **by_name[variant].kwargs})
     det.fit(sc.train_cases, sc.val_cases, cfg.work_dir / "models" / variant, cache_dir=sc.cache)
 
-    # -- training patches and the CNN, kept under a key of everything they depend on
-    key = hashlib.sha1(json.dumps([det.meta["data_key"], det.config.max_detections, det.config.nms_radius_factor,
-                                   asdict(ccfg)], sort_keys=True, default=list).encode()).hexdigest()[:12]
-    folder = cfg.work_dir / "patch_cnn" / variant / key
-    model_path = folder / "patch_cnn.pt"
-    t0 = time.perf_counter()
-    if model_path.exists():
-        rescorer = PatchRescorer.load(model_path)
-    else:
-        rng = np.random.default_rng(ccfg.seed)
-        xs, ys, ws = [], [], []
-        for case in tqdm(sc.train_cases, desc="patch CNN: training patches", unit="scan", disable=not progress):
-            dets = det.score_candidates(det.cached_candidates(case, sc.cache), series_uid=case.series_uid)
-            x, y = training_patches(case, dets, ccfg, rng)
-            xs.append(x)
-            ys.append(y)
-            semireal = str(case.series_uid).startswith(SEMIREAL_PREFIX)
-            ws.append(np.full(len(y), 1.0 if semireal else ccfg.twin_weight, np.float32))
-        rescorer = PatchRescorer(ccfg)
-        rescorer.fit(np.concatenate(xs), np.concatenate(ys), weights=np.concatenate(ws), progress=progress)
-        rescorer.meta["train_series_uids"] = sorted(c.series_uid for c in sc.train_cases)
-        rescorer.save(model_path)
-    train_seconds = round(time.perf_counter() - t0, 1)
+    # -- training patches and each CNN, kept under a key of everything they depend on
+    rescorers, members = [], []
+    for path, ccfg in zip(paths, ccfgs):
+        folder = cfg.work_dir / "patch_cnn" / variant / _cnn_key(det, ccfg)
+        t0 = time.perf_counter()
+        rescorer = _trained_cnn(det, sc, ccfg, folder / "patch_cnn.pt", progress)
+        rescorers.append(rescorer)
+        members.append({"config_path": None if path is None else str(path), "config": asdict(ccfg), "folder": str(folder),
+                        "training": {k: v for k, v in rescorer.meta.items() if k != "train_series_uids"},
+                        "train_seconds_this_run": round(time.perf_counter() - t0, 1)})
 
     # -- every scored set, each scoring on the same candidates
     rows: dict[str, dict[str, Any]] = {s: {} for s in SCORINGS}
@@ -129,7 +154,7 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_config: Path | Non
         for (uid, cand), case in tqdm(list(zip(s.candidates, s.cases)), desc=f"{s.name}: patch CNN", unit="scan",
                                       disable=not progress):
             dets = det.score_candidates(cand, series_uid=uid)
-            for k, d in scorings(dets, *_probs(rescorer, case, dets)).items():
+            for k, d in scorings(dets, *_probs(rescorers, case, dets)).items():
                 by[k].append(_restrict(d, s.region))
         for k in SCORINGS:
             froc = evaluate_detections(s.targets, by[k], excluded=s.excluded, n_bootstrap=tcfg.n_bootstrap, seed=tcfg.seed)
@@ -142,7 +167,7 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_config: Path | Non
         rows[k]["real"] = []
     for e, case, cand, tg, ir in sc.real:
         dets = _restrict(det.score_candidates(cand, series_uid=e.series_uid), e.region)
-        for k, d in scorings(dets, *_probs(rescorer, case, dets)).items():
+        for k, d in scorings(dets, *_probs(rescorers, case, dets)).items():
             for r in nodule_ranks(d.top_k(100), tg, ir):
                 rows[k]["real"].append({"patient_id": e.patient_id, "region": e.region,
                                         "diameter_mm": round(r.diameter_mm, 1), "rank": r.rank,
@@ -153,11 +178,8 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_config: Path | Non
         "kind": "lidc-det patch-CNN rescoring of blob-lgbm",
         "config_path": str(config_path),
         "variant": {"name": variant, "kwargs": by_name[variant].kwargs},
-        "cnn_config_path": None if cnn_config is None else str(cnn_config),
-        "cnn_config": asdict(ccfg),
-        "cnn_folder": str(folder),
-        "cnn_training": {k: v for k, v in rescorer.meta.items() if k != "train_series_uids"},
-        "cnn_train_seconds_this_run": train_seconds,
+        # one entry per CNN; several are an ensemble (their probabilities averaged)
+        "cnns": members,
         "transfer_config": to_plain(tcfg),
         "protocol": sc.data.protocol,
         "sets": [{"name": s.name, "n_scans": len(s.candidates), "n_nodules": len(s.targets), "region": s.region,
@@ -193,14 +215,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.patch_rescore", description=__doc__.split("\n\n")[0])
     ap.add_argument("config", type=Path, help="blob-lgbm ablation YAML (benchmarks/blob_ablation/)")
     ap.add_argument("--variant", required=True, help="the ablation variant whose LightGBM model proposes candidates")
-    ap.add_argument("--cnn", type=Path, default=None, help="YAML of PatchCNNConfig fields (default: its defaults)")
-    ap.add_argument("--out", type=Path, default=None, help="result JSON (default: <cnn folder>/patch_rescore.json)")
+    ap.add_argument("--cnn", type=Path, action="append", default=None,
+                    help="YAML of PatchCNNConfig fields (default: its defaults); give it again for an ensemble whose "
+                         "probabilities are averaged (e.g. two seeds)")
+    ap.add_argument("--out", type=Path, default=None, help="result JSON (default: <first CNN's folder>/patch_rescore.json)")
     ap.add_argument("--scheduler", default="serial", help="extract missing candidates first: local:N or a Dask address")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    rec = run_patch_rescore(args.config, args.variant, cnn_config=args.cnn, progress=not args.no_progress,
+    rec = run_patch_rescore(args.config, args.variant, cnn_configs=args.cnn, progress=not args.no_progress,
                             scheduler=args.scheduler)
-    out = args.out or Path(rec["cnn_folder"]) / "patch_rescore.json"
+    out = args.out or Path(rec["cnns"][0]["folder"]) / "patch_rescore.json"
     write_json(out, rec)
     print(table(rec))
     print(f"[patch-cnn] wrote {out} ({rec['wall_seconds']:.0f} s)")

@@ -178,12 +178,26 @@ def scored_sets(cfg: AblationConfig, tcfg: Any, *, progress: bool = True, schedu
     return ScoredSets(data, cache, train_cases, val_cases, sets, real)
 
 
-def _froc(detector: Any, s: _ScoredSet, n_bootstrap: int, seed: int) -> tuple[dict[str, Any], list[Any]]:
-    from benchmarks.transfer import _froc_dict, _restrict
+def set_figures(s: _ScoredSet, dets: list[Any], n_bootstrap: int, seed: int) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The FROC figures of a set's detections (one per scan, restricted to ``s.region``), labelled synthetic or
+    semi-real, and for a yardstick its breakdown by kind (:func:`benchmarks.yardstick_breakdown.breakdown`; else None)."""
+    from benchmarks.transfer import _froc_dict
+    from benchmarks.yardstick_breakdown import breakdown
     from lidc_det.metrics.froc import evaluate_detections
 
-    dets = [_restrict(detector.score_candidates(c, series_uid=uid), s.region) for uid, c in s.candidates]
-    return _froc_dict(evaluate_detections(s.targets, dets, excluded=s.excluded, n_bootstrap=n_bootstrap, seed=seed)), dets
+    froc = evaluate_detections(s.targets, dets, excluded=s.excluded, n_bootstrap=n_bootstrap, seed=seed)
+    figures = {**_froc_dict(froc), ("synthetic" if s.synthetic else "semi_real"): True, "region": s.region}
+    return figures, None if s.dataset is None else breakdown(s.dataset, dets, s.region, s.excluded)
+
+
+def real_rank_rows(e: Any, dets: Any, targets: list[Any], irrelevant: list[Any]) -> list[dict[str, Any]]:
+    """One row per real nodule of eval scan ``e``: its first-hit rank and the false positives above it in ``dets``
+    (already restricted to ``e.region`` and cut to the scored candidates)."""
+    from lidc_det.metrics.ranks import nodule_ranks
+
+    return [{"patient_id": e.patient_id, "region": e.region, "diameter_mm": round(r.diameter_mm, 1), "rank": r.rank,
+             "fps_above": r.fps_above, "score": None if r.score is None else round(r.score, 4)}
+            for r in nodule_ranks(dets, targets, irrelevant)]
 
 
 def run_ablation(config_path: Path, *, progress: bool = True, scheduler: str = "serial") -> dict[str, Any]:
@@ -191,10 +205,9 @@ def run_ablation(config_path: Path, *, progress: bool = True, scheduler: str = "
     With a ``scheduler`` other than ``serial`` (``local:N`` or a Dask address) the candidates of every scan, scored
     and training, are first extracted in parallel (:func:`benchmarks.transfer.warm_transfer_cache`).
     Returns the record (see :func:`main` for where it is written)."""
-    from benchmarks.transfer import load_transfer_config
-    from benchmarks.yardstick_breakdown import breakdown
+    from benchmarks.transfer import _restrict, load_transfer_config
     from lidc_det.config import to_plain
-    from lidc_det.metrics.ranks import nodule_ranks, score_at_sensitivity
+    from lidc_det.metrics.ranks import score_at_sensitivity
     from lidc_det.provenance import device_info, provenance
     from stage1_detect.blob import BlobDetector
 
@@ -214,21 +227,18 @@ def run_ablation(config_path: Path, *, progress: bool = True, scheduler: str = "
         row: dict[str, Any] = {"name": v.name, "kwargs": v.kwargs, "n_candidates": meta["n_candidates"],
                                "n_positive_candidates": meta["n_positive_candidates"]}
         for s in sets:
-            froc, dets = _froc(det, s, tcfg.n_bootstrap, tcfg.seed)
-            row[s.name] = {**froc, ("synthetic" if s.synthetic else "semi_real"): True, "region": s.region}
-            if s.dataset is not None:
-                row[s.name]["by_kind"] = breakdown(s.dataset, dets, s.region, s.excluded)["summary"]
+            dets = [_restrict(det.score_candidates(c, series_uid=uid), s.region) for uid, c in s.candidates]
+            row[s.name], kinds = set_figures(s, dets, tcfg.n_bootstrap, tcfg.seed)
+            if kinds is not None:
+                row[s.name]["by_kind"] = kinds["summary"]
             if s.name == "twin_val":
                 thr, reached = score_at_sensitivity(dets, s.targets, tcfg.operating_sensitivity)
                 row["operating_point"] = {"threshold": None if thr is None else round(thr, 4),
                                           "twin_val_sensitivity_reached": round(reached, 3)}
         row["real"] = []
         for e, cand, tg, ir in real:
-            d = _restrict_real(det.score_candidates(cand, series_uid=e.series_uid), e.region)
-            for r in nodule_ranks(d, tg, ir):
-                row["real"].append({"patient_id": e.patient_id, "region": e.region, "diameter_mm": round(r.diameter_mm, 1),
-                                    "rank": r.rank, "fps_above": r.fps_above,
-                                    "score": None if r.score is None else round(r.score, 4)})
+            d = _restrict(det.score_candidates(cand, series_uid=e.series_uid), e.region).top_k(100)
+            row["real"] += real_rank_rows(e, d, tg, ir)
         row["top_features"] = dict(list(det.feature_importance().items())[:8])
         row["seconds"] = round(time.perf_counter() - t0, 1)
         rows.append(row)
@@ -247,12 +257,6 @@ def run_ablation(config_path: Path, *, progress: bool = True, scheduler: str = "
         "rows": rows,
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
-
-
-def _restrict_real(det: Any, region: str) -> Any:
-    from benchmarks.transfer import _restrict
-
-    return _restrict(det, region).top_k(100)
 
 
 def _row_text(row: dict[str, Any], sets: list[_ScoredSet]) -> str:

@@ -67,12 +67,17 @@ def scorings(dets: Any, prob: np.ndarray, prob_flips: np.ndarray) -> dict[str, A
 
 
 def _probs(rescorers: list[Any], case: Any, dets: Any) -> tuple[np.ndarray, np.ndarray]:
-    """The mean probability of ``rescorers`` for each candidate of ``dets``, without and with flips."""
+    """The mean probability of ``rescorers`` for each candidate of ``dets``, without and with flips (patches cut
+    once per distinct :meth:`~stage1_detect.patch_cnn.PatchCNNConfig.patch_key`)."""
     from stage1_detect.patch_cnn import extract_patches
 
     plain, flipped = [], []
+    patches: dict[str, np.ndarray] = {}
     for r in rescorers:
-        x = extract_patches(case.image_hu, case.geometry, dets.centers_xyz_mm, r.config)
+        key = json.dumps(r.config.patch_key(), sort_keys=True)
+        if key not in patches:
+            patches[key] = extract_patches(case.image_hu, case.geometry, dets.centers_xyz_mm, r.config)
+        x = patches[key]
         plain.append(r.predict(x))
         flipped.append(r.predict(x, flips=True))
     return np.mean(plain, axis=0), np.mean(flipped, axis=0)
@@ -115,12 +120,9 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_configs: list[Path
     trained (or reused) and their probabilities are averaged (an ensemble, e.g. of seeds)."""
     from tqdm.auto import tqdm
 
-    from benchmarks.blob_ablation import load_ablation_config, scored_sets
-    from benchmarks.transfer import _froc_dict, _restrict, load_transfer_config
-    from benchmarks.yardstick_breakdown import breakdown
+    from benchmarks.blob_ablation import load_ablation_config, real_rank_rows, scored_sets, set_figures
+    from benchmarks.transfer import _restrict, load_transfer_config
     from lidc_det.config import to_plain
-    from lidc_det.metrics.froc import evaluate_detections
-    from lidc_det.metrics.ranks import nodule_ranks
     from lidc_det.provenance import device_info, provenance
     from stage1_detect.blob import BlobDetector
 
@@ -157,10 +159,8 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_configs: list[Path
             for k, d in scorings(dets, *_probs(rescorers, case, dets)).items():
                 by[k].append(_restrict(d, s.region))
         for k in SCORINGS:
-            froc = evaluate_detections(s.targets, by[k], excluded=s.excluded, n_bootstrap=tcfg.n_bootstrap, seed=tcfg.seed)
-            rows[k][s.name] = {**_froc_dict(froc), ("synthetic" if s.synthetic else "semi_real"): True, "region": s.region}
-            if s.dataset is not None:
-                kinds = breakdown(s.dataset, by[k], s.region, s.excluded)
+            rows[k][s.name], kinds = set_figures(s, by[k], tcfg.n_bootstrap, tcfg.seed)
+            if kinds is not None:
                 rows[k][s.name]["by_kind"] = kinds["summary"]
                 rows[k][s.name]["fp_groups"] = kinds["fp_groups"]
     for k in SCORINGS:
@@ -168,10 +168,7 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_configs: list[Path
     for e, case, cand, tg, ir in sc.real:
         dets = _restrict(det.score_candidates(cand, series_uid=e.series_uid), e.region)
         for k, d in scorings(dets, *_probs(rescorers, case, dets)).items():
-            for r in nodule_ranks(d.top_k(100), tg, ir):
-                rows[k]["real"].append({"patient_id": e.patient_id, "region": e.region,
-                                        "diameter_mm": round(r.diameter_mm, 1), "rank": r.rank,
-                                        "fps_above": r.fps_above, "score": None if r.score is None else round(r.score, 4)})
+            rows[k]["real"] += real_rank_rows(e, d.top_k(100), tg, ir)
     for k in SCORINGS:
         print(_row_text(k, rows[k], [s.name for s in sc.sets]), flush=True)
     return {

@@ -146,7 +146,7 @@ def training_patches(case: Any, dets: Detections, cfg: PatchCNNConfig, rng: np.r
     for c, _d in targets:
         jit = rng.uniform(-cfg.jitter_mm, cfg.jitter_mm, size=(cfg.centre_copies, 3))
         centres.append(np.asarray(c, dtype=np.float64)[None] + jit)
-    pos_centres = np.concatenate(centres) if centres else np.zeros((0, 3))
+    pos_centres = np.concatenate(centres)
     neg_centres = dets.centers_xyz_mm[np.concatenate([hard, extra]).astype(int)]
     pts = np.concatenate([pos_centres, neg_centres])
     labels = np.concatenate([np.ones(len(pos_centres), np.int8), np.zeros(len(neg_centres), np.int8)])

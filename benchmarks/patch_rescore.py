@@ -22,8 +22,6 @@ revision, device and wall time.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -44,13 +42,13 @@ def load_cnn_config(path: Path | None) -> Any:
     """
     import yaml
 
-    from stage1_detect.patch_cnn import PatchCNNConfig
+    from lidc_det.errors import ConfigError
+    from stage1_detect.blob_cnn import cnn_config
 
-    raw = {} if path is None else (yaml.safe_load(Path(path).read_text()) or {})
-    unknown = sorted(set(raw) - set(PatchCNNConfig.__dataclass_fields__))
-    if unknown:
-        raise ConfigFileError(f"{path}: unknown patch-CNN fields {unknown}")
-    return PatchCNNConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    try:
+        return cnn_config(None if path is None else yaml.safe_load(Path(path).read_text()))
+    except ConfigError as err:
+        raise ConfigFileError(f"{path}: {err}") from err
 
 
 def _with_scores(dets: Any, scores: np.ndarray) -> Any:
@@ -66,52 +64,11 @@ def scorings(dets: Any, prob: np.ndarray, prob_flips: np.ndarray) -> dict[str, A
             "cnn+flips": _with_scores(dets, prob_flips), "product+flips": _with_scores(dets, dets.scores * prob_flips)}
 
 
-def _probs(rescorers: list[Any], case: Any, dets: Any) -> tuple[np.ndarray, np.ndarray]:
-    """The mean probability of ``rescorers`` for each candidate of ``dets``, without and with flips (patches cut
-    once per distinct :meth:`~stage1_detect.patch_cnn.PatchCNNConfig.patch_key`)."""
-    from stage1_detect.patch_cnn import extract_patches
+def _probs(rescorers: list[Any], hu: np.ndarray, geometry: Any, dets: Any) -> list[np.ndarray]:
+    """The ensemble's mean probability for each candidate of ``dets``, without and with flips."""
+    from stage1_detect.blob_cnn import ensemble_probabilities
 
-    plain, flipped = [], []
-    patches: dict[str, np.ndarray] = {}
-    for r in rescorers:
-        key = json.dumps(r.config.patch_key(), sort_keys=True)
-        if key not in patches:
-            patches[key] = extract_patches(case.image_hu, case.geometry, dets.centers_xyz_mm, r.config)
-        x = patches[key]
-        plain.append(r.predict(x))
-        flipped.append(r.predict(x, flips=True))
-    return np.mean(plain, axis=0), np.mean(flipped, axis=0)
-
-
-def _cnn_key(det: Any, ccfg: Any) -> str:
-    """The key of a CNN's folder: the detector model's data key, its suppression settings and the CNN config."""
-    return hashlib.sha1(json.dumps([det.meta["data_key"], det.config.max_detections, det.config.nms_radius_factor,
-                                    asdict(ccfg)], sort_keys=True, default=list).encode()).hexdigest()[:12]
-
-
-def _trained_cnn(det: Any, sc: Any, ccfg: Any, model_path: Path, progress: bool) -> Any:
-    """The CNN in ``model_path``, or trained on the training scans' patches (:func:`training_patches`) and saved there."""
-    from tqdm.auto import tqdm
-
-    from stage1_detect.blob import SEMIREAL_PREFIX
-    from stage1_detect.patch_cnn import PatchRescorer, training_patches
-
-    if model_path.exists():
-        return PatchRescorer.load(model_path)
-    rng = np.random.default_rng(ccfg.seed)
-    xs, ys, ws = [], [], []
-    for case in tqdm(sc.train_cases, desc="patch CNN: training patches", unit="scan", disable=not progress):
-        dets = det.score_candidates(det.cached_candidates(case, sc.cache), series_uid=case.series_uid)
-        x, y = training_patches(case, dets, ccfg, rng)
-        xs.append(x)
-        ys.append(y)
-        semireal = str(case.series_uid).startswith(SEMIREAL_PREFIX)
-        ws.append(np.full(len(y), 1.0 if semireal else ccfg.twin_weight, np.float32))
-    rescorer = PatchRescorer(ccfg)
-    rescorer.fit(np.concatenate(xs), np.concatenate(ys), weights=np.concatenate(ws), progress=progress)
-    rescorer.meta["train_series_uids"] = sorted(c.series_uid for c in sc.train_cases)
-    rescorer.save(model_path)
-    return rescorer
+    return ensemble_probabilities(rescorers, hu, geometry, dets.centers_xyz_mm, flips=(False, True))
 
 
 def run_patch_rescore(config_path: Path, variant: str, *, cnn_configs: list[Path] | None = None, progress: bool = True,
@@ -125,6 +82,7 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_configs: list[Path
     from lidc_det.config import to_plain
     from lidc_det.provenance import device_info, provenance
     from stage1_detect.blob import BlobDetector
+    from stage1_detect.blob_cnn import cnn_key, train_cnn
 
     t_start = time.perf_counter()
     cfg = load_ablation_config(config_path)
@@ -141,9 +99,9 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_configs: list[Path
     # -- training patches and each CNN, kept under a key of everything they depend on
     rescorers, members = [], []
     for path, ccfg in zip(paths, ccfgs):
-        folder = cfg.work_dir / "patch_cnn" / variant / _cnn_key(det, ccfg)
+        folder = cfg.work_dir / "patch_cnn" / variant / cnn_key(det, ccfg)
         t0 = time.perf_counter()
-        rescorer = _trained_cnn(det, sc, ccfg, folder / "patch_cnn.pt", progress)
+        rescorer = train_cnn(det, sc.train_cases, sc.cache, ccfg, folder / "patch_cnn.pt", progress=progress)
         rescorers.append(rescorer)
         members.append({"config_path": None if path is None else str(path), "config": asdict(ccfg), "folder": str(folder),
                         "training": {k: v for k, v in rescorer.meta.items() if k != "train_series_uids"},
@@ -156,7 +114,7 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_configs: list[Path
         for (uid, cand), case in tqdm(list(zip(s.candidates, s.cases)), desc=f"{s.name}: patch CNN", unit="scan",
                                       disable=not progress):
             dets = det.score_candidates(cand, series_uid=uid)
-            for k, d in scorings(dets, *_probs(rescorers, case, dets)).items():
+            for k, d in scorings(dets, *_probs(rescorers, case.image_hu, case.geometry, dets)).items():
                 by[k].append(_restrict(d, s.region))
         for k in SCORINGS:
             rows[k][s.name], kinds = set_figures(s, by[k], tcfg.n_bootstrap, tcfg.seed)
@@ -167,7 +125,7 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_configs: list[Path
         rows[k]["real"] = []
     for e, case, cand, tg, ir in sc.real:
         dets = _restrict(det.score_candidates(cand, series_uid=e.series_uid), e.region)
-        for k, d in scorings(dets, *_probs(rescorers, case, dets)).items():
+        for k, d in scorings(dets, *_probs(rescorers, case.image_hu, case.geometry, dets)).items():
             rows[k]["real"] += real_rank_rows(e, d.top_k(100), tg, ir)
     for k in SCORINGS:
         print(_row_text(k, rows[k], [s.name for s in sc.sets]), flush=True)

@@ -500,22 +500,27 @@ def _detect_prepared(
 
 # ------------------------------------------------------------------ blob-lgbm candidate cache
 def _candidate_cache(detector: Any, out_dir: Path) -> Path | None:
-    """Where a blob-lgbm detector's candidates are cached in a run: the folder its :meth:`fit` writes the
-    training scans' to (``out_dir/stage1/features``), so that scoring reads them too and a resumed run
-    extracts nothing again; None for any other detector (scored by ``predict``)."""
+    """Where a blob-lgbm detector's (or blob-lgbm-cnn's) candidates are cached in a run: the folder its
+    :meth:`fit` writes the training scans' to (``out_dir/stage1/features``), so that scoring reads them too and a
+    resumed run extracts nothing again; None for any other detector (scored by ``predict``)."""
     from stage1_detect.blob import BlobDetector
+    from stage1_detect.blob_cnn import BlobCNNDetector
 
-    return Path(out_dir) / "stage1" / "features" if isinstance(detector, BlobDetector) else None
+    return Path(out_dir) / "stage1" / "features" if isinstance(detector, (BlobDetector, BlobCNNDetector)) else None
 
 
 def _cached_predict(detector: Any, case: Any, cache: Path | None) -> Any:
     """``detector.predict`` of one scan (``case``: ``series_uid``, ``image_hu``, ``geometry``); with a ``cache``
-    (blob-lgbm) its candidates are read from there, or extracted and written there, then scored: the same
-    detections, as ``predict`` is :meth:`~stage1_detect.blob.BlobDetector.candidates` then
-    :meth:`~stage1_detect.blob.BlobDetector.score_candidates`."""
+    (blob-lgbm, blob-lgbm-cnn) its candidates are read from there, or extracted and written there, then scored: the
+    same detections, as ``predict`` is ``candidates`` then ``score_candidates``."""
+    from stage1_detect.blob_cnn import BlobCNNDetector
+
     if cache is None:
         return detector.predict(np.asarray(case.image_hu, dtype=np.float32), case.geometry, series_uid=case.series_uid)
-    return detector.score_candidates(detector.cached_candidates(case, cache), series_uid=case.series_uid)
+    cand = detector.cached_candidates(case, cache)
+    if isinstance(detector, BlobCNNDetector):
+        return detector.score_candidates(cand, np.asarray(case.image_hu), case.geometry, series_uid=case.series_uid)
+    return detector.score_candidates(cand, series_uid=case.series_uid)
 
 
 def _real_case(vol: Any) -> Any:

@@ -698,7 +698,7 @@ def _add_transfer(sub: argparse._SubParsersAction) -> None:
                    help="seed of stage 2 (crop jitter, negatives, augmentation), recorded in the config: a new "
                         "stage-2 model per seed (default: the config's segmentation seed)")
     p.add_argument("--scheduler", default="serial",
-                   help="blob-lgbm only: extract every scan's candidates first as parallel tasks (" + SCHEDULER_HELP
+                   help="blob-lgbm and blob-lgbm-cnn only: extract every scan's candidates first as parallel tasks (" + SCHEDULER_HELP
                         + "; default serial: one after the other while training and scoring)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 

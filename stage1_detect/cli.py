@@ -21,7 +21,7 @@ class UnknownCheckpointError(CheckpointError):
 
 def checkpoint_format(model: str | Path) -> str:
     """``"onnx"`` for an ``.onnx`` export, ``"blob-lgbm"`` for a ``.txt`` LightGBM model of
-    :mod:`stage1_detect.blob`, else the ``format`` string of a training checkpoint
+    :mod:`stage1_detect.blob`, ``"blob-lgbm-cnn"`` for a ``.json`` manifest of :mod:`stage1_detect.blob_cnn`, else the ``format`` string of a training checkpoint
     (``""`` when it has none), read with the weights-only loader
     (:func:`lidc_det.checkpoint.load_checkpoint`: other pickled objects raise
     :class:`~lidc_det.errors.UnsafeCheckpointError` and are never unpickled). No model is built.
@@ -35,6 +35,8 @@ def checkpoint_format(model: str | Path) -> str:
         return "onnx"
     if path.suffix == ".txt":
         return "blob-lgbm"
+    if path.suffix == ".json":
+        return "blob-lgbm-cnn"
     fmt = load_checkpoint(path, kind="checkpoint").get("format", "")
     return fmt if isinstance(fmt, str) else ""
 
@@ -43,6 +45,7 @@ def load_detector(model: str | Path, *, device: str | None = None, progress: boo
     """The detector stored in ``model`` (by :func:`checkpoint_format`): an ``.onnx`` file from
     ``lidc-det export`` (:class:`~stage1_detect.export.OnnxDetector`; ``device`` "cuda" picks the
     CUDA provider), :class:`~stage1_detect.blob.BlobDetector` (``blob_model.txt``),
+    :class:`~stage1_detect.blob_cnn.BlobCNNDetector` (``blob_cnn.json``),
     :class:`~stage1_detect.detector.Retina3DDetector` (``stage1_detect.retina3d/*``)
     or :class:`~stage1_detect.monai_baseline.MonaiRetinaNetDetector` (``stage1_detect.monai_retinanet/*``)."""
     path = Path(model)
@@ -58,6 +61,10 @@ def load_detector(model: str | Path, *, device: str | None = None, progress: boo
         from stage1_detect.blob import BlobDetector
 
         return BlobDetector(checkpoint=path, progress=progress)
+    if fmt == "blob-lgbm-cnn":
+        from stage1_detect.blob_cnn import BlobCNNDetector
+
+        return BlobCNNDetector(checkpoint=path, progress=progress)
     if fmt.startswith("stage1_detect.retina3d/"):
         from stage1_detect.detector import Retina3DDetector
 

@@ -60,6 +60,7 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "stage1_detect.monai_baseline",
     "stage1_detect.mmdet_adapter",
     "stage1_detect.blob",
+    "stage1_detect.blob_cnn",
 )
 
 DetectorFactory = Callable[..., Any]

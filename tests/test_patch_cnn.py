@@ -170,8 +170,8 @@ def test_zero_weight_patches_do_not_teach() -> None:
         r.fit(xs, ys, weights=w[:10], progress=False)
 
 
-def test_benchmark_averages_an_ensemble() -> None:
-    from benchmarks.patch_rescore import _probs
+def test_ensemble_averages_its_members() -> None:
+    from stage1_detect.blob_cnn import ensemble_probabilities
 
     hu, g = _scan()
     x, y = _toy_set(64, np.random.default_rng(6))
@@ -179,9 +179,8 @@ def test_benchmark_averages_an_ensemble() -> None:
     for m in members:
         m.fit(x, y, progress=False)
     dets = Detections("s", np.array([[0.0, 0, 0], [0, 10, 0], [10, 0, 0]]), np.full(3, 4.0), np.array([0.5, 0.6, 0.7]))
-    case = SimpleNamespace(image_hu=hu, geometry=g)
     p = extract_patches(hu, g, dets.centers_xyz_mm, SMALL)
-    plain, flipped = _probs(members, case, dets)
+    plain, flipped = ensemble_probabilities(members, hu, g, dets.centers_xyz_mm, flips=(False, True))
     np.testing.assert_allclose(plain, (members[0].predict(p) + members[1].predict(p)) / 2, rtol=1e-6)
     np.testing.assert_allclose(flipped, (members[0].predict(p, flips=True) + members[1].predict(p, flips=True)) / 2,
                                rtol=1e-6)

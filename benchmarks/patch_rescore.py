@@ -31,7 +31,7 @@ import numpy as np
 
 from lidc_det.config import ConfigFileError
 
-SCORINGS = ("detector", "cnn", "product", "cnn+flips", "product+flips")
+SCORINGS = ("detector", "cnn", "product", "cnn+flips", "product+flips", "mean+flips")
 
 
 def load_cnn_config(path: Path | None) -> Any:
@@ -59,9 +59,11 @@ def _with_scores(dets: Any, scores: np.ndarray) -> Any:
 
 def scorings(dets: Any, prob: np.ndarray, prob_flips: np.ndarray) -> dict[str, Any]:
     """The same candidates scored the ways of :data:`SCORINGS` (``prob``, ``prob_flips``: the CNN's, one per
-    candidate, without and with flip test-time augmentation)."""
+    candidate, without and with flip test-time augmentation): the detector's score, the CNN's probability, their
+    product, and (``mean+flips``) their mean, which keeps a candidate that either scores high."""
     return {"detector": dets, "cnn": _with_scores(dets, prob), "product": _with_scores(dets, dets.scores * prob),
-            "cnn+flips": _with_scores(dets, prob_flips), "product+flips": _with_scores(dets, dets.scores * prob_flips)}
+            "cnn+flips": _with_scores(dets, prob_flips), "product+flips": _with_scores(dets, dets.scores * prob_flips),
+            "mean+flips": _with_scores(dets, (dets.scores + prob_flips) / 2)}
 
 
 def _probs(rescorers: list[Any], hu: np.ndarray, geometry: Any, dets: Any) -> list[np.ndarray]:
@@ -72,9 +74,11 @@ def _probs(rescorers: list[Any], hu: np.ndarray, geometry: Any, dets: Any) -> li
 
 
 def run_patch_rescore(config_path: Path, variant: str, *, cnn_configs: list[Path] | None = None, progress: bool = True,
-                      scheduler: str = "serial") -> dict[str, Any]:
+                      scheduler: str = "serial", score_top: int | None = None) -> dict[str, Any]:
     """Train and score (see the module docstring); return the record. With several ``cnn_configs`` each CNN is
-    trained (or reused) and their probabilities are averaged (an ensemble, e.g. of seeds)."""
+    trained (or reused) and their probabilities are averaged (an ensemble, e.g. of seeds). ``score_top``: how many
+    of the detector's best candidates per scan are scored (default: its ``max_detections``, 100); the CNNs always
+    train on the candidates of the detector's own setting, so a rerun with another ``score_top`` reuses them."""
     from tqdm.auto import tqdm
 
     from benchmarks.blob_ablation import load_ablation_config, real_rank_rows, scored_sets, set_figures
@@ -85,6 +89,8 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_configs: list[Path
     from stage1_detect.blob_cnn import cnn_key, train_cnn
 
     t_start = time.perf_counter()
+    if score_top is not None and score_top < 1:
+        raise ConfigFileError(f"score_top must be >= 1, got {score_top}")
     cfg = load_ablation_config(config_path)
     by_name = {v.name: v for v in cfg.variants}
     if variant not in by_name:
@@ -106,6 +112,8 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_configs: list[Path
         members.append({"config_path": None if path is None else str(path), "config": asdict(ccfg), "folder": str(folder),
                         "training": {k: v for k, v in rescorer.meta.items() if k != "train_series_uids"},
                         "train_seconds_this_run": round(time.perf_counter() - t0, 1)})
+    if score_top is not None:
+        det = BlobDetector(checkpoint=det.checkpoint, progress=progress, max_detections=score_top)
 
     # -- every scored set, each scoring on the same candidates
     rows: dict[str, dict[str, Any]] = {s: {} for s in SCORINGS}
@@ -133,6 +141,7 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_configs: list[Path
         "kind": "lidc-det patch-CNN rescoring of blob-lgbm",
         "config_path": str(config_path),
         "variant": {"name": variant, "kwargs": by_name[variant].kwargs},
+        "score_top": det.config.max_detections,  # candidates scored per scan
         # one entry per CNN; several are an ensemble (their probabilities averaged)
         "cnns": members,
         "transfer_config": to_plain(tcfg),
@@ -175,10 +184,12 @@ def main(argv: list[str] | None = None) -> int:
                          "probabilities are averaged (e.g. two seeds)")
     ap.add_argument("--out", type=Path, default=None, help="result JSON (default: <first CNN's folder>/patch_rescore.json)")
     ap.add_argument("--scheduler", default="serial", help="extract missing candidates first: local:N or a Dask address")
+    ap.add_argument("--score-top", type=int, default=None,
+                    help="score the detector's best K candidates per scan (default: its max_detections, 100)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     rec = run_patch_rescore(args.config, args.variant, cnn_configs=args.cnn, progress=not args.no_progress,
-                            scheduler=args.scheduler)
+                            scheduler=args.scheduler, score_top=args.score_top)
     out = args.out or Path(rec["cnns"][0]["folder"]) / "patch_rescore.json"
     write_json(out, rec)
     print(table(rec))

@@ -153,6 +153,7 @@ def test_benchmark_cnn_config_and_scorings(tmp_path) -> None:
     assert s["product"].scores.tolist() == pytest.approx([0.05, 0.2])
     assert s["cnn+flips"].scores.tolist() == [0.4, 0.5]
     assert s["product+flips"].scores.tolist() == pytest.approx([0.2, 0.1])
+    assert s["mean+flips"].scores.tolist() == pytest.approx([0.45, 0.35])
 
 
 def test_zero_weight_patches_do_not_teach() -> None:

@@ -117,6 +117,7 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_configs: list[Path
 
     # -- every scored set, each scoring on the same candidates
     rows: dict[str, dict[str, Any]] = {s: {} for s in SCORINGS}
+    nodules: dict[str, list[dict[str, Any]]] = {}
     for s in sc.sets:
         by: dict[str, list[Any]] = {k: [] for k in SCORINGS}
         for (uid, cand), case in tqdm(list(zip(s.candidates, s.cases)), desc=f"{s.name}: patch CNN", unit="scan",
@@ -129,6 +130,8 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_configs: list[Path
             if kinds is not None:
                 rows[k][s.name]["by_kind"] = kinds["summary"]
                 rows[k][s.name]["fp_groups"] = kinds["fp_groups"]
+        if s.dataset is not None:
+            nodules[s.name] = nodule_table(s, by)
     for k in SCORINGS:
         rows[k]["real"] = []
     for e, case, cand, tg, ir in sc.real:
@@ -149,10 +152,27 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_configs: list[Path
         "sets": [{"name": s.name, "n_scans": len(s.candidates), "n_nodules": len(s.targets), "region": s.region,
                   "synthetic": s.synthetic} for s in sc.sets],
         "rows": rows,
+        # per inserted nodule of each yardstick: false positives per scan above it under each scoring
+        "nodules": nodules,
         "provenance": provenance(),
         "device": device_info("cpu"),
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
+
+
+def nodule_table(s: Any, by: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """One row per inserted nodule of the yardstick ``s`` (a :class:`benchmarks.blob_ablation._ScoredSet` with its
+    data set): what the insertion recorded and, under each scoring of ``by`` (its detections per scan, in
+    ``s.candidates``' order), the best score of a detection on it and the set's false positives per scan above that
+    (None: no scored candidate hits it). Where the CNN and the detector disagree about a nodule shows here."""
+    from benchmarks.yardstick_breakdown import detection_rows, inserted_nodules
+
+    scans = [(uid, inserted_nodules(s.dataset, uid, s.region)) for uid, _ in s.candidates]
+    per = {k: detection_rows(dets, scans, s.excluded) for k, dets in by.items()}
+    first = next(iter(per.values()))
+    return [{"series_uid": r.series_uid, "diameter_mm": r.diameter_mm, "texture": r.texture, "placement": r.placement,
+             "score": {k: per[k][i].score for k in per},
+             "fp_per_scan_above": {k: per[k][i].fp_per_scan_above for k in per}} for i, r in enumerate(first)]
 
 
 def _row_text(scoring: str, row: dict[str, Any], names: list[str]) -> str:

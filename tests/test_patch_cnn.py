@@ -186,3 +186,24 @@ def test_ensemble_averages_its_members() -> None:
     np.testing.assert_allclose(flipped, (members[0].predict(p, flips=True) + members[1].predict(p, flips=True)) / 2,
                                rtol=1e-6)
     assert not np.allclose(members[0].predict(p), members[1].predict(p))
+
+
+def test_nodule_table_gives_each_scoring_its_false_positives_above(tmp_path) -> None:
+    import json
+
+    from benchmarks.blob_ablation import _ScoredSet
+    from benchmarks.patch_rescore import nodule_table
+
+    scan = tmp_path / "scans" / "u1"
+    scan.mkdir(parents=True)
+    nodule = {"nodule_id": "u1:0:inserted", "center_xyz_mm": [10.0, 0.0, 0.0], "diameter_mm": 6.0,
+              "inserted": {"placement": "juxtapleural", "texture": 5, "core_hu": -50.0}}
+    (scan / "meta.json").write_text(json.dumps({"nodules": [nodule]}))
+    s = _ScoredSet("yardstick", [("u1", None)], [], [], "whole", False, dataset=SimpleNamespace(root=tmp_path))
+    centres = np.array([[10.5, 0, 0], [40.0, 0, 0], [0, 40.0, 0]])
+    by = {"detector": [Detections("u1", centres, np.full(3, 4.0), np.array([0.2, 0.9, 0.5]))],
+          "cnn": [Detections("u1", centres, np.full(3, 4.0), np.array([0.95, 0.3, 0.6]))]}
+    (row,) = nodule_table(s, by)
+    assert row["placement"] == "juxtapleural" and row["diameter_mm"] == 6.0
+    assert row["score"] == {"detector": 0.2, "cnn": 0.95}
+    assert row["fp_per_scan_above"] == {"detector": 2.0, "cnn": 0.0}

@@ -784,9 +784,9 @@ class BlobDetector:
         """
         return self.score_candidates(self.candidates(hu, geometry), series_uid=series_uid)
 
-    def score_candidates(self, cand: BlobCandidates, *, series_uid: str) -> Detections:
+    def score_candidates(self, cand: BlobCandidates, *, series_uid: str, top: int | None = None) -> Detections:
         """Score one scan's candidates (of this config's :meth:`BlobConfig.candidate_key`), suppress and
-        keep the ``max_detections`` best: the second half of :meth:`predict`.
+        keep the ``max_detections`` best (``top``, when given, instead): the second half of :meth:`predict`.
 
         Raises:
             BlobModelError: the detector has not been trained or loaded.
@@ -794,7 +794,8 @@ class BlobDetector:
         scores = self.candidate_scores(cand)
         reach = np.maximum(self.config.nms_radius_factor * SQRT3 * cand.scales_mm, self.config.merge_mm)
         # a candidate is dropped when strictly closer than a kept one's reach
-        keep = _greedy_keep(cand.centers_xyz_mm, scores, np.nextafter(reach, 0.0), self.config.max_detections)
+        keep = _greedy_keep(cand.centers_xyz_mm, scores, np.nextafter(reach, 0.0),
+                            self.config.max_detections if top is None else top)
         return Detections(series_uid, cand.centers_xyz_mm[keep], 2 * SQRT3 * cand.scales_mm[keep], scores[keep])
 
     def candidate_scores(self, cand: BlobCandidates) -> np.ndarray:

@@ -60,13 +60,22 @@ def cnn_config(fields: Mapping[str, Any] | PatchCNNConfig | None) -> PatchCNNCon
     return PatchCNNConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
 
+CNN_ADDED_LATER: tuple[tuple[str, Any], ...] = (("negative_pool", 0),)
+"""Fields of :class:`PatchCNNConfig` added after CNNs were trained, with their defaults: left out of :func:`cnn_key`
+while at them, so those CNNs keep their keys."""
+
+
 def cnn_key(blob: BlobDetector, ccfg: PatchCNNConfig) -> str:
     """The key of a CNN trained behind the trained ``blob``: its model's ``data_key`` (settings and training scans),
     its suppression settings (they choose the candidates the CNN learns from) and the CNN's config."""
     if "data_key" not in blob.meta:
         raise BlobModelError("blob-lgbm: a CNN's key needs a trained model (fit it or load it first)")
+    fields = asdict(ccfg)
+    for name, default in CNN_ADDED_LATER:
+        if fields[name] == default:
+            del fields[name]
     return hashlib.sha1(json.dumps([blob.meta["data_key"], blob.config.max_detections, blob.config.nms_radius_factor,
-                                    asdict(ccfg)], sort_keys=True, default=list).encode()).hexdigest()[:12]
+                                    fields], sort_keys=True, default=list).encode()).hexdigest()[:12]
 
 
 def train_cnn(blob: BlobDetector, train_cases: Sequence[Any], cache_dir: str | Path, ccfg: PatchCNNConfig,
@@ -74,7 +83,8 @@ def train_cnn(blob: BlobDetector, train_cases: Sequence[Any], cache_dir: str | P
     """The CNN saved at ``path``, or one trained behind ``blob`` on ``train_cases`` and saved there.
 
     Each training scan's candidates (read from ``cache_dir`` or extracted there, as blob-lgbm's ``fit`` does) are
-    scored and suppressed by ``blob``, and :func:`training_patches` cuts its labelled patches; patches of scans that
+    scored and suppressed by ``blob`` (its best ``ccfg.negative_pool`` when that is not 0), and
+    :func:`training_patches` cuts its labelled patches; patches of scans that
     are not semi-real (series UID not ``semireal-...``: the plain twins) weigh ``ccfg.twin_weight``.
     """
     from tqdm.auto import tqdm
@@ -85,7 +95,8 @@ def train_cnn(blob: BlobDetector, train_cases: Sequence[Any], cache_dir: str | P
     rng = np.random.default_rng(ccfg.seed)
     xs, ys, ws = [], [], []
     for case in tqdm(train_cases, desc="patch CNN: training patches", unit="scan", disable=not progress):
-        dets = blob.score_candidates(blob.cached_candidates(case, cache_dir), series_uid=case.series_uid)
+        dets = blob.score_candidates(blob.cached_candidates(case, cache_dir), series_uid=case.series_uid,
+                                     top=ccfg.negative_pool or None)
         x, y = training_patches(case, dets, ccfg, rng)
         xs.append(x)
         ys.append(y)

@@ -53,6 +53,10 @@ class PatchCNNConfig:
         epochs, batch_size, learning_rate, weight_decay: AdamW training, cosine schedule.
         hard_negatives: per training scan, the false positives with the detector's highest scores.
         random_negatives: per training scan, further false positives drawn at random.
+        negative_pool: how many of the detector's best candidates per training scan (after suppression) the
+            negatives are drawn from (:func:`stage1_detect.blob_cnn.train_cnn`); 0: the detector's own
+            ``max_detections``, the candidates it scores. A larger pool shows the CNN the candidates the detector
+            ranks low, which it must also reject when it rescores more of them.
         centre_copies: per training nodule, patches at its centre moved by up to ``jitter_mm`` on each axis.
         twin_weight: the loss weight the benchmark gives patches of training scans that are not semi-real (the
             plain twins; semi-real scans, twins with inserted nodules among them, keep 1, as blob-lgbm's
@@ -71,6 +75,7 @@ class PatchCNNConfig:
     weight_decay: float = 1e-4
     hard_negatives: int = 30
     random_negatives: int = 20
+    negative_pool: int = 0
     centre_copies: int = 2
     jitter_mm: float = 2.0
     twin_weight: float = 1.0
@@ -86,6 +91,8 @@ class PatchCNNConfig:
             raise PatchCNNError(f"window_hu must rise, got {self.window_hu}")
         if self.epochs < 1 or self.batch_size < 2:
             raise PatchCNNError("epochs must be >= 1 and batch_size >= 2")
+        if self.negative_pool < 0:
+            raise PatchCNNError(f"negative_pool must be >= 0 (0: the detector's max_detections), got {self.negative_pool}")
 
     def patch_key(self) -> dict[str, Any]:
         """The fields that define a patch (a cache of patches stays valid while they do not change)."""

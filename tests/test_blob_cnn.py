@@ -100,3 +100,22 @@ def test_errors(trained: tuple[BlobCNNDetector, Path], tmp_path: Path) -> None:
         BlobCNNDetector(checkpoint=tmp_path)
     with pytest.raises(BlobModelError, match="trained model"):
         cnn_key(BlobDetector(progress=False), cnn_config(None))
+
+
+def test_negative_pool_draws_negatives_beyond_the_scored_candidates(trained: tuple[BlobCNNDetector, Path],
+                                                                   tmp_path: Path) -> None:
+    from stage1_detect.blob_cnn import train_cnn
+
+    det, out = trained
+    blob3 = BlobDetector(checkpoint=out / "blob_model.txt", progress=False, max_detections=3)
+    cases = _cases(6, 21)
+    cand = blob3.cached_candidates(cases[0], out / "features")
+    assert len(blob3.score_candidates(cand, series_uid="x")) == 3
+    wide = blob3.score_candidates(cand, series_uid="x", top=50)
+    np.testing.assert_allclose(wide.scores[:3], blob3.score_candidates(cand, series_uid="x").scores)
+    few = train_cnn(blob3, cases, out / "features", cnn_config({**CNN, "epochs": 1}), tmp_path / "a.pt", progress=False)
+    many = train_cnn(blob3, cases, out / "features", cnn_config({**CNN, "epochs": 1, "negative_pool": 50}),
+                     tmp_path / "b.pt", progress=False)
+    # 5 hard + 3 random negatives per scan from the pool; from the 3 scored candidates at most 2 are false positives
+    assert few.meta["n_negative"] <= 2 * len(cases) and many.meta["n_negative"] == 8 * len(cases)
+    assert cnn_key(blob3, cnn_config(CNN)) != cnn_key(blob3, cnn_config({**CNN, "negative_pool": 50}))

@@ -112,8 +112,6 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_configs: list[Path
         members.append({"config_path": None if path is None else str(path), "config": asdict(ccfg), "folder": str(folder),
                         "training": {k: v for k, v in rescorer.meta.items() if k != "train_series_uids"},
                         "train_seconds_this_run": round(time.perf_counter() - t0, 1)})
-    if score_top is not None:
-        det = BlobDetector(checkpoint=det.checkpoint, progress=progress, max_detections=score_top)
 
     # -- every scored set, each scoring on the same candidates
     rows: dict[str, dict[str, Any]] = {s: {} for s in SCORINGS}
@@ -122,7 +120,7 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_configs: list[Path
         by: dict[str, list[Any]] = {k: [] for k in SCORINGS}
         for (uid, cand), case in tqdm(list(zip(s.candidates, s.cases)), desc=f"{s.name}: patch CNN", unit="scan",
                                       disable=not progress):
-            dets = det.score_candidates(cand, series_uid=uid)
+            dets = det.score_candidates(cand, series_uid=uid, top=score_top)
             for k, d in scorings(dets, *_probs(rescorers, case.image_hu, case.geometry, dets)).items():
                 by[k].append(_restrict(d, s.region))
         for k in SCORINGS:
@@ -135,7 +133,7 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_configs: list[Path
     for k in SCORINGS:
         rows[k]["real"] = []
     for e, case, cand, tg, ir in sc.real:
-        dets = _restrict(det.score_candidates(cand, series_uid=e.series_uid), e.region)
+        dets = _restrict(det.score_candidates(cand, series_uid=e.series_uid, top=score_top), e.region)
         for k, d in scorings(dets, *_probs(rescorers, case.image_hu, case.geometry, dets)).items():
             rows[k]["real"] += real_rank_rows(e, d.top_k(100), tg, ir)
     for k in SCORINGS:
@@ -144,7 +142,7 @@ def run_patch_rescore(config_path: Path, variant: str, *, cnn_configs: list[Path
         "kind": "lidc-det patch-CNN rescoring of blob-lgbm",
         "config_path": str(config_path),
         "variant": {"name": variant, "kwargs": by_name[variant].kwargs},
-        "score_top": det.config.max_detections,  # candidates scored per scan
+        "score_top": score_top or det.config.max_detections,  # candidates scored per scan
         # one entry per CNN; several are an ensemble (their probabilities averaged)
         "cnns": members,
         "transfer_config": to_plain(tcfg),

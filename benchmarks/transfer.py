@@ -387,7 +387,7 @@ def read_real_scan(e: EvalScan) -> tuple[Any, list[Any], list[Any], list[Any]]:
     the LIDC XML beside the DICOM files (:mod:`lidc_det.data.lidc_xml`; diameter -1, read as 10 mm), when there is
     one."""
     from lidc_det.data.lidc import load_annotations
-    from lidc_det.data.lidc_xml import find_lidc_xml, read_reader_marks
+    from lidc_det.data.lidc_xml import series_reader_marks
     from lidc_det.data.luna import LunaFinding
     from lidc_det.io.dicom import read_series
 
@@ -396,9 +396,8 @@ def read_real_scan(e: EvalScan) -> tuple[Any, list[Any], list[Any], list[Any]]:
     scored = _findings_in(list(ann.nodules), e.region)
     tg = [LunaFinding(vol.series_uid, n.center_xyz_mm, n.equivalent_diameter_mm) for n in scored]
     ir = [LunaFinding(vol.series_uid, n.center_xyz_mm, n.equivalent_diameter_mm) for n in ann.irrelevant]
-    xml = find_lidc_xml(e.folder, vol.series_uid)
-    marks = [] if xml is None else read_reader_marks(xml, vol.geometry)
-    ir += [LunaFinding(vol.series_uid, m.center_xyz_mm, -1.0) for m in marks]
+    ir += [LunaFinding(vol.series_uid, m.center_xyz_mm, -1.0)
+           for m in series_reader_marks(e.folder, vol.series_uid, vol.geometry)]
     return vol, scored, tg, ir
 
 

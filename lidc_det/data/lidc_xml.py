@@ -9,8 +9,7 @@ scans without them counts detections of small nodules as false positives.
 
 Usage::
 
-    xml = find_lidc_xml(series_folder, series_uid)          # the XML beside the DICOM files (TCIA layout)
-    marks = read_reader_marks(xml, volume.geometry) if xml else []
+    marks = series_reader_marks(series_folder, series_uid, volume.geometry)   # [] without an XML beside the DICOM
     excluded = [LunaFinding(uid, m.center_xyz_mm, -1.0) for m in marks]
 """
 
@@ -25,7 +24,7 @@ import numpy as np
 from lidc_det.errors import AnnotationError
 from lidc_det.geometry import VolumeGeometry
 
-__all__ = ["ReaderMark", "find_lidc_xml", "read_reader_marks", "xml_series_uid"]
+__all__ = ["ReaderMark", "find_lidc_xml", "read_reader_marks", "series_reader_marks", "xml_series_uid"]
 
 SMALL_NODULE = "small_nodule"
 NON_NODULE = "non_nodule"
@@ -133,3 +132,10 @@ def read_reader_marks(path: str | Path, geometry: VolumeGeometry) -> list[Reader
             marks.append(ReaderMark(NON_NODULE, reader, text(non, "nonNoduleID"),
                                     world(k, [float(text(locus, "xCoord"))], [float(text(locus, "yCoord"))])))
     return marks
+
+
+def series_reader_marks(folder: str | Path, series_uid: str, geometry: VolumeGeometry) -> list[ReaderMark]:
+    """:func:`read_reader_marks` of the LIDC XML of ``series_uid`` beside its DICOM files in ``folder`` (TCIA's
+    layout, :func:`find_lidc_xml`); none when there is no such XML."""
+    xml = find_lidc_xml(folder, series_uid)
+    return [] if xml is None else read_reader_marks(xml, geometry)

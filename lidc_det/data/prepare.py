@@ -157,7 +157,7 @@ def prepare_scan(series_folder: Path, series_uid: str, cfg: PrepareConfig) -> di
     records it per scan).
     """
     from lidc_det.data.lidc import consensus_mask, load_annotations
-    from lidc_det.data.lidc_xml import find_lidc_xml, read_reader_marks
+    from lidc_det.data.lidc_xml import series_reader_marks
     from lidc_det.io.dicom import SeriesGeometryWarning, SkippedFileWarning, read_series
     from lidc_det.resample import resample_image, resample_mask
 
@@ -175,8 +175,7 @@ def prepare_scan(series_folder: Path, series_uid: str, cfg: PrepareConfig) -> di
     ann = load_annotations(
         vol.series_uid, vol.geometry, min_readers=cfg.min_readers, min_diameter_mm=cfg.min_diameter_mm
     )
-    xml = find_lidc_xml(series_folder, vol.series_uid)
-    marks = [] if xml is None else read_reader_marks(xml, vol.geometry)
+    marks = series_reader_marks(series_folder, vol.series_uid, vol.geometry)
     image, geom = resample_image(vol.hu, vol.geometry, cfg.spacing_zyx)
     targets = [
         (_nodule_record(n, None), resample_mask(consensus_mask(n, vol.geometry), vol.geometry, geom)) for n in ann.nodules
